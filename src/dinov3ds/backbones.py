@@ -1,0 +1,401 @@
+"""DINOv3 backbones: the variant table, weight lookup and verification, loading, and feature taps.
+
+Every official DINOv3 variant is built from timm's architecture and loaded from Meta's own `.pth` state
+dict with timm's key converter, so no conversion step is needed. Parity with Meta's implementation is
+proven by `tests/test_backbone_parity.py` against the reference outputs in `shared/fixtures`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import timm
+import torch
+from timm.models import convnext as timm_convnext
+from timm.models import eva as timm_eva
+from timm.models._manipulate import reinit_non_persistent_buffers
+from torch import Tensor, nn
+
+from dinov3ds.errors import UserError
+from dinov3ds.weights import WeightFile, inspect_state_dict, load_state_dict_file, verify_hash
+
+logger = logging.getLogger("dinov3ds")
+
+Family = Literal["vit", "convnext"]
+
+# Mean/std per pretraining dataset (DESIGN.md §4): satellite weights were trained on other statistics.
+NORMALIZATION = {
+    "lvd1689m": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "sat493m": ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143)),
+}
+
+WEIGHTS_URL_ROOT = "https://dl.fbaipublicfiles.com/dinov3"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything dinov3ds knows about one official variant, in one place (the timm pretrained-cfg habit).
+
+    Attributes:
+        name: Meta's name, e.g. ``vits16`` (SAT-493M weights get a ``_sat493m`` suffix).
+        family: ``vit`` or ``convnext``.
+        timm_name: the timm architecture; the ``_qkvb`` names keep Meta's q/v biases.
+        embed_dim: token width (ViT) or last-stage width (ConvNeXt).
+        depth: transformer blocks (ViT) or stages (ConvNeXt, always 4).
+        default_layers: 0-based taps, four even intervals as in Meta's evaluation code.
+        dataset: pretraining data, selects mean/std.
+        weight_file: Meta's file name; its 8 hex characters start the file's SHA-256.
+        stage_dims: ConvNeXt channel width per stage.
+        timm_kwargs: architecture arguments that timm has no registered name for.
+    """
+
+    name: str
+    family: Family
+    timm_name: str
+    embed_dim: int
+    depth: int
+    default_layers: tuple[int, ...]
+    dataset: str
+    weight_file: str
+    stage_dims: tuple[int, ...] = ()
+    timm_kwargs: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return NORMALIZATION[self.dataset][0]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return NORMALIZATION[self.dataset][1]
+
+    @property
+    def patch_size(self) -> int:
+        """Stride of the final feature map."""
+        return 16 if self.family == "vit" else 32
+
+    @property
+    def input_multiple(self) -> int:
+        """Inputs must be a multiple of this: ViT patches are 16; ConvNeXt floors odd sizes, 16 keeps maps aligned."""
+        return 16
+
+    @property
+    def url(self) -> str:
+        arch = self.weight_file.split("_pretrain_")[0]
+        return f"{WEIGHTS_URL_ROOT}/{arch}/{self.weight_file}"
+
+
+def _vit(name, timm_name, dim, depth, layers, file, dataset="lvd1689m", **kwargs) -> BackboneSpec:
+    return BackboneSpec(name, "vit", timm_name, dim, depth, layers, dataset, file, (), tuple(kwargs.items()))
+
+
+def _convnext(size: str, dims: tuple[int, ...], file_hash: str) -> BackboneSpec:
+    return BackboneSpec(
+        f"convnext_{size}", "convnext", f"convnext_{size}", dims[-1], 4, (0, 1, 2, 3), "lvd1689m",
+        f"dinov3_convnext_{size}_pretrain_lvd1689m-{file_hash}.pth", dims,
+    )  # fmt: skip
+
+
+VARIANTS: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        _vit("vits16", "vit_small_patch16_dinov3_qkvb", 384, 12, (2, 5, 8, 11),
+             "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"),
+        _vit("vits16plus", "vit_small_plus_patch16_dinov3_qkvb", 384, 12, (2, 5, 8, 11),
+             "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth"),
+        _vit("vitb16", "vit_base_patch16_dinov3_qkvb", 768, 12, (2, 5, 8, 11),
+             "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth"),
+        _vit("vitl16", "vit_large_patch16_dinov3_qkvb", 1024, 24, (4, 11, 17, 23),
+             "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"),
+        _vit("vitl16_sat493m", "vit_large_patch16_dinov3_qkvb", 1024, 24, (4, 11, 17, 23),
+             "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth", dataset="sat493m"),
+        # timm registers no ViT-L+ name: ViT-L with SwiGLU (hidden 4096 after alignment to 8) is exact.
+        _vit("vitl16plus", "vit_large_patch16_dinov3_qkvb", 1024, 24, (4, 11, 17, 23),
+             "dinov3_vitl16plus_pretrain_lvd1689m-46503df0.pth", swiglu_mlp=True, swiglu_align_to=8,
+             mlp_ratio=6.0),
+        _vit("vith16plus", "vit_huge_plus_patch16_dinov3_qkvb", 1280, 32, (7, 15, 23, 31),
+             "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"),
+        _vit("vit7b16", "vit_7b_patch16_dinov3", 4096, 40, (9, 19, 29, 39),
+             "dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth"),
+        _vit("vit7b16_sat493m", "vit_7b_patch16_dinov3", 4096, 40, (9, 19, 29, 39),
+             "dinov3_vit7b16_pretrain_sat493m-a6675841.pth", dataset="sat493m"),
+        _convnext("tiny", (96, 192, 384, 768), "21b726bb"),
+        _convnext("small", (96, 192, 384, 768), "296db49d"),
+        _convnext("base", (128, 256, 512, 1024), "801f2ba9"),
+        _convnext("large", (192, 384, 768, 1536), "61fa432d"),
+    )
+}  # fmt: skip
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Look a variant up by Meta's name, with or without the ``dinov3_`` prefix."""
+    key = name.lower().removeprefix("dinov3_").replace("-", "_")
+    key = {"vitl16_sat": "vitl16_sat493m", "vit7b16_sat": "vit7b16_sat493m"}.get(key, key)
+    if key not in VARIANTS:
+        raise UserError(f"unknown backbone '{name}'; valid names: {', '.join(VARIANTS)}")
+    return VARIANTS[key]
+
+
+def checkpoint_dirs() -> list[Path]:
+    """Folders searched for official weight files: $DINOV3DS_CHECKPOINTS first, then ./checkpoints."""
+    dirs = [Path(p) for p in os.environ.get("DINOV3DS_CHECKPOINTS", "").split(os.pathsep) if p]
+    return [*dirs, Path("checkpoints")]
+
+
+def find_weight_file(spec: BackboneSpec) -> Path | None:
+    """The official weight file for `spec` if it lies in one of `checkpoint_dirs()`."""
+    for folder in checkpoint_dirs():
+        candidate = folder / spec.weight_file
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class BackboneOutput(NamedTuple):
+    """Final-norm outputs, named after Meta's ``x_norm_clstoken`` / ``x_norm_patchtokens`` / ``x_storage_tokens``."""
+
+    cls: Tensor  # [B, C]
+    patches: Tensor  # [B, C, H/stride, W/stride]
+    registers: Tensor  # [B, R, C]; R = 0 for ConvNeXt
+
+
+class Backbone(nn.Module):
+    """A frozen DINOv3 backbone with multi-layer features.
+
+    The backbone is frozen here, in one visible place: no parameter needs a gradient and `train()` keeps it
+    in eval mode, so a head's training never updates its norms or dropout. ConvNeXt variants give their
+    four stage maps (strides 4, 8, 16, 32) through the same interface; their `patches` are the last stage.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, identity: dict):
+        super().__init__()
+        self.spec = spec
+        self.model = model
+        self.identity = identity
+        self.embed_dim = spec.embed_dim
+        self.patch_size = spec.patch_size
+        self.input_multiple = spec.input_multiple
+        self.default_layers = spec.default_layers
+        self.mean = spec.mean
+        self.std = spec.std
+        self.num_registers = int(model.num_prefix_tokens) - 1 if spec.family == "vit" else 0
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks) if self.spec.family == "vit" else len(self.model.stages)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Stay in eval mode: a frozen backbone must behave as it did in pretraining evaluation."""
+        return super().train(False)
+
+    def feature_channels(self, layers: list[int] | tuple[int, ...] | None = None) -> list[int]:
+        layers = self.resolve_layers(layers)
+        if self.spec.family == "vit":
+            return [self.embed_dim] * len(layers)
+        return [self.spec.stage_dims[i] for i in layers]
+
+    def feature_strides(self, layers: list[int] | tuple[int, ...] | None = None) -> list[int]:
+        layers = self.resolve_layers(layers)
+        if self.spec.family == "vit":
+            return [16] * len(layers)
+        return [4 * 2**i for i in layers]
+
+    def resolve_layers(self, layers: list[int] | tuple[int, ...] | None) -> list[int]:
+        """Default taps when None; negative indices count from the end; out-of-range is a user error."""
+        if layers is None:
+            layers = self.default_layers
+            if max(layers) >= self.depth:  # a reduced test model: four even intervals of its own depth
+                layers = tuple(sorted({round(self.depth * (i + 1) / 4) - 1 for i in range(4)}))
+        resolved = [i % self.depth if -self.depth <= i < 0 else i for i in layers]
+        bad = [i for i in resolved if not 0 <= i < self.depth]
+        if bad:
+            raise UserError(f"layers {bad} out of range for {self.spec.name} (depth {self.depth}); use 0..{self.depth - 1}")
+        return resolved
+
+    def _check_input(self, images: Tensor) -> Tensor:
+        height, width = images.shape[-2:]
+        if height % self.input_multiple or width % self.input_multiple:
+            raise UserError(
+                f"input size {height}x{width} is not a multiple of {self.input_multiple} for {self.spec.name}; "
+                "resize or pad the image (the dinov3ds transforms do this)"
+            )
+        return images.to(self.dtype)
+
+    def forward(self, images: Tensor) -> BackboneOutput:
+        images = self._check_input(images)
+        if self.spec.family == "convnext":
+            final = self.model.forward_features(images)
+            norm = self.model.head.norm
+            return BackboneOutput(
+                norm(final.mean((-2, -1), keepdim=True)).flatten(1),
+                norm(final),
+                final.new_zeros(final.shape[0], 0, final.shape[1]),
+            )
+        tokens = self.model.forward_features(images)
+        prefix = 1 + self.num_registers
+        h, w = images.shape[-2] // 16, images.shape[-1] // 16
+        patches = tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        return BackboneOutput(tokens[:, 0], patches, tokens[:, 1:prefix])
+
+    def get_intermediate_layers(
+        self,
+        images: Tensor,
+        layers: list[int] | tuple[int, ...] | None = None,
+        norm: bool = True,
+        return_registers: bool = False,
+    ) -> list[tuple[Tensor, ...]]:
+        """Per requested block (0-based): ``(patches NCHW, cls)`` or, with registers, ``(patches, cls, registers)``.
+
+        Matches Meta's ``get_intermediate_layers(..., reshape=True, return_class_token=True, norm=norm)``:
+        every tap goes through the final LayerNorm. ConvNeXt taps are stage maps; as in Meta's code only the
+        last stage has a norm, and its "cls" is the spatial mean passed through that stage's norm.
+        """
+        images = self._check_input(images)
+        layers = self.resolve_layers(layers)
+        if self.spec.family == "convnext":
+            taps = self._convnext_layers(images, layers, norm)
+            if return_registers:
+                return [(patches, cls, cls.new_zeros(cls.shape[0], 0, cls.shape[1])) for patches, cls in taps]
+            return taps
+        outputs = self.model.forward_intermediates(
+            images, indices=layers, return_prefix_tokens=True, norm=norm, intermediates_only=True, stop_early=True
+        )
+        result = []
+        for patches, prefix in outputs:
+            item = (patches, prefix[:, 0], prefix[:, 1:]) if return_registers else (patches, prefix[:, 0])
+            result.append(item)
+        return result
+
+    def _convnext_layers(self, images: Tensor, layers: list[int], norm: bool) -> list[tuple[Tensor, Tensor]]:
+        x = self.model.stem(images)
+        outputs: dict[int, tuple[Tensor, Tensor]] = {}
+        for index, stage in enumerate(self.model.stages[: max(layers) + 1]):
+            x = stage(x)
+            if index in layers:
+                stage_norm = self.model.head.norm if norm and index == len(self.model.stages) - 1 else nn.Identity()
+                pooled = stage_norm(x.mean((-2, -1), keepdim=True)).flatten(1)
+                outputs[index] = (stage_norm(x), pooled)
+        return [outputs[i] for i in layers]
+
+
+def _create_model(spec: BackboneSpec, overrides: dict) -> nn.Module:
+    kwargs = {**dict(spec.timm_kwargs), **overrides}
+    if spec.family == "convnext" and "depth" in kwargs:
+        depth = kwargs.pop("depth")
+        kwargs["depths"] = tuple(depth) if isinstance(depth, (list, tuple)) else (depth,) * 4
+    try:
+        return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as error:
+        raise UserError(f"invalid architecture override for {spec.name}: {error}") from None
+
+
+def _random_weights(spec: BackboneSpec, overrides: dict, seed: int) -> nn.Module:
+    """Deterministic random weights, so a head trained on them can be reloaded with the same backbone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _create_model(spec, overrides)
+
+
+def _convert_official(state_dict: dict[str, Tensor], model: nn.Module, spec: BackboneSpec) -> dict[str, Tensor]:
+    """Meta's key names → timm's, with timm's own converter (drops buffers timm recomputes)."""
+    if spec.family == "vit":
+        return timm_eva.checkpoint_filter_fn(state_dict, model)
+    return timm_convnext.checkpoint_filter_fn(state_dict, model)
+
+
+def _load_official(spec: BackboneSpec, weight_file: WeightFile, overrides: dict, dtype: torch.dtype) -> nn.Module:
+    """Build on the meta device and assign mmap'd tensors: peak memory is about one copy in `dtype`."""
+    with torch.device("meta"):
+        model = _create_model(spec, overrides)
+    state_dict = load_state_dict_file(weight_file.path)
+    found = inspect_state_dict(state_dict)
+    expected = {"family": spec.family, "embed_dim": spec.embed_dim}
+    if found.get("family") != spec.family or (found.get("embed_dim") not in (None, spec.embed_dim) and not overrides):
+        raise UserError(
+            f"{weight_file.path} holds {found.get('summary', 'no DINOv3 weights')}, but backbone '{spec.name}' "
+            f"expects a {spec.family} of width {expected['embed_dim']} ({spec.weight_file}); "
+            "set the backbone name that matches the file or use the right file"
+        )
+    converted = _convert_official(state_dict, model, spec)
+    expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [k for k in expected_shapes if k not in converted]
+    problems += [k for k, v in converted.items() if expected_shapes.get(k) != tuple(v.shape)]
+    if problems:
+        raise UserError(
+            f"{weight_file.path} does not fit '{spec.name}' ({found.get('summary', '?')}; first mismatch: "
+            f"{problems[0]}); use the official {spec.weight_file} or the backbone name that matches the file"
+        )
+    converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    _materialize_buffers(model, dtype)
+    return model
+
+
+def _materialize_buffers(model: nn.Module, dtype: torch.dtype) -> None:
+    """Buffers not in the checkpoint (RoPE periods, zero k-bias) are still on the meta device: compute them."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_meta:
+                keep_fp32 = name == "periods"  # timm keeps RoPE periods in float32 for accuracy
+                module._buffers[name] = torch.empty(
+                    buffer.shape, dtype=torch.float32 if keep_fp32 else dtype, device="cpu"
+                )
+    reinit_non_persistent_buffers(model)
+
+
+def load_backbone(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **arch_overrides,
+) -> Backbone:
+    """Build a frozen DINOv3 backbone from Meta's official weights.
+
+    Args:
+        name: variant, e.g. ``vits16`` or ``dinov3_vitl16``; see `VARIANTS`.
+        weights: None looks for the official file in $DINOV3DS_CHECKPOINTS or ./checkpoints; a path loads that
+            file (its SHA-256 prefix is checked when the name carries one); ``"random"`` builds seeded random
+            weights for tests and demos.
+        dtype: parameter dtype (bf16 halves the memory of a frozen backbone).
+        device: where the model lives.
+        **arch_overrides: timm architecture arguments, e.g. ``depth=2`` for the small reference models.
+    """
+    spec = get_spec(name)
+    if isinstance(weights, str) and weights == "random":
+        message = f"RANDOM WEIGHTS for {spec.name}: features are meaningless (tests and demos only)"
+        warnings.warn(message, stacklevel=2)
+        logger.warning(message)
+        model = _random_weights(spec, arch_overrides, seed=0).to(dtype)
+        identity = {"name": spec.name, "weights": "random", "seed": 0, "overrides": arch_overrides}
+    else:
+        if weights is None:
+            path = find_weight_file(spec)
+            if path is None:
+                places = " or ".join(str(d / spec.weight_file) for d in checkpoint_dirs())
+                raise UserError(
+                    f"no weights for {spec.name}: expected {places}; request Meta's weights "
+                    f"({spec.url}) and put the file there, or use weights: random for a smoke test"
+                )
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise UserError(f"weight file {path} not found; check the path (official name: {spec.weight_file})")
+        weight_file = verify_hash(path)
+        model = _load_official(spec, weight_file, arch_overrides, dtype)
+        identity = {
+            "name": spec.name, "weights": path.name, "sha256": weight_file.sha256, "overrides": arch_overrides,
+        }  # fmt: skip
+    return Backbone(spec, model.to(device), identity)

@@ -1,0 +1,184 @@
+"""Train and eval transforms for classification and segmentation (torchvision transforms.v2).
+
+Segmentation masks travel as `tv_tensors.Mask`, so every geometric op v2 applies to them uses nearest
+interpolation and never invents a label that was not in the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+Stats = Sequence[float]
+
+
+def _to_float(mean: Stats, std: Stats) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def classification_train_transform(size: int, mean: Stats, std: Stats) -> v2.Compose:
+    """The standard linear-probe augmentation: random resized crop and horizontal flip."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *_to_float(mean, std),
+        ]
+    )
+
+
+def classification_eval_transform(
+    size: int, mean: Stats, std: Stats, crop_ratio: float = 224 / 256
+) -> v2.Compose:
+    """Resize the shorter side to size / crop_ratio, then centre-crop: the usual ImageNet eval protocol."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(round(size / crop_ratio), antialias=True),
+            v2.CenterCrop(size),
+            *_to_float(mean, std),
+        ]
+    )
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """Drop the tv_tensor subclass so callers (collate, losses) see ordinary tensors."""
+    return tensor.as_subclass(torch.Tensor)
+
+
+def _uniform(low: float, high: float) -> float:
+    # torch's RNG, not numpy's: DataLoader seeds torch differently in each worker.
+    return low + (high - low) * torch.rand(()).item()
+
+
+def _randint(high_inclusive: int) -> int:
+    return int(torch.randint(0, high_inclusive + 1, ()).item())
+
+
+class SegmentationTrainTransform:
+    """mmseg-style segmentation training augmentation for an (image, mask) pair.
+
+    Order: random resize (shorter side = base_size x a ratio drawn from scale_range, aspect kept), random
+    crop of at most crop_size, horizontal flip, photometric distortion (image only), normalise, then pad
+    bottom/right up to crop_size. As in mmseg the image is padded *after* normalisation with 0 (the mean
+    colour) and the mask with ignore_index, so padding never counts in the loss.
+
+    Args:
+        crop_size: output size, an int or (height, width).
+        mean, std: normalisation statistics of the backbone.
+        scale_range: range of the random resize ratio.
+        base_size: shorter side before the ratio; defaults to the crop's shorter side (ADE20K's mmseg scale
+            (2048, 512) with crop 512 is base_size=512).
+        ignore_index: label of padded pixels.
+        photometric: brightness/contrast/saturation/hue jitter on the image.
+        hflip: random horizontal flip.
+    """
+
+    def __init__(
+        self,
+        crop_size: int | Sequence[int],
+        mean: Stats,
+        std: Stats,
+        *,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        base_size: int | None = None,
+        ignore_index: int = 255,
+        photometric: bool = True,
+        hflip: bool = True,
+    ) -> None:
+        self.crop_size = _pair(crop_size)
+        self.base_size = base_size if base_size is not None else min(self.crop_size)
+        self.scale_range = scale_range
+        self.ignore_index = ignore_index
+        self.hflip = hflip
+        # Ranges close to mmseg's PhotoMetricDistortion (brightness +-32/255, contrast and saturation
+        # 0.5-1.5, hue +-18 of OpenCV's 180).
+        self.jitter = (
+            v2.ColorJitter(brightness=0.25, contrast=0.5, saturation=0.5, hue=0.1) if photometric else None
+        )
+        self.normalize = v2.Compose(_to_float(mean, std))
+
+    def __call__(
+        self, image: Image.Image | np.ndarray, mask: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        picture = v2.functional.to_image(image)
+        labels = tv_tensors.Mask(torch.as_tensor(np.asarray(mask), dtype=torch.int64))
+
+        height, width = picture.shape[-2:]
+        ratio = _uniform(*self.scale_range)
+        scale = self.base_size * ratio / min(height, width)
+        new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
+        picture = F.resize(picture, new_size, antialias=True)
+        labels = F.resize(labels, new_size)
+
+        crop_h, crop_w = self.crop_size
+        height, width = new_size
+        top, left = _randint(max(height - crop_h, 0)), _randint(max(width - crop_w, 0))
+        picture = F.crop(picture, top, left, min(crop_h, height), min(crop_w, width))
+        labels = F.crop(labels, top, left, min(crop_h, height), min(crop_w, width))
+
+        if self.hflip and torch.rand(()).item() < 0.5:
+            picture, labels = F.horizontal_flip(picture), F.horizontal_flip(labels)
+        if self.jitter is not None:
+            picture = self.jitter(picture)
+        picture = self.normalize(picture)
+
+        pad = [0, 0, crop_w - picture.shape[-1], crop_h - picture.shape[-2]]
+        picture = F.pad(picture, pad, fill=0.0)
+        labels = F.pad(labels, pad, fill=self.ignore_index)
+        return _plain(picture), _plain(labels)
+
+
+class SegmentationEvalTransform:
+    """Deterministic eval transform: image ready for a patch-16 backbone, mask left untouched.
+
+    The image's shorter side is resized to `size` (None keeps it), then each side is resized to the
+    nearest multiple of `multiple_of` (a slight aspect change of at most half a patch per side, instead of
+    padding that the caller would have to crop away). The mask is returned at its ORIGINAL resolution so
+    metrics are computed at the label's native size; the caller resizes logits to the mask's size.
+    `mask` may be None (inference), in which case None is returned in its place.
+    """
+
+    def __init__(self, size: int | None, mean: Stats, std: Stats, multiple_of: int = 16) -> None:
+        self.size = size
+        self.multiple_of = multiple_of
+        self.normalize = v2.Compose(_to_float(mean, std))
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the image is resized to; exposed so inference can undo it."""
+        if self.size is not None:
+            scale = self.size / min(height, width)
+            height, width = height * scale, width * scale
+        step = self.multiple_of
+        return max(step, round(height / step) * step), max(step, round(width / step) * step)
+
+    def __call__(
+        self, image: Image.Image | np.ndarray, mask: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        picture = v2.functional.to_image(image)
+        picture = F.resize(picture, list(self.output_size(*picture.shape[-2:])), antialias=True)
+        picture = _plain(self.normalize(picture))
+        labels = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.int64)
+        return picture, labels
+
+
+def denormalize(tensor: torch.Tensor, mean: Stats, std: Stats) -> np.ndarray:
+    """Undo normalisation of a [3, H, W] tensor into an HxWx3 uint8 array for plots and overlays."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+    pixels = (tensor.detach().float().cpu() * std_t + mean_t).clamp(0, 1)
+    return (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -1,0 +1,50 @@
+"""The interface every segmentation head follows, so models, configs and tests treat heads alike."""
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor, nn
+
+from dinov3ds.errors import UserError
+
+
+class SegmentationHead(nn.Module, ABC):
+    """Turns backbone feature maps into per-pixel logits at the input resolution.
+
+    Subclasses declare their options as keyword-only arguments with defaults; `build_head` reads them
+    from the signature to validate a config, so a head never needs its own option parsing.
+
+    Args:
+        in_channels: channels of each tapped feature map, shallowest first.
+        strides: stride of each tapped map relative to the input image (16 for every ViT tap).
+        num_classes: number of output channels (1 for binary segmentation with a sigmoid).
+        **options: must be empty once a subclass has taken its own; anything left is a typo.
+    """
+
+    def __init__(self, in_channels: list[int], strides: list[int], num_classes: int, **options) -> None:
+        super().__init__()
+        if options:
+            raise UserError(
+                f"head option(s) {sorted(options)} are unknown to {type(self).__name__}: remove them"
+            )
+        if num_classes < 1:
+            raise UserError(f"num_classes is {num_classes}: set it to 1 or more")
+        if len(in_channels) != len(strides):
+            raise ValueError(f"{len(in_channels)} in_channels but {len(strides)} strides")
+        self.in_channels = list(in_channels)
+        self.strides = list(strides)
+        self.num_classes = num_classes
+
+    @abstractmethod
+    def forward(self, features: list[Tensor], image: Tensor) -> Tensor:
+        """Map one NCHW tensor per tap (after the backbone's final LayerNorm) and the normalised image
+        [B, 3, H, W] to logits [B, num_classes, H, W]."""
+
+    def trainable_parameters(self) -> int:
+        """Count what the optimiser will update; printed at start-up so runs can be compared."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def tap_norms(in_channels: list[int]) -> nn.ModuleList:
+    """One learned BatchNorm per tap: intermediate ViT layers only pass the final LayerNorm, whose affine
+    was fitted to the last layer, so each tap needs its own rescaling (DINOv3 paper, appendix A.2)."""
+    return nn.ModuleList(nn.BatchNorm2d(channels) for channels in in_channels)

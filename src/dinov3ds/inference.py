@@ -1,0 +1,210 @@
+"""Segmentation inference strategies: whole image, sliding window and test-time augmentation.
+
+Everything here is model-agnostic. A `logits_fn` maps a normalised batch [B, 3, h, w] (h, w multiples of
+`multiple_of`, the backbone's patch size) to logits [B, K, h, w]; if it answers at a lower resolution the
+logits are resized bilinearly to the input size.
+
+    probs = run_inference(model, images, InferenceOptions(mode="slide", crop=512, stride=341), num_classes=150)
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dinov3ds.errors import UserError
+
+LogitsFn = Callable[[Tensor], Tensor]
+
+
+def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or any(not isinstance(v, int) or v <= 0 for v in pair):
+        raise UserError(f"{name}={value!r} must be a positive int or a pair of positive ints (height, width)")
+    return pair
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _round_to_multiple(size: float, multiple_of: int) -> int:
+    # Ties round up; Python's round() would send 40 to 32 but 56 to 64 (half to even).
+    return max(multiple_of, int(size / multiple_of + 0.5) * multiple_of)
+
+
+@torch.no_grad()
+def predict_whole(logits_fn: LogitsFn, images: Tensor, *, multiple_of: int = 16) -> Tensor:
+    """Run the whole image in one pass; returns logits [B, K, H, W].
+
+    A side that is not a multiple of `multiple_of` is *resized* (bilinear) to the nearest multiple and the
+    logits are resized back, rather than padded: padding would put a band of zero (mean-colour) pixels into
+    the model's view, while a resize of at most half a patch keeps the whole field of view natural.
+    """
+    height, width = images.shape[-2:]
+    size = (_round_to_multiple(height, multiple_of), _round_to_multiple(width, multiple_of))
+    return _resize(logits_fn(_resize(images, size)), (height, width))
+
+
+def _window_starts(length: int, crop: int, stride: int) -> list[int]:
+    # mmseg's grid: the last window ends exactly at the border, so no window runs past the image.
+    grids = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride, length - crop), 0) for i in range(grids)]
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def predict_slide(
+    logits_fn: LogitsFn,
+    images: Tensor,
+    *,
+    crop: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    num_classes: int,
+    window_batch: int = 8,
+    multiple_of: int = 16,
+    accumulate_device: torch.device | str | None = None,
+) -> Tensor:
+    """Sliding-window prediction as in mmseg; returns logits [B, K, H, W] averaged over overlapping windows.
+
+    Windows (one crop of one image) go through `logits_fn` at most `window_batch` at a time and their logits
+    are added into a sum buffer as they come, so memory grows with the image only through the [B, K, H, W]
+    buffers; `accumulate_device="cpu"` keeps those in host memory when a huge image would not fit the GPU.
+    An image smaller than the crop is zero-padded (bottom/right) up to the crop and the pad is cut away.
+    """
+    crop_h, crop_w = _pair(crop, "crop")
+    stride_h, stride_w = _pair(stride, "stride")
+    if crop_h % multiple_of or crop_w % multiple_of:
+        raise UserError(f"crop={crop!r} must be a multiple of {multiple_of} (the patch size); use e.g. 512")
+    if stride_h > crop_h or stride_w > crop_w:
+        raise UserError(
+            f"stride={stride!r} is larger than crop={crop!r} and would leave gaps; use stride <= crop"
+        )
+    if window_batch < 1:
+        raise UserError(f"window_batch={window_batch} must be at least 1")
+
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))
+    pad_h, pad_w = padded.shape[-2:]
+    device = torch.device(accumulate_device) if accumulate_device is not None else images.device
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    logit_sum = torch.zeros(batch, num_classes, pad_h, pad_w, dtype=dtype, device=device)
+    count = torch.zeros(1, 1, pad_h, pad_w, dtype=dtype, device=device)
+
+    positions = [
+        (y, x)
+        for y in _window_starts(pad_h, crop_h, stride_h)
+        for x in _window_starts(pad_w, crop_w, stride_w)
+    ]
+    for y, x in positions:
+        count[..., y : y + crop_h, x : x + crop_w] += 1
+    windows = [(b, y, x) for y, x in positions for b in range(batch)]
+    for chunk in _chunks(windows, window_batch):
+        crops = torch.stack([padded[b, :, y : y + crop_h, x : x + crop_w] for b, y, x in chunk])
+        logits = _resize(logits_fn(crops), (crop_h, crop_w))
+        if logits.shape[1] != num_classes:
+            raise UserError(
+                f"num_classes={num_classes} but the model returns {logits.shape[1]} classes; fix num_classes"
+            )
+        logits = logits.to(device=device, dtype=dtype)
+        for (b, y, x), window_logits in zip(chunk, logits, strict=True):
+            logit_sum[b, :, y : y + crop_h, x : x + crop_w] += window_logits
+    return (logit_sum / count)[..., :height, :width]
+
+
+@torch.no_grad()
+def predict_tta(
+    predict_fn: Callable[[Tensor], Tensor],
+    images: Tensor,
+    *,
+    flip: bool = False,
+    scales: tuple[float, ...] = (1.0,),
+    multiple_of: int = 16,
+) -> Tensor:
+    """Flip and multi-scale test-time augmentation; returns class *probabilities* [B, K, H, W].
+
+    Like mmseg, the views are averaged as softmax probabilities, not logits. `predict_fn` maps images to
+    logits (`predict_whole` or a `functools.partial` of `predict_slide`). At a scale other than 1 both sides
+    are scaled (keeping the aspect ratio) and rounded to `multiple_of`; at scale 1 the image goes in as is.
+    """
+    if not scales or any(s <= 0 for s in scales):
+        raise UserError(
+            f"scales={scales!r} must be a non-empty list of positive factors, e.g. [0.75, 1.0, 1.25]"
+        )
+    height, width = images.shape[-2:]
+    probs = None
+    for scale in scales:
+        size = (height, width)
+        if scale != 1.0:
+            size = (
+                _round_to_multiple(height * scale, multiple_of),
+                _round_to_multiple(width * scale, multiple_of),
+            )
+        scaled = _resize(images, size)
+        views = [(scaled, False), (scaled.flip(-1), True)] if flip else [(scaled, False)]
+        for view, flipped in views:
+            logits = predict_fn(view)
+            logits = logits.flip(-1) if flipped else logits
+            view_probs = _resize(logits, (height, width)).softmax(dim=1)
+            probs = view_probs if probs is None else probs + view_probs
+    return probs / (len(scales) * (2 if flip else 1))
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a segmenter turns an image of any size into a label map."""
+
+    mode: Literal["whole", "slide"] = "whole"  # one pass over the image, or overlapping crops
+    crop: int | tuple[int, int] | None = None  # slide window size (multiple of the patch size)
+    stride: int | tuple[int, int] | None = None  # slide step; None: two thirds of the crop (mmseg's 512/341)
+    window_batch: int = 8  # slide windows per forward pass; bounds memory
+    flip: bool = False  # also predict the horizontally flipped image
+    scales: tuple[float, ...] = (1.0,)  # image scale factors for multi-scale TTA
+    accumulate_device: str | None = None  # "cpu" keeps slide buffers off the GPU for huge images
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("whole", "slide"):
+            raise UserError(f"inference mode {self.mode!r} is unknown; use 'whole' or 'slide'")
+        if self.mode == "slide" and self.crop is None:
+            raise UserError("inference mode 'slide' needs a crop size; set crop, e.g. 512")
+
+
+def run_inference(logits_fn: LogitsFn, images: Tensor, options: InferenceOptions, num_classes: int) -> Tensor:
+    """Predict class probabilities [B, K, H, W] for `images` with the strategy `options` describes.
+
+    Always probabilities (a softmax of the logits without TTA) so callers get the same kind of output
+    whichever options are set; the argmax is the same as that of the logits.
+    """
+    if options.mode == "slide":
+        crop_h, crop_w = _pair(options.crop, "crop")
+        stride = (
+            options.stride
+            if options.stride is not None
+            else (max(crop_h * 2 // 3, 1), max(crop_w * 2 // 3, 1))
+        )
+
+        def predict(batch: Tensor) -> Tensor:
+            return predict_slide(
+                logits_fn,
+                batch,
+                crop=(crop_h, crop_w),
+                stride=stride,
+                num_classes=num_classes,
+                window_batch=options.window_batch,
+                accumulate_device=options.accumulate_device,
+            )
+    else:
+
+        def predict(batch: Tensor) -> Tensor:
+            return predict_whole(logits_fn, batch)
+
+    return predict_tta(predict, images, flip=options.flip, scales=options.scales)

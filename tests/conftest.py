@@ -1,0 +1,27 @@
+"""Shared test fixtures: the reference folder, an isolated cache, and tiny official-format checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_DIR = Path(os.environ.get("DINOV3DS_REFERENCE_DIR", Path(__file__).parents[2] / "shared" / "fixtures" / "dinov3_reference"))
+
+
+def reference_dir() -> Path:
+    """The shared reference fixtures, or a skip that says why (a user's clone has no ../shared)."""
+    if not (REFERENCE_DIR / "index.json").is_file():
+        pytest.skip(f"reference fixtures not found at {REFERENCE_DIR} (set DINOV3DS_REFERENCE_DIR)")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory, monkeypatch):
+    """Keep caches and checkpoint lookups inside the test's temporary folders."""
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("DINOV3DS_CHECKPOINTS", str(tmp_path_factory.mktemp("no_checkpoints")))
+    torch.set_num_threads(2)
+    yield

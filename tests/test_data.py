@@ -1,0 +1,425 @@
+"""Image I/O, transforms, datasets and synthetic data, on tiny files generated in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov3ds.data.classification import IMAGENETTE_CLASSES, ImageFolderDataset
+from dinov3ds.data.io import find_images, load_image, load_mask
+from dinov3ds.data.segmentation import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    SegmentationFolderDataset,
+    ade20k_dataset,
+    default_palette,
+)
+from dinov3ds.data.synthetic import make_classification_folder, make_segmentation_folder
+from dinov3ds.data.transforms import (
+    SegmentationEvalTransform,
+    SegmentationTrainTransform,
+    classification_eval_transform,
+    classification_train_transform,
+    denormalize,
+)
+from dinov3ds.errors import UserError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def identity_pair(image, mask):
+    """A transform that keeps the loaded image and processed mask, so tests see the raw labels."""
+    return image, torch.as_tensor(mask)
+
+
+def save(image: Image.Image, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- io
+
+
+def test_load_image_grayscale_becomes_rgb(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    image = load_image(save(Image.fromarray(gray), tmp_path / "g.png"))
+    assert image.mode == "RGB"
+    pixels = np.asarray(image)
+    for channel in range(3):
+        np.testing.assert_array_equal(pixels[..., channel], gray)
+
+
+def test_load_image_rgba_composites_on_black(tmp_path):
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[..., 3] = [[0, 255], [128, 255]]
+    pixels = np.asarray(load_image(save(Image.fromarray(rgba), tmp_path / "a.png")))
+    assert pixels[0, 0].tolist() == [0, 0, 0]
+    assert pixels[0, 1].tolist() == [200, 100, 50]
+    assert abs(int(pixels[1, 0, 0]) - 100) <= 1
+
+
+def test_load_image_palette_gives_palette_colours(tmp_path):
+    palette_image = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), mode="P")
+    palette_image.putpalette([10, 20, 30, 250, 0, 0] + [0] * 762)
+    pixels = np.asarray(load_image(save(palette_image, tmp_path / "p.png")))
+    assert pixels[0, 1].tolist() == [250, 0, 0]
+    assert pixels[0, 0].tolist() == [10, 20, 30]
+
+
+def test_load_image_16bit_scales_value_range(tmp_path):
+    gradient = np.tile(np.linspace(0, 4000, 33).astype(np.uint16), (4, 1))
+    path = save(Image.fromarray(gradient), tmp_path / "deep.png")
+    assert Image.open(path).mode.startswith("I")
+    pixels = np.asarray(load_image(path))[0, :, 0]
+    assert pixels.min() == 0 and pixels.max() == 255
+    assert abs(int(pixels[16]) - 128) <= 1  # clipping at 255 would give 255 here
+    assert (np.diff(pixels.astype(int)) >= 0).all()
+
+
+def test_load_image_cmyk_jpeg(tmp_path):
+    path = save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", quality=95)
+    image = load_image(path)
+    red, green, blue = np.asarray(image).reshape(-1, 3).mean(0)
+    assert image.mode == "RGB" and red > 200 and green < 60 and blue < 60
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    image = Image.new("RGB", (20, 10), (0, 128, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = save(image, tmp_path / "phone.jpg", exif=exif)
+    assert Image.open(path).size == (20, 10)
+    assert load_image(path).size == (10, 20)
+
+
+def zero_byte_file(folder: Path) -> Path:
+    (folder / "empty.jpg").write_bytes(b"")
+    return folder / "empty.jpg"
+
+
+def truncated_jpeg(folder: Path) -> Path:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        buffer, "JPEG"
+    )
+    (folder / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return folder / "cut.jpg"
+
+
+def text_named_png(folder: Path) -> Path:
+    (folder / "notes.png").write_text("not an image")
+    return folder / "notes.png"
+
+
+@pytest.mark.parametrize("make", [zero_byte_file, truncated_jpeg, text_named_png])
+def test_load_image_unreadable_file_is_user_error(tmp_path, make):
+    path = make(tmp_path)
+    with pytest.raises(UserError, match="cannot read image") as error:
+        load_image(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_load_mask_keeps_palette_indices(tmp_path):
+    ids = np.array([[0, 3], [7, 3]], dtype=np.uint8)
+    mask = Image.fromarray(ids, mode="P")
+    mask.putpalette([channel for index in range(256) for channel in (255 - index, index, 100)])
+    loaded = load_mask(save(mask, tmp_path / "m.png"))
+    assert loaded.dtype == np.int64
+    np.testing.assert_array_equal(loaded, ids)
+
+
+def test_load_mask_16bit_keeps_large_ids(tmp_path):
+    ids = np.array([[0, 300], [1000, 2]], dtype=np.uint16)
+    np.testing.assert_array_equal(load_mask(save(Image.fromarray(ids), tmp_path / "m16.png")), ids)
+
+
+def test_load_mask_rejects_colour_masks(tmp_path):
+    colour = np.zeros((4, 4, 3), dtype=np.uint8)
+    colour[0, 0] = (255, 0, 0)
+    path = save(Image.fromarray(colour), tmp_path / "colour.png")
+    with pytest.raises(UserError, match="class id"):
+        load_mask(path)
+    gray_rgb = np.repeat(np.array([[0, 2], [1, 2]], dtype=np.uint8)[..., None], 3, axis=2)
+    np.testing.assert_array_equal(
+        load_mask(save(Image.fromarray(gray_rgb), tmp_path / "g.png")), gray_rgb[..., 0]
+    )
+
+
+def test_find_images_recursive_sorted_skips_hidden(tmp_path):
+    for name in ["b/2.PNG", "a.jpg", "b/1.webp", ".hidden.jpg", ".cache/x.jpg", "notes.txt", "c/d/e.TIFF"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert found == ["a.jpg", "b/1.webp", "b/2.PNG", "c/d/e.TIFF"]
+    with pytest.raises(UserError, match="missing"):
+        find_images(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------------------- transforms
+
+
+def test_classification_transforms_output_size():
+    image = Image.new("RGB", (50, 30), (10, 200, 30))
+    assert classification_eval_transform(24, MEAN, STD)(image).shape == (3, 24, 24)
+    out = classification_train_transform(16, MEAN, STD)(image)
+    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+
+
+def test_classification_eval_transform_resizes_then_center_crops():
+    # A 64x32 image whose left half is black: resized to short side 32 (crop 28 / 0.875) and
+    # centre-cropped to 28, the left edge stays black and the right edge stays white.
+    pixels = np.full((32, 64, 3), 255, dtype=np.uint8)
+    pixels[:, :32] = 0
+    out = denormalize(classification_eval_transform(28, MEAN, STD)(Image.fromarray(pixels)), MEAN, STD)
+    assert out.shape == (28, 28, 3)
+    assert out[:, 0].max() < 10 and out[:, -1].min() > 245
+
+
+def test_segmentation_train_transform_nearest_only_and_sizes():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    mask = rng.choice([0, 3, 10], size=(37, 53))  # fine-grained: any interpolation would mix values
+    image = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    transform = SegmentationTrainTransform((32, 48), MEAN, STD, scale_range=(0.7, 1.9))
+    for _ in range(10):
+        out_image, out_mask = transform(image, mask)
+        assert out_image.shape == (3, 32, 48) and out_image.dtype == torch.float32
+        assert out_mask.shape == (32, 48) and out_mask.dtype == torch.int64
+        assert type(out_mask) is torch.Tensor
+        assert set(out_mask.unique().tolist()) <= {0, 3, 10, 255}
+
+
+def test_segmentation_train_transform_pads_with_ignore():
+    mask = np.ones((20, 30), dtype=np.int64)
+    image = Image.new("RGB", (30, 20), (255, 255, 255))
+    transform = SegmentationTrainTransform(
+        40, MEAN, STD, scale_range=(1.0, 1.0), base_size=20, photometric=False
+    )
+    out_image, out_mask = transform(image, mask)
+    assert out_image.shape == (3, 40, 40) and out_mask.shape == (40, 40)
+    assert (out_mask[:20, :30] == 1).all()
+    assert (out_mask[20:] == 255).all() and (out_mask[:, 30:] == 255).all()
+    assert (out_image[:, 20:] == 0).all() and (out_image[:, :20, :30] > 1).all()
+
+
+def test_segmentation_train_transform_flips_image_and_mask_together():
+    mask = np.zeros((16, 24), dtype=np.int64)
+    mask[:, :5] = 1
+    image = Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
+    transform = SegmentationTrainTransform(
+        (16, 24), MEAN, STD, scale_range=(1.0, 1.0), base_size=16, photometric=False
+    )
+    torch.manual_seed(1)
+    seen = set()
+    for _ in range(12):
+        out_image, out_mask = transform(image, mask)
+        picture = denormalize(out_image, MEAN, STD)[..., 0]
+        np.testing.assert_array_equal(picture > 127, out_mask.numpy() == 1)
+        seen.add(bool(out_mask[0, 0] == 1))
+    assert seen == {True, False}
+
+
+def test_segmentation_eval_transform_multiple_of_16_keeps_mask():
+    image, mask = Image.new("RGB", (70, 50)), np.zeros((50, 70), dtype=np.int64)
+    out_image, out_mask = SegmentationEvalTransform(None, MEAN, STD)(image, mask)
+    assert out_image.shape == (3, 48, 64) and out_mask.shape == (50, 70)
+    out_image, _ = SegmentationEvalTransform(32, MEAN, STD)(image, mask)
+    assert out_image.shape == (3, 32, 48)
+    assert SegmentationEvalTransform(32, MEAN, STD)(image)[1] is None
+
+
+def test_denormalize_round_trip():
+    pixels = np.random.default_rng(0).integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    tensor = classification_eval_transform(12, MEAN, STD, crop_ratio=1.0)(Image.fromarray(pixels[:, 4:16]))
+    np.testing.assert_array_equal(denormalize(tensor, MEAN, STD), pixels[:, 4:16])
+
+
+# ----------------------------------------------------------------------------------------- datasets
+
+
+@pytest.fixture(scope="module")
+def imagenette(tmp_path_factory) -> Path:
+    return make_classification_folder(
+        tmp_path_factory.mktemp("cls"), train_per_class=3, val_per_class=2, size=16
+    )
+
+
+def test_image_folder_dataset_classes_and_names(imagenette):
+    dataset = ImageFolderDataset(
+        imagenette, "val", classification_eval_transform(16, MEAN, STD), IMAGENETTE_CLASSES
+    )
+    assert len(dataset) == 20
+    assert dataset.classes == sorted(IMAGENETTE_CLASSES)
+    assert dataset.class_names[0] == "tench" and dataset.class_names[-1] == "parachute"
+    image, label = dataset[5]
+    assert image.shape == (3, 16, 16) and label == 2
+    assert dataset.samples[5][0].parent.name == dataset.classes[2]
+    plain = ImageFolderDataset(imagenette, "train", classification_eval_transform(16, MEAN, STD))
+    assert plain.class_names == plain.classes and len(plain) == 30
+
+
+def test_image_folder_dataset_errors(tmp_path):
+    make_classification_folder(tmp_path, num_classes=2, train_per_class=1, val_per_class=1, size=8)
+    with pytest.raises(UserError, match="test"):
+        ImageFolderDataset(tmp_path, "test", lambda image: image)
+    (tmp_path / "train" / "zebra").mkdir()
+    with pytest.raises(UserError, match="zebra"):
+        ImageFolderDataset(tmp_path, "train", lambda image: image)
+    with pytest.warns(UserWarning, match="zebra"):
+        dataset = ImageFolderDataset(tmp_path, "train", lambda image: image, on_empty_class="warn")
+    assert dataset.classes == ["class_00", "class_01", "zebra"] and len(dataset) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no class"):
+        ImageFolderDataset(tmp_path, "empty", lambda image: image)
+
+
+@pytest.fixture
+def segmentation_root(tmp_path) -> Path:
+    return make_segmentation_folder(tmp_path, train=4, val=2, size=(16, 24))
+
+
+def test_segmentation_folder_dataset_pairs_and_transforms(segmentation_root):
+    dataset = SegmentationFolderDataset(
+        segmentation_root, "train", SegmentationEvalTransform(None, MEAN, STD)
+    )
+    assert len(dataset) == 4
+    image, mask = dataset[0]
+    assert image.shape == (3, 16, 32) and mask.shape == (16, 24) and mask.dtype == torch.int64
+    assert set(mask.unique().tolist()) <= {0, 1, 2}
+
+
+def test_segmentation_folder_dataset_nested_folders_and_array_loader(segmentation_root):
+    for kind in ("images", "annotations"):
+        nested = segmentation_root / kind / "train" / "patient_1"
+        nested.mkdir()
+        (segmentation_root / kind / "train" / "img_00000000.png").rename(nested / "img_00000000.png")
+    dataset = SegmentationFolderDataset(
+        segmentation_root, "train", identity_pair, image_loader=lambda path: np.asarray(load_image(path))
+    )
+    assert len(dataset) == 4 and dataset.samples[-1][1].parent.name == "patient_1"
+    image, mask = dataset[3]
+    assert image.shape == (16, 24, 3) and mask.shape == (16, 24)
+
+
+def test_segmentation_folder_dataset_missing_files(segmentation_root):
+    (segmentation_root / "annotations" / "train" / "img_00000001.png").unlink()
+    (segmentation_root / "images" / "train" / "img_00000002.png").unlink()
+    with pytest.raises(UserError) as error:
+        SegmentationFolderDataset(segmentation_root, "train", identity_pair)
+    message = str(error.value)
+    assert "img_00000001.png" in message and "img_00000002.png" in message and "\n" not in message
+    with pytest.warns(UserWarning, match="skipping"):
+        dataset = SegmentationFolderDataset(segmentation_root, "train", identity_pair, on_missing="warn")
+    assert [image.name for image, _ in dataset.samples] == ["img_00000000.png", "img_00000003.png"]
+
+
+def test_segmentation_folder_dataset_size_mismatch(segmentation_root):
+    Image.new("L", (5, 5)).save(segmentation_root / "annotations" / "val" / "img_00000001.png")
+    dataset = SegmentationFolderDataset(segmentation_root, "val", identity_pair)
+    dataset[0]
+    with pytest.raises(UserError, match="img_00000001.png.*images/val/img_00000001.png"):
+        dataset[1]
+
+
+def test_label_map_reduce_zero_label_and_range_check(tmp_path):
+    save(Image.new("RGB", (4, 1)), tmp_path / "images" / "train" / "a.jpg")
+    save(
+        Image.fromarray(np.array([[0, 255, 0, 255]], dtype=np.uint8)),
+        tmp_path / "masks" / "train" / "a_seg.png",
+    )
+    common = {"annotations_dir": "masks", "mask_suffix": "_seg.png"}
+    binary = SegmentationFolderDataset(tmp_path, "train", identity_pair, label_map={255: 1}, **common)
+    assert binary[0][1].tolist() == [[0, 1, 0, 1]]
+    reduced = SegmentationFolderDataset(tmp_path, "train", identity_pair, reduce_zero_label=True, **common)
+    raw = np.array([[0, 1, 2, 255]])
+    assert reduced.prepare_mask(raw, Path("x.png")).tolist() == [[255, 0, 1, 255]]
+    checked = SegmentationFolderDataset(
+        tmp_path, "train", identity_pair, num_classes=2, ignore_index=254, **common
+    )
+    with pytest.raises(UserError, match=r"a_seg\.png.*\[255\]"):
+        checked[0]
+
+
+def test_ade20k_layout_reduce_zero_label_recovers_classes(tmp_path):
+    folder = make_segmentation_folder(tmp_path / "f", train=3, val=2, size=(16, 16), seed=4)
+    ade = make_segmentation_folder(tmp_path / "a", layout="ade20k", train=3, val=2, size=(16, 16), seed=4)
+    assert ade == tmp_path / "a" / "ADEChallengeData2016"
+    assert (ade / "images" / "validation" / "ADE_val_00000001.jpg").is_file()
+    assert (ade / "annotations" / "training" / "ADE_train_00000003.png").is_file()
+    plain = SegmentationFolderDataset(folder, "val", identity_pair)
+    for root in (ade, tmp_path / "a"):
+        dataset = ade20k_dataset(root, "validation", identity_pair)
+        assert len(dataset) == 2
+        for index in range(2):
+            assert torch.equal(dataset[index][1], plain[index][1])
+    with pytest.raises(UserError, match="validation"):
+        ade20k_dataset(tmp_path / "a", "val", identity_pair)
+
+
+def test_ade20k_metadata_and_default_palette():
+    assert len(ADE20K_CLASSES) == 150 and len(set(ADE20K_CLASSES)) == 150
+    assert ADE20K_CLASSES[0] == "wall" and ADE20K_CLASSES[12] == "person" and ADE20K_CLASSES[-1] == "flag"
+    assert ADE20K_PALETTE.shape == (150, 3) and ADE20K_PALETTE.dtype == np.uint8
+    assert ADE20K_PALETTE[0].tolist() == [120, 120, 120] and ADE20K_PALETTE[-1].tolist() == [92, 0, 255]
+    palette = default_palette(300)
+    assert palette.shape == (300, 3) and palette[0].tolist() == [0, 0, 0]
+    assert len({tuple(colour) for colour in palette.tolist()}) == 300
+
+
+# ---------------------------------------------------------------------------------------- synthetic
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthetic_generators_are_deterministic(tmp_path):
+    first = tree_bytes(make_segmentation_folder(tmp_path / "1", train=2, val=1, size=(16, 16)))
+    again = tree_bytes(make_segmentation_folder(tmp_path / "2", train=2, val=1, size=(16, 16)))
+    other = tree_bytes(make_segmentation_folder(tmp_path / "3", train=2, val=1, size=(16, 16), seed=1))
+    assert first == again and first != other
+    assert sorted(first) == [
+        "annotations/train/img_00000000.png",
+        "annotations/train/img_00000001.png",
+        "annotations/val/img_00000000.png",
+        "images/train/img_00000000.png",
+        "images/train/img_00000001.png",
+        "images/val/img_00000000.png",
+    ]
+    kwargs = {"num_classes": 2, "train_per_class": 1, "val_per_class": 1, "size": 8}
+    cls_a = tree_bytes(make_classification_folder(tmp_path / "c1", **kwargs))
+    cls_b = tree_bytes(make_classification_folder(tmp_path / "c2", **kwargs))
+    assert cls_a == cls_b and "val/class_01/class_01_00000.JPEG" in cls_a
+
+
+def test_synthetic_classes_separable_by_colour_statistics(imagenette):
+    def features(split):
+        dataset = ImageFolderDataset(imagenette, split, lambda image: np.asarray(image, dtype=np.float64))
+        return np.stack([np.concatenate([x.mean((0, 1)), x.std((0, 1))]) for x, _ in dataset]), np.array(
+            [label for _, label in dataset.samples]
+        )
+
+    train_x, train_y = features("train")
+    val_x, val_y = features("val")
+    centroids = np.stack([train_x[train_y == c].mean(0) for c in range(10)])
+    predicted = np.argmin(((val_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert (predicted == val_y).mean() >= 0.9
+
+
+def test_synthetic_segmentation_masks_hold_shapes(tmp_path):
+    root = make_segmentation_folder(tmp_path, num_classes=4, train=6, val=0, size=(32, 48))
+    masks = [load_mask(p) for p in find_images(root / "annotations" / "train")]
+    assert all(m.shape == (32, 48) for m in masks)
+    values = set(np.unique(np.stack(masks)).tolist())
+    assert 0 in values and values <= {0, 1, 2, 3} and len(values) >= 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(root / "images" / "train" / "img_00000000.png").size == (48, 32)

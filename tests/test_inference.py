@@ -1,0 +1,185 @@
+"""Whole-image, sliding-window and TTA inference against straightforward reference computations."""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov3ds.errors import UserError
+from dinov3ds.inference import InferenceOptions, predict_slide, predict_tta, predict_whole, run_inference
+
+NUM_CLASSES = 4
+
+
+class ConvLogits:
+    """A fixed random 3×3 conv with zero padding: its output depends on where the window borders are."""
+
+    def __init__(self, symmetric: bool = False, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(NUM_CLASSES, 3, 3, 3, generator=generator, dtype=torch.float64)
+        if symmetric:  # mirror-symmetric kernel: the conv commutes with a horizontal flip
+            self.weight = (self.weight + self.weight.flip(-1)) / 2
+        self.bias = torch.randn(NUM_CLASSES, generator=generator, dtype=torch.float64)
+        self.batch_sizes: list[int] = []
+        self.input_sizes: list[tuple[int, int]] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        self.input_sizes.append(tuple(x.shape[-2:]))
+        return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+def images(batch: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def reference_slide(fn, x, crop, stride):
+    """Enumerate every window, run it alone and average the overlaps."""
+    batch, _, height, width = x.shape
+    (crop_h, crop_w), (stride_h, stride_w) = crop, stride
+    pad_h, pad_w = max(height, crop_h), max(width, crop_w)
+    padded = torch.zeros(batch, 3, pad_h, pad_w, dtype=x.dtype)
+    padded[..., :height, :width] = x
+    total = torch.zeros(batch, NUM_CLASSES, pad_h, pad_w, dtype=x.dtype)
+    count = torch.zeros(pad_h, pad_w, dtype=x.dtype)
+    for i in range(max(pad_h - crop_h + stride_h - 1, 0) // stride_h + 1):
+        for j in range(max(pad_w - crop_w + stride_w - 1, 0) // stride_w + 1):
+            y = max(min(i * stride_h, pad_h - crop_h), 0)
+            x0 = max(min(j * stride_w, pad_w - crop_w), 0)
+            for b in range(batch):
+                window = padded[b : b + 1, :, y : y + crop_h, x0 : x0 + crop_w]
+                total[b : b + 1, :, y : y + crop_h, x0 : x0 + crop_w] += fn(window)
+            count[y : y + crop_h, x0 : x0 + crop_w] += 1
+    return (total / count)[..., :height, :width]
+
+
+def test_slide_with_crop_equal_to_image_equals_whole():
+    fn, x = ConvLogits(), images(2, 48, 64)
+    slide = predict_slide(fn, x, crop=(48, 64), stride=(32, 32), num_classes=NUM_CLASSES)
+    assert torch.allclose(slide, predict_whole(fn, x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(80, 80), (80, 112), (100, 70)])
+def test_slide_matches_reference_loop(size):
+    fn, x = ConvLogits(), images(2, *size)
+    result = predict_slide(fn, x, crop=48, stride=32, num_classes=NUM_CLASSES, window_batch=3)
+    assert result.shape == (2, NUM_CLASSES, *size)
+    assert torch.allclose(result, reference_slide(fn, x, (48, 48), (32, 32)), rtol=0, atol=1e-12)
+    # The overlaps matter: the conv's zero padding at window borders makes this differ from one pass.
+    assert not torch.allclose(result, predict_whole(fn, x), atol=1e-3)
+
+
+def test_slide_non_square_crop_and_stride():
+    fn, x = ConvLogits(), images(1, 80, 112)
+    result = predict_slide(fn, x, crop=(32, 64), stride=(16, 40), num_classes=NUM_CLASSES)
+    assert torch.allclose(result, reference_slide(fn, x, (32, 64), (16, 40)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(20, 30), (40, 112)])
+def test_image_smaller_than_crop_is_padded_and_cut(size):
+    fn, x = ConvLogits(), images(1, *size)
+    result = predict_slide(fn, x, crop=48, stride=32, num_classes=NUM_CLASSES)
+    assert result.shape == (1, NUM_CLASSES, *size)
+    assert set(fn.input_sizes) == {(48, 48)}
+    assert torch.allclose(result, reference_slide(fn, x, (48, 48), (32, 32)), rtol=0, atol=1e-12)
+
+
+def test_window_batch_does_not_change_the_result():
+    x = images(2, 80, 112)
+    one = predict_slide(ConvLogits(), x, crop=48, stride=32, num_classes=NUM_CLASSES, window_batch=1)
+    eight = predict_slide(ConvLogits(), x, crop=48, stride=32, num_classes=NUM_CLASSES, window_batch=8)
+    assert torch.allclose(one, eight, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("batch", "window_batch"), [(1, 4), (2, 5), (2, 1), (1, 100)])
+def test_windows_are_processed_in_bounded_batches(batch, window_batch):
+    fn = ConvLogits()
+    predict_slide(fn, images(batch, 80, 112), crop=48, stride=32, num_classes=NUM_CLASSES, window_batch=window_batch)
+    windows = batch * 2 * 3  # rows start at 0, 32; columns at 0, 32, 64
+    assert len(fn.batch_sizes) == math.ceil(windows / window_batch)
+    assert max(fn.batch_sizes) <= window_batch
+    assert sum(fn.batch_sizes) == windows
+
+
+def test_slide_accumulates_on_the_requested_device():
+    result = predict_slide(
+        ConvLogits(), images(1, 64, 64), crop=48, stride=32, num_classes=NUM_CLASSES, accumulate_device="cpu"
+    )
+    assert result.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"crop": 50, "stride": 32},
+        {"crop": (48, 40), "stride": 32},
+        {"crop": 48, "stride": 64},
+        {"crop": 48, "stride": 0},
+        {"crop": 48, "stride": 32, "window_batch": 0},
+        {"crop": 48, "stride": 32, "num_classes": NUM_CLASSES + 1},
+    ],
+)
+def test_slide_rejects_bad_settings(kwargs):
+    kwargs = {"num_classes": NUM_CLASSES, **kwargs}
+    with pytest.raises(UserError):
+        predict_slide(ConvLogits(), images(1, 64, 64), **kwargs)
+
+
+def test_whole_resizes_non_multiples_and_back():
+    fn = ConvLogits()
+    result = predict_whole(fn, images(1, 40, 50))
+    assert fn.input_sizes == [(48, 48)]  # 40 → 48 (ties round up), 50 → 48
+    assert result.shape == (1, NUM_CLASSES, 40, 50)
+    x = images(1, 32, 48)
+    assert torch.equal(predict_whole(fn, x), fn(x))  # multiples go in untouched
+
+
+def test_flip_tta_on_flip_equivariant_function_equals_no_tta():
+    fn, x = ConvLogits(symmetric=True), images(2, 48, 64)
+    plain = predict_whole(fn, x).softmax(dim=1)
+    assert torch.allclose(predict_tta(partial(predict_whole, fn), x, flip=True), plain, rtol=0, atol=1e-12)
+
+
+def test_flip_tta_averages_unflipped_probabilities():
+    fn, x = ConvLogits(), images(1, 48, 64)
+    expected = (fn(x).softmax(dim=1) + fn(x.flip(-1)).flip(-1).softmax(dim=1)) / 2
+    result = predict_tta(partial(predict_whole, fn), x, flip=True)
+    assert torch.allclose(result, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(result, fn(x).softmax(dim=1), atol=1e-3)
+
+
+def test_multi_scale_tta_shape_sizes_and_probabilities():
+    fn = ConvLogits()
+    result = predict_tta(partial(predict_whole, fn), images(2, 40, 56), flip=True, scales=(0.5, 1.0, 1.5))
+    assert result.shape == (2, NUM_CLASSES, 40, 56)
+    assert torch.allclose(result.sum(dim=1), torch.ones(2, 40, 56, dtype=result.dtype))
+    # 0.5: 20×28 → 16×32; 1.0: 40×56 → predict_whole's own 48×64; 1.5: 60×84 → 64×80; each also flipped.
+    assert fn.input_sizes == [(16, 32)] * 2 + [(48, 64)] * 2 + [(64, 80)] * 2
+
+
+def test_tta_rejects_empty_scales():
+    with pytest.raises(UserError):
+        predict_tta(partial(predict_whole, ConvLogits()), images(1, 32, 32), scales=())
+
+
+def test_run_inference_dispatches():
+    x = images(1, 80, 112)
+    slide = run_inference(ConvLogits(), x, InferenceOptions(mode="slide", crop=48, stride=32), NUM_CLASSES)
+    expected = predict_slide(ConvLogits(), x, crop=48, stride=32, num_classes=NUM_CLASSES).softmax(dim=1)
+    assert torch.allclose(slide, expected, rtol=0, atol=1e-12)
+    whole = run_inference(ConvLogits(), x, InferenceOptions(), NUM_CLASSES)
+    assert torch.allclose(whole, predict_whole(ConvLogits(), x).softmax(dim=1), rtol=0, atol=1e-12)
+
+
+def test_run_inference_default_stride_is_two_thirds_of_crop():
+    fn = ConvLogits()
+    run_inference(fn, images(1, 48, 96), InferenceOptions(mode="slide", crop=48, window_batch=1), NUM_CLASSES)
+    assert len(fn.batch_sizes) == 3  # stride 32: columns start at 0, 32, 48
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "tile"}, {"mode": "slide"}])
+def test_inference_options_reject_bad_values(kwargs):
+    with pytest.raises(UserError):
+        InferenceOptions(**kwargs)

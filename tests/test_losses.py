@@ -1,0 +1,124 @@
+"""Losses against torch's own functions and against their defining properties."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov3ds.errors import UserError
+from dinov3ds.losses import build_loss, logits_to_labels, logits_to_probabilities
+
+IGNORE = 255
+
+
+def make_batch(num_classes=4, seed=0, shape=(2, 6, 5)):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape[0], num_classes, *shape[1:], generator=generator)
+    target = torch.randint(0, max(num_classes, 2), shape, generator=generator)
+    target[torch.rand(shape, generator=generator) < 0.2] = IGNORE
+    return logits, target
+
+
+def confident_logits(target, num_classes, correct=True):
+    """Logits of ±30 on the true class (or on the next class when `correct` is False)."""
+    labels = torch.where(target == IGNORE, 0, target)
+    if not correct:
+        labels = (labels + 1) % num_classes
+    return 60 * F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float() - 30
+
+
+@pytest.mark.parametrize("class_weights", [None, [0.5, 2.0, 1.0, 3.0]])
+def test_ce_equals_torch(class_weights):
+    logits, target = make_batch()
+    loss = build_loss("ce", num_classes=4, class_weights=class_weights)(logits, target)
+    weight = None if class_weights is None else torch.tensor(class_weights)
+    expected = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_binary_ce_equals_torch():
+    logits, target = make_batch(num_classes=1)
+    loss = build_loss("ce", num_classes=1)(logits, target)
+    valid = target != IGNORE
+    expected = F.binary_cross_entropy_with_logits(logits[:, 0][valid], target[valid].float())
+    torch.testing.assert_close(loss, expected)
+
+
+def test_combined_is_weighted_sum():
+    logits, target = make_batch()
+    ce = build_loss("ce", num_classes=4)(logits, target)
+    dice = build_loss("dice", num_classes=4)(logits, target)
+    both = build_loss("ce+dice", num_classes=4, ce_weight=0.3, dice_weight=2.0)(logits, target)
+    torch.testing.assert_close(both, 0.3 * ce + 2.0 * dice)
+
+
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_dice_perfect_and_wrong(num_classes):
+    _, target = make_batch(num_classes, shape=(2, 16, 16))
+    dice = build_loss("dice", num_classes=num_classes)
+    channels = max(num_classes, 2)
+    perfect = confident_logits(target, channels)
+    wrong = confident_logits(target, channels, correct=False)
+    if num_classes == 1:  # one channel: foreground logit minus background logit
+        perfect, wrong = perfect[:, 1:] - perfect[:, :1], wrong[:, 1:] - wrong[:, :1]
+    assert dice(perfect, target).item() == pytest.approx(0, abs=1e-4)
+    assert dice(wrong, target).item() == pytest.approx(1, abs=1e-2)
+
+
+def test_dice_matches_direct_formula():
+    logits, target = make_batch(num_classes=3, seed=5)
+    loss = build_loss("dice", num_classes=3)(logits, target)
+    probabilities = logits.softmax(1)
+    scores = []
+    for c in range(3):
+        valid = target != IGNORE
+        p, t = probabilities[:, c][valid], (target[valid] == c).float()
+        if t.sum() > 0:
+            scores.append((2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
+    torch.testing.assert_close(loss, 1 - torch.stack(scores).mean())
+
+
+@pytest.mark.parametrize("name", ["ce", "dice", "ce+dice"])
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_ignored_pixels_do_not_count(name, num_classes):
+    logits, target = make_batch(num_classes, seed=1)
+    criterion = build_loss(name, num_classes=num_classes)
+    changed = logits.clone()
+    changed[(target == IGNORE).unsqueeze(1).expand_as(logits)] = 1000.0
+    torch.testing.assert_close(criterion(changed, target), criterion(logits, target))
+    all_ignored = torch.full_like(target, IGNORE)
+    assert criterion(logits, all_ignored).item() == 0
+
+
+@pytest.mark.parametrize("name", ["ce", "dice", "ce+dice"])
+@pytest.mark.parametrize("num_classes", [1, 4])
+def test_gradients_reduce_loss(name, num_classes):
+    logits, target = make_batch(num_classes, seed=2)
+    logits.requires_grad_(True)
+    criterion = build_loss(name, num_classes=num_classes)
+    # Dice spreads its gradient over all pixels of a class, so it needs a larger step than per-pixel CE.
+    optimizer = torch.optim.SGD([logits], lr=50.0 if name == "dice" else 5.0)
+    first = criterion(logits, target).item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        criterion(logits, target).backward()
+        optimizer.step()
+    assert criterion(logits, target).item() < 0.8 * first
+
+
+def test_logits_to_labels_and_probabilities():
+    logits, _ = make_batch(num_classes=3)
+    assert torch.equal(logits_to_labels(logits), logits.argmax(1))
+    torch.testing.assert_close(logits_to_probabilities(logits).sum(1), torch.ones(2, 6, 5))
+    single = torch.tensor([[[[-1.0, 0.5]]]])
+    assert logits_to_labels(single).tolist() == [[[0, 1]]]
+    probabilities = logits_to_probabilities(single)
+    assert probabilities.shape == (1, 2, 1, 2)
+    torch.testing.assert_close(probabilities[:, 1], torch.sigmoid(single[:, 0]))
+    assert torch.equal(logits_to_labels(single), probabilities.argmax(1))
+
+
+def test_bad_names_and_weights():
+    with pytest.raises(UserError, match="ce, dice, ce\\+dice"):
+        build_loss("focal", num_classes=3)
+    with pytest.raises(UserError, match="class_weights"):
+        build_loss("ce", num_classes=3, class_weights=[1.0, 2.0])

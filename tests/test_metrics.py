@@ -1,0 +1,222 @@
+"""Metrics against independent NumPy references (mmsegmentation's definition; argsort top-k)."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dinov3ds.errors import UserError
+from dinov3ds.metrics import (
+    ClassificationMetric,
+    SegmentationMetric,
+    format_per_class_table,
+    write_per_class_csv,
+)
+
+IGNORE = 255
+
+
+def reference_segmentation(pairs, num_classes, ignore_index=IGNORE):
+    """mmseg-style: per image, drop ignored pixels, histogram the areas, sum over the dataset, then divide."""
+    total = np.zeros((4, num_classes))
+    bins, value_range = num_classes, (0, num_classes)
+    for pred, label in pairs:
+        pred, label = np.asarray(pred).ravel(), np.asarray(label).ravel()
+        mask = label != ignore_index
+        pred, label = pred[mask], label[mask]
+        intersect = np.histogram(pred[pred == label], bins=bins, range=value_range)[0]
+        area_pred = np.histogram(pred, bins=bins, range=value_range)[0]
+        area_label = np.histogram(label, bins=bins, range=value_range)[0]
+        total += [intersect, area_pred + area_label - intersect, area_pred, area_label]
+    intersect, union, area_pred, area_label = total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = intersect / union
+        acc = intersect / area_label
+        dice = 2 * intersect / (area_pred + area_label)
+        return {
+            "IoU": iou,
+            "Acc": acc,
+            "Dice": dice,
+            "mIoU": np.nanmean(iou),
+            "mAcc": np.nanmean(acc),
+            "mDice": np.nanmean(dice),
+            "aAcc": intersect.sum() / area_label.sum(),
+        }
+
+
+def assert_matches_reference(result, expected):
+    for key in ("mIoU", "mAcc", "mDice", "aAcc"):
+        assert isinstance(result[key], float)
+        assert result[key] == pytest.approx(expected[key], abs=1e-6), key
+    for key in ("IoU", "Acc", "Dice"):
+        np.testing.assert_allclose(result[key].numpy(), expected[key], atol=1e-6, equal_nan=True, err_msg=key)
+
+
+def random_batches(seed=0):
+    """6 classes: 3 is never predicted, 4 never in the labels, 5 in neither; ~15% ignored pixels."""
+    rng = np.random.default_rng(seed)
+    shapes = [(2, 7, 9), (1, 5, 4), (11, 13), (3, 6, 6)]
+    batches = []
+    for shape in shapes:
+        label = rng.choice([0, 1, 2, 3], size=shape)
+        label[rng.random(shape) < 0.15] = IGNORE
+        pred = rng.choice([0, 1, 2, 4], size=shape)
+        # make predictions better than chance so IoUs are not all similar
+        agree = rng.random(shape) < 0.5
+        pred[agree & (label < 3)] = label[agree & (label < 3)]
+        batches.append((torch.from_numpy(pred), torch.from_numpy(label).to(torch.uint8)))
+    return batches
+
+
+def test_segmentation_matches_mmseg_reference():
+    batches = random_batches()
+    metric = SegmentationMetric(num_classes=6)
+    for pred, label in batches:
+        metric.update(pred, label)
+    result = metric.compute()
+    expected = reference_segmentation([(p.numpy(), t.numpy()) for p, t in batches], 6)
+    assert_matches_reference(result, expected)
+    assert math.isnan(result["IoU"][5]) and math.isnan(result["Acc"][4])
+    assert result["IoU"][3] == 0 and result["IoU"][4] == 0
+    assert "Dice_foreground" not in result
+
+
+def test_segmentation_is_dataset_level():
+    batches = random_batches(seed=1)
+    per_batch = SegmentationMetric(num_classes=6)
+    for pred, label in batches:
+        per_batch.update(pred, label)
+    one_shot = SegmentationMetric(num_classes=6)
+    one_shot.update(
+        torch.cat([p.reshape(-1) for p, _ in batches]), torch.cat([t.reshape(-1) for _, t in batches])
+    )
+    a, b = per_batch.compute(), one_shot.compute()
+    for key in ("mIoU", "mAcc", "aAcc", "mDice"):
+        assert a[key] == pytest.approx(b[key], abs=1e-12)
+
+
+def test_segmentation_is_not_a_mean_of_batch_scores():
+    # batch 1: one perfect pixel of class 0; batch 2: three class-1 pixels, one predicted right.
+    batches = [
+        (torch.tensor([[0]]), torch.tensor([[0]])),
+        (torch.tensor([[0, 0, 1]]), torch.tensor([[1, 1, 1]])),
+    ]
+    metric = SegmentationMetric(num_classes=2)
+    batch_mious = []
+    for pred, label in batches:
+        single = SegmentationMetric(num_classes=2)
+        single.update(pred, label)
+        batch_mious.append(single.compute()["mIoU"])
+        metric.update(pred, label)
+    result = metric.compute()
+    expected = reference_segmentation([(p.numpy(), t.numpy()) for p, t in batches], 2)
+    assert result["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
+    assert abs(result["mIoU"] - np.mean(batch_mious)) > 0.1
+    assert result["Dice_foreground"] == pytest.approx(expected["Dice"][1], abs=1e-6)
+
+
+def test_two_ranks_merge_like_one():
+    batches = random_batches(seed=2)
+    rank0, rank1, single = (SegmentationMetric(num_classes=6) for _ in range(3))
+    for i, (pred, label) in enumerate(batches):
+        (rank0 if i % 2 == 0 else rank1).update(pred, label)
+        single.update(pred, label)
+    rank0.merge_state(rank1)
+    merged, expected = rank0.compute(), single.compute()
+    for key in ("mIoU", "mAcc", "aAcc", "mDice"):
+        assert merged[key] == pytest.approx(expected[key], abs=1e-12)
+    for name in ("area_intersect", "area_union", "area_pred", "area_label"):
+        assert torch.equal(getattr(rank0, name), getattr(single, name))
+
+
+def test_ignore_index_zero_and_reset():
+    pred = torch.tensor([[0, 1, 2, 2]])
+    label = torch.tensor([[0, 1, 2, 1]])
+    metric = SegmentationMetric(num_classes=3, ignore_index=0)
+    metric.update(pred, label)
+    assert_matches_reference(metric.compute(), reference_segmentation([(pred.numpy(), label.numpy())], 3, 0))
+    metric.reset()
+    assert int(metric.area_label.sum()) == 0
+
+
+@pytest.mark.parametrize("bad", [3, -1, 254])
+def test_out_of_range_label_raises(bad):
+    metric = SegmentationMetric(num_classes=3)
+    with pytest.raises(UserError, match=str(bad)):
+        metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, bad]]))
+
+
+def test_out_of_range_prediction_and_float_input_raise():
+    metric = SegmentationMetric(num_classes=3)
+    with pytest.raises(UserError):
+        metric.update(torch.tensor([[0, 3]]), torch.tensor([[0, 1]]))
+    with pytest.raises(UserError, match="argmax"):
+        metric.update(torch.zeros(1, 2), torch.tensor([[0, 1]]))
+    with pytest.raises(UserError, match="shape"):
+        metric.update(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[0, 1]]))
+
+
+def test_table_and_csv(tmp_path):
+    batches = random_batches(seed=3)
+    metric = SegmentationMetric(num_classes=6)
+    for pred, label in batches:
+        metric.update(pred, label)
+    result = metric.compute()
+    names = ["road", "sky", "tree", "car", "person", "a_long_class_name"]
+    table = format_per_class_table(result, names).splitlines()
+    assert len(table) == 7 and len({len(line) for line in table}) == 1
+    assert f"{100 * float(result['IoU'][1]):.2f}" in table[2]
+    path = tmp_path / "per_class.csv"
+    write_per_class_csv(result, names, path)
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["class"] for row in rows] == names
+    for row, iou in zip(rows, result["IoU"], strict=True):
+        assert float(row["IoU"]) == pytest.approx(100 * float(iou), abs=1e-3, nan_ok=True)
+    with pytest.raises(UserError, match="class names"):
+        format_per_class_table(result, names[:2])
+
+
+def reference_classification(batches, num_classes, top_k):
+    logits = np.concatenate([b[0] for b in batches])
+    target = np.concatenate([b[1] for b in batches])
+    order = np.argsort(-logits, axis=1)
+    top = {f"top{k}": np.mean([t in row[:k] for row, t in zip(order, target, strict=True)]) for k in top_k}
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (target, logits.argmax(axis=1)), 1)
+    with np.errstate(invalid="ignore"):
+        per_class = np.diag(matrix) / matrix.sum(axis=1)
+    return top, matrix, per_class
+
+
+def test_classification_matches_reference():
+    rng = np.random.default_rng(0)
+    num_classes, top_k = 7, (1, 3, 5)
+    batches = []
+    for size in (5, 8, 3):
+        logits = rng.normal(size=(size, num_classes)).astype(np.float32)
+        target = rng.integers(0, num_classes - 1, size=size)  # class 6 never occurs
+        logits[np.arange(size) % 2 == 0, target[np.arange(size) % 2 == 0]] += 1.5
+        batches.append((logits, target))
+    metric = ClassificationMetric(num_classes, top_k)
+    for logits, target in batches:
+        metric.update(torch.from_numpy(logits), torch.from_numpy(target))
+    result = metric.compute()
+    top, matrix, per_class = reference_classification(batches, num_classes, top_k)
+    for key, value in top.items():
+        assert result[key] == pytest.approx(value, abs=1e-12)
+    assert np.array_equal(result["confusion_matrix"].numpy(), matrix)
+    np.testing.assert_allclose(result["per_class_accuracy"].numpy(), per_class, equal_nan=True)
+    assert math.isnan(result["per_class_accuracy"][6])
+    assert result["mean_class_accuracy"] == pytest.approx(np.nanmean(per_class), abs=1e-12)
+
+
+def test_classification_top_k_clipped_and_bad_label():
+    metric = ClassificationMetric(num_classes=3)
+    metric.update(torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 2.0]]), torch.tensor([2, 2]))
+    result = metric.compute()
+    assert result["top1"] == 0.5 and result["top5"] == 1.0
+    with pytest.raises(UserError, match="3"):
+        metric.update(torch.zeros(1, 3), torch.tensor([3]))
