@@ -136,6 +136,15 @@ def test_load_mask_keeps_palette_indices(tmp_path):
     np.testing.assert_array_equal(loaded, ids)
 
 
+def test_load_mask_truncated_png_is_user_error(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 9, (64, 64), dtype=np.uint8)).save(buffer, "PNG")
+    path = tmp_path / "cut_mask.png"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(UserError, match="cut_mask.png"):
+        load_mask(path)
+
+
 def test_load_mask_16bit_keeps_large_ids(tmp_path):
     ids = np.array([[0, 300], [1000, 2]], dtype=np.uint16)
     np.testing.assert_array_equal(load_mask(save(Image.fromarray(ids), tmp_path / "m16.png")), ids)
@@ -346,6 +355,19 @@ def test_label_map_reduce_zero_label_and_range_check(tmp_path):
     )
     with pytest.raises(UserError, match=r"a_seg\.png.*\[255\]"):
         checked[0]
+
+
+def test_masks_beside_images_in_one_folder(tmp_path):
+    for name in ("a", "b"):
+        save(Image.new("RGB", (3, 2)), tmp_path / "data" / "train" / f"{name}.jpg")
+        save(Image.new("L", (3, 2), 1), tmp_path / "data" / "train" / f"{name}_mask.png")
+    dataset = SegmentationFolderDataset(
+        tmp_path, "train", identity_pair, images_dir="data", annotations_dir="data", mask_suffix="_mask.png"
+    )
+    assert [(image.name, mask.name) for image, mask in dataset.samples] == [
+        ("a.jpg", "a_mask.png"),
+        ("b.jpg", "b_mask.png"),
+    ]
 
 
 def test_ade20k_layout_reduce_zero_label_recovers_classes(tmp_path):

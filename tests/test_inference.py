@@ -32,7 +32,9 @@ class ConvLogits:
 
 
 def images(batch: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(
+        batch, 3, height, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
 
 def reference_slide(fn, x, crop, stride):
@@ -96,7 +98,9 @@ def test_window_batch_does_not_change_the_result():
 @pytest.mark.parametrize(("batch", "window_batch"), [(1, 4), (2, 5), (2, 1), (1, 100)])
 def test_windows_are_processed_in_bounded_batches(batch, window_batch):
     fn = ConvLogits()
-    predict_slide(fn, images(batch, 80, 112), crop=48, stride=32, num_classes=NUM_CLASSES, window_batch=window_batch)
+    predict_slide(
+        fn, images(batch, 80, 112), crop=48, stride=32, num_classes=NUM_CLASSES, window_batch=window_batch
+    )
     windows = batch * 2 * 3  # rows start at 0, 32; columns at 0, 32, 64
     assert len(fn.batch_sizes) == math.ceil(windows / window_batch)
     assert max(fn.batch_sizes) <= window_batch

@@ -90,7 +90,7 @@ class DiceLoss(nn.Module):
         else:
             probabilities = logits.softmax(dim=1)
             one_hot = F.one_hot(safe_target, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
-        one_hot = one_hot * valid
+        probabilities, one_hot = probabilities * valid, one_hot * valid
         dims = (0, 2, 3)
         intersection = (probabilities * one_hot).sum(dims)
         cardinality = probabilities.sum(dims) + one_hot.sum(dims)

@@ -126,11 +126,16 @@ def pca_image(patches: Tensor, foreground_threshold: float | None = None) -> np.
     return picture[0] if single else picture
 
 
-def save_pca_image(patches: Tensor, path: Path, upscale_to: tuple[int, int] | None = None, **kwargs) -> None:
+def save_pca_image(
+    patches: Tensor,
+    path: Path,
+    upscale_to: tuple[int, int] | None = None,
+    foreground_threshold: float | None = None,
+) -> None:
     """Write `pca_image` of one image's tokens [C, h, w] to `path`, optionally enlarged to (H, W).
 
     Enlarged with nearest-neighbour so each patch stays a visible square: the picture shows what the model
-    sees, not a smoothed guess. Extra keyword arguments go to `pca_image`.
+    sees, not a smoothed guess.
     """
     if patches.dim() == 4 and patches.shape[0] == 1:
         patches = patches[0]
@@ -138,7 +143,7 @@ def save_pca_image(patches: Tensor, path: Path, upscale_to: tuple[int, int] | No
         raise UserError(
             f"save_pca_image takes one image's tokens [C, h, w], got {tuple(patches.shape)}; save each image"
         )
-    picture = Image.fromarray(pca_image(patches, **kwargs))
+    picture = Image.fromarray(pca_image(patches, foreground_threshold))
     if upscale_to is not None:
         picture = picture.resize((upscale_to[1], upscale_to[0]), Image.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -169,24 +174,13 @@ def plot_curves(metrics_csv: Path, out_png: Path, keys: list[str] | None = None)
 
     Rows are sparse (each metric is logged on some rows only); empty cells are skipped. Without `keys`,
     every column except epoch, step and learning rates ("lr*", a different scale) is drawn; keys missing
-    from the file are skipped. A file with no data gives a figure that says so.
+    from the file are skipped. A panel without data says so instead of failing.
     """
     series = _read_metric_series(metrics_csv)
     if keys is None:
         keys = [key for key in series if not key.startswith("lr")]
     keys = [key for key in keys if key in series]
     fig = Figure(figsize=(12, 4.5))
-    if not keys:
-        fig.text(
-            0.5,
-            0.5,
-            f"no metrics logged yet in {Path(metrics_csv).name}",
-            ha="center",
-            va="center",
-            fontsize=14,
-        )
-        _save(fig, out_png)
-        return
     loss_axis, metric_axis = fig.subplots(1, 2)
     for axis, title, chosen in (
         (loss_axis, "loss", [k for k in keys if "loss" in k]),
@@ -195,11 +189,19 @@ def plot_curves(metrics_csv: Path, out_png: Path, keys: list[str] | None = None)
         for key in chosen:
             xs, ys = series[key]
             axis.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+        if chosen:
+            axis.legend()
+        else:
+            axis.text(
+                0.5,
+                0.5,
+                f"no data logged yet in {Path(metrics_csv).name}",
+                ha="center",
+                transform=axis.transAxes,
+            )
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        if chosen:
-            axis.legend()
     _save(fig, out_png)
 
 

@@ -151,7 +151,10 @@ class SegmentationFolderDataset(Dataset):
     def _pair(image_root: Path, mask_root: Path, suffix: str, on_missing: str) -> list[tuple[Path, Path]]:
         """Match each image to its mask by relative path; report both kinds of orphan."""
         pairs, orphans = [], []
-        for image in find_images(image_root):
+        images = find_images(image_root)
+        if image_root == mask_root:  # masks stored beside their images, e.g. a.jpg + a_mask.png
+            images = [path for path in images if not path.name.endswith(suffix)]
+        for image in images:
             relative = image.relative_to(image_root)
             mask = mask_root / relative.parent / (relative.stem + suffix)
             (pairs if mask.is_file() else orphans).append((image, mask))

@@ -146,7 +146,8 @@ class Adapter(nn.Module):
 
 
 class SqueezeExcitation(nn.Module):
-    """Channel gating from global context (Hu et al., arXiv 1709.01507)."""
+    """Channel gating from global context (Hu et al., arXiv 1709.01507). GELU rather than ReLU inside: with
+    only 2-16 hidden units (r=16) a ReLU can go dead for every unit and freeze the gate."""
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
@@ -154,7 +155,7 @@ class SqueezeExcitation(nn.Module):
         self.gate = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(channels, hidden, 1),
-            nn.ReLU(inplace=True),
+            nn.GELU(),
             nn.Conv2d(hidden, channels, 1),
             nn.Sigmoid(),
         )

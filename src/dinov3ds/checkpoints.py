@@ -1,0 +1,134 @@
+"""Head-only checkpoints: what they hold, atomic writes, safe reads, and finding the backbone again.
+
+A checkpoint holds the head's weights, the resolved config, the class names and the backbone's identity
+(variant, weight-file name and SHA-256), never the frozen backbone itself: a ViT-7B head is megabytes.
+Lightning's own training state (optimizer, scheduler, loops) rides along so `--resume` is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dinov3ds.errors import UserError
+
+FORMAT_VERSION = 1
+HEAD_PREFIX = "model.head."
+
+
+@dataclass(frozen=True)
+class HeadCheckpoint:
+    task: str
+    config: dict
+    class_names: list[str]
+    num_classes: int
+    backbone: dict
+    head_state_dict: dict[str, torch.Tensor]
+    format_version: int
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic, and with disk errors reported as user errors."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
+        try:
+            atomic_torch_save(checkpoint, Path(path))
+        except OSError as error:
+            raise UserError(
+                f"cannot write checkpoint {path}: {error.strerror or error}; free disk space or choose a "
+                "writable output_dir (the previous checkpoint is intact)"
+            ) from None
+
+    def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        return load_checkpoint_file(Path(path))
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """`torch.load(weights_only=True)`: a checkpoint that carries code is refused, not executed."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} not found; check the path (runs write output_dir/checkpoints/)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f"refused to load {path}: it contains Python objects that could run code "
+            f"({str(error).splitlines()[0][:160]}); only load checkpoints written by dinov3ds"
+        ) from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as error:
+        raise UserError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({str(error)[:120]})") from None
+
+
+def read_checkpoint(path: str | Path, expected_task: str | None = None) -> HeadCheckpoint:
+    """Read and check a dinov3ds checkpoint (format version, task)."""
+    raw = load_checkpoint_file(Path(path))
+    meta = raw.get("dinov3ds") if isinstance(raw, dict) else None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a dinov3ds checkpoint (no 'dinov3ds' section); use a file from output_dir/checkpoints/")
+    version = int(meta.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise UserError(
+            f"{path} has checkpoint format {version}, newer than this dinov3ds understands ({FORMAT_VERSION}); "
+            "upgrade dinov3ds"
+        )
+    if expected_task and meta["task"] != expected_task:
+        raise UserError(f"{path} is a {meta['task']} checkpoint, not {expected_task}; use the matching command or class")
+    head = {k[len(HEAD_PREFIX) :]: v for k, v in raw["state_dict"].items() if k.startswith(HEAD_PREFIX)}
+    return HeadCheckpoint(
+        task=meta["task"],
+        config=meta["config"],
+        class_names=list(meta["class_names"]),
+        num_classes=int(meta["num_classes"]),
+        backbone=dict(meta["backbone"]),
+        head_state_dict=head,
+        format_version=version,
+    )
+
+
+def resolve_backbone_weights(checkpoint: HeadCheckpoint, checkpoint_path: str | Path) -> str:
+    """Find the weight file the head was trained on and refuse a different one (its SHA-256 must match)."""
+    from dinov3ds.backbones import checkpoint_dirs  # local: backbones imports heavy timm modules
+    from dinov3ds.weights import sha256_of
+
+    identity = checkpoint.backbone
+    if identity["weights"] == "random":
+        return "random"
+    recorded = checkpoint.config.get("backbone", {}).get("weights")
+    candidates = [Path(recorded)] if recorded and recorded != "random" else []
+    candidates += [folder / identity["weights"] for folder in checkpoint_dirs()]
+    for candidate in candidates:
+        if candidate.is_file():
+            found = sha256_of(candidate)
+            if found != identity["sha256"]:
+                raise UserError(
+                    f"{checkpoint_path} was trained on backbone weights {identity['weights']} (sha256 "
+                    f"{identity['sha256'][:12]}…) but {candidate} has sha256 {found[:12]}…; put the original file there"
+                )
+            return str(candidate)
+    raise UserError(
+        f"{checkpoint_path} needs backbone weights {identity['weights']}; put that file in checkpoints/ "
+        "(or set DINOV3DS_CHECKPOINTS)"
+    )

@@ -1,0 +1,158 @@
+"""The `dinov3ds` command: parses arguments and dispatches; the work lives in the library modules.
+
+A `UserError` (bad file, bad config, missing weights) is printed as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from dinov3ds.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from dinov3ds.engine import train
+
+    result = train(args.config, args.overrides, resume=args.resume)
+    print(f"best checkpoint: {result.best_checkpoint}")
+    for key, value in sorted(result.metrics.items()):
+        print(f"{key}: {value:.4f}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from dinov3ds.evaluate import evaluate
+
+    evaluate(args.checkpoint, args.overrides, output_dir=args.out)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from dinov3ds.predict import predict
+
+    predict(args.checkpoint, args.paths, args.out, topk=args.topk, mode=args.mode, labels=args.labels,
+            overrides=args.overrides, probabilities=args.probabilities)  # fmt: skip
+
+
+def _download(args: argparse.Namespace) -> None:
+    from dinov3ds.data.download import download_dataset
+
+    folder = download_dataset(args.name, Path(args.root), url=args.url)
+    print(f"{args.name} ready in {folder}")
+
+
+def _backbones(args: argparse.Namespace) -> None:
+    from dinov3ds.backbones import VARIANTS, find_weight_file
+
+    header = f"{'name':<18}{'family':<9}{'dim':>6}{'depth':>6}  {'taps':<16}{'data':<10}{'weights':<8} file"
+    print(header)
+    for spec in VARIANTS.values():
+        found = find_weight_file(spec)
+        taps = ",".join(map(str, spec.default_layers))
+        status = "present" if found else "missing"
+        print(f"{spec.name:<18}{spec.family:<9}{spec.embed_dim:>6}{spec.depth:>6}  {taps:<16}{spec.dataset:<10}{status:<8} {spec.weight_file}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from dinov3ds.demo import run_demo
+
+    run_demo(Path(args.out), backbone=args.backbone, quick=args.quick)
+
+
+def _prepare_volumes(args: argparse.Namespace) -> None:
+    from dinov3ds.data.medical import prepare_volumes
+
+    summary = prepare_volumes(
+        Path(args.images), Path(args.labels), Path(args.out), axis=args.axis, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, skip_empty=args.skip_empty, seed=args.seed,
+    )  # fmt: skip
+    counts = {split: len(names) for split, names in summary["splits"].items()}
+    print(f"wrote {args.out}: volumes per split {counts}, slices {summary['slices']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinov3ds", description="DINOv3 classifiers and segmenters.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a head (config + key=value overrides)")
+    train.add_argument("--config", required=False, help="YAML config, e.g. configs/classification_imagenette.yaml")
+    train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/last.ckpt")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_epochs=5")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its configured validation split")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--out", default=None, help="where to write metrics (default: next to the checkpoint's run)")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=... inference.mode=slide")
+    evaluate.set_defaults(handler=_eval)
+
+    predict = commands.add_parser("predict", help="run a checkpoint on images, folders or NIfTI volumes")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("paths", nargs="+", help="images, folders, .nii/.nii.gz volumes")
+    predict.add_argument("--out", default="predictions", help="output folder")
+    predict.add_argument("--topk", type=int, default=5, help="classification: labels per image")
+    predict.add_argument("--mode", choices=["whole", "slide"], default=None, help="segmentation strategy")
+    predict.add_argument("--labels", default=None, help="NIfTI: label volume (or folder) to report Dice against")
+    predict.add_argument("--probabilities", action="store_true", help="NIfTI: also write a probability volume")
+    predict.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    predict.set_defaults(handler=_predict)
+
+    download = commands.add_parser("download", help="download and extract a dataset")
+    download.add_argument("name", help="imagenette2, imagenette2-320, imagenette2-160 or ade20k")
+    download.add_argument("--root", default="data", help="folder to download into")
+    download.add_argument("--url", default=None, help="mirror URL of the same archive")
+    download.set_defaults(handler=_download)
+
+    backbones = commands.add_parser("backbones", help="list DINOv3 variants and whether their weights are present")
+    backbones.set_defaults(handler=_backbones)
+
+    demo = commands.add_parser("demo", help="end-to-end demo on generated data")
+    demo.add_argument("--out", default="output/demo")
+    demo.add_argument("--backbone", default="vits16")
+    demo.add_argument("--quick", action="store_true", help="smaller data and fewer epochs")
+    demo.set_defaults(handler=_demo)
+
+    prepare = commands.add_parser("prepare-volumes", help="NIfTI image/label volumes -> 2D slice dataset")
+    prepare.add_argument("--images", required=True)
+    prepare.add_argument("--labels", required=True)
+    prepare.add_argument("--out", required=True)
+    prepare.add_argument("--axis", type=int, choices=[0, 1, 2], default=2)
+    prepare.add_argument("--val-fraction", type=float, default=0.2)
+    prepare.add_argument("--test-fraction", type=float, default=0.0)
+    prepare.add_argument("--skip-empty", action="store_true", help="drop slices whose label is all background")
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.set_defaults(handler=_prepare_volumes)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Lightning and PyTorch chatter buries the lines a user needs; -v brings it back."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"dinov3ds: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dinov3ds: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""One typed config tree, read from YAML, with dotted command-line overrides.
+
+Every field has its default here and nowhere else; an unknown key or a wrong type is a `UserError` that
+names the key and what is allowed. The resolved config is saved next to every run's results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dinov3ds.data.medical import SlicePreprocessing
+from dinov3ds.errors import UserError
+
+
+class Section(BaseModel):
+    """Strict by default: a typo in a key is an error, never a silently ignored setting."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(Section):
+    name: str = "vits16"  # Meta's variant name, e.g. vits16, vitl16, vitl16_sat493m, convnext_tiny
+    weights: str | None = None  # None: official file in checkpoints/; a path; or "random" (smoke tests only)
+    layers: list[int] | None = None  # 0-based taps for multi-layer heads; None = four even intervals
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the frozen weights
+    overrides: dict[str, Any] = Field(default_factory=dict)  # timm architecture overrides (tests: depth)
+
+
+class DataConfig(Section):
+    dataset: Literal["imagenette", "image_folder", "ade20k", "segmentation_folder"] = "image_folder"
+    root: str = "data"  # dataset folder (the one holding the splits)
+    train_split: str = "train"  # sub-folder of the training split
+    val_split: str = "val"  # sub-folder of the validation split
+    image_size: int = 224  # classification crop, or segmentation training crop
+    eval_size: int | None = None  # segmentation: shorter side at evaluation (None = as stored)
+    base_size: int | None = None  # segmentation: shorter side that scale_range multiplies (None = image_size)
+    scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation random resize ratios
+    photometric: bool = True  # segmentation: colour jitter on training images
+    augment: bool = True  # False: eval transform for training too (enables the feature cache)
+    batch_size: int = 32  # per device
+    eval_batch_size: int | None = None  # None = batch_size
+    num_workers: int = 4  # data-loading processes per device
+    class_names: list[str] | None = None  # display names; None = folder names / dataset's own
+    num_classes: int | None = None  # segmentation folders: classes (None = len(class_names))
+    ignore_index: int = 255  # label value excluded from loss and metrics
+    images_dir: str = "images"  # segmentation folders: images sub-folder
+    annotations_dir: str = "annotations"  # segmentation folders: masks sub-folder
+    mask_suffix: str = ".png"  # segmentation folders: mask file suffix replacing the image's
+    label_map: dict[int, int] | None = None  # remap stored mask values, e.g. {255: 1}
+    reduce_zero_label: bool = False  # 0 → ignore, v → v-1 (ADE20K convention)
+    medical: SlicePreprocessing | None = None  # set for MRI slices: z-score, clip, gamma, 3 channels
+
+
+class HeadConfig(Section):
+    name: str = "linear"  # classification: linear; segmentation: linear, segdino, dpt, unet, fapm
+    pooling: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # classification: which tokens feed the linear layer
+    last_blocks: int = 1  # classification: concatenate the pooled features of the last N blocks
+    batchnorm: bool = False  # classification: BatchNorm (no affine) before the linear layer
+    options: dict[str, Any] = Field(default_factory=dict)  # head-specific options, e.g. {base_channels: 128}
+
+
+class LossConfig(Section):
+    name: Literal["ce", "dice", "ce+dice"] = "ce"  # segmentation loss; classification always uses ce
+    ce_weight: float = 1.0  # weight of cross-entropy in ce+dice
+    dice_weight: float = 1.0  # weight of Dice in ce+dice
+    class_weights: list[float] | None = None  # per-class cross-entropy weights
+    label_smoothing: float = 0.0  # classification only
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    scheduler: Literal["cosine", "constant"] = "cosine"  # after warm-up
+    warmup_steps: int = 0  # linear warm-up from 0, in optimizer steps
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    lr_grid: list[float] | None = None  # linear probe: train one head per lr at once, keep the best
+
+
+class TrainerConfig(Section):
+    max_epochs: int | None = 10  # None with max_steps for iteration-based schedules
+    max_steps: int = -1  # -1 = no limit (ADE20K protocol: 40000)
+    precision: Literal["32", "bf16-mixed", "16-mixed", "bf16-true"] = "32"
+    accelerator: str = "auto"  # cpu, gpu, auto
+    devices: int | str | list[int] = "auto"  # per node
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto, ddp, ...
+    val_check_interval: int | float | None = None  # steps (int) or fraction of an epoch; None = each epoch
+    check_val_every_n_epoch: int | None = 1
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int = 10
+    deterministic: bool = False  # bit-reproducible kernels (slower)
+    progress_bar: bool = True
+    compile: bool = False  # torch.compile the head and backbone; falls back to eager on failure
+
+
+class InferenceConfig(Section):
+    mode: Literal["whole", "slide"] = "whole"  # segmentation prediction strategy
+    crop: int | None = None  # slide window (None = data.image_size)
+    stride: int | None = None  # slide stride (None = 2/3 of crop)
+    window_batch: int = 8  # windows per forward in slide mode
+    flip: bool = False  # horizontal-flip TTA
+    scales: list[float] = Field(default_factory=lambda: [1.0])  # multi-scale TTA
+    batch_size: int = 8  # images per forward in predict
+    volume_axis: int = 2  # NIfTI volumes: slicing axis
+    volume_batch_size: int = 16  # NIfTI volumes: slices per forward
+
+
+class Config(Section):
+    task: Literal["classification", "segmentation"] = "classification"
+    output_dir: str = "output/run"  # config.yaml, checkpoints, logs and pictures go here
+    seed: int = 0
+    cache_features: bool = True  # linear classification without augmentation: compute features once
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    """One line per config error: where, what, and what is allowed."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        section: type[BaseModel] = Config
+        for part in first["loc"][:-1]:
+            field = section.model_fields.get(str(part))
+            annotation = getattr(field, "annotation", None)
+            section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else section
+        allowed = ", ".join(section.model_fields)
+        return f"{source}: unknown key '{key}'; allowed here: {allowed}"
+    return f"{source}: '{key}': {first['msg']} (got {first.get('input')!r}); fix the value in the config"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``key.sub=value`` pairs; values are YAML scalars/lists (``trainer.devices=[0,1]``)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key.sub=value, e.g. trainer.max_epochs=5")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def config_from_dict(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise UserError(_describe(error, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (safe_load only), apply dotted overrides, validate."""
+    tree: dict = {}
+    source = "overrides"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found; see configs/ for examples")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"{path} must hold a mapping of sections (backbone:, data:, ...)")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return config_from_dict(tree, source)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,50 @@
+"""`dinov3ds eval`: a checkpoint on its configured validation split, dataset-level metrics, per-class tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dinov3ds.checkpoints import read_checkpoint
+from dinov3ds.config import Config, _merge, config_from_dict, parse_overrides
+from dinov3ds.data.build import build_datasets
+from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
+from dinov3ds.models import Classifier, Segmenter, load_model
+from dinov3ds.reports import write_metrics
+
+
+def checkpoint_config(path: str | Path, overrides: list[str] | None) -> Config:
+    """The checkpoint's own config with command-line overrides on top (e.g. a new data.root)."""
+    checkpoint = read_checkpoint(path)
+    return config_from_dict(_merge(checkpoint.config, parse_overrides(overrides or [])), str(path))
+
+
+@torch.inference_mode()
+def evaluate(checkpoint_path: str | Path, overrides: list[str] | None = None, output_dir: str | Path | None = None) -> dict:
+    """Evaluate, print the per-class table and scalars, write them under `output_dir` (default: the run's)."""
+    model = load_model(checkpoint_path)
+    config = checkpoint_config(checkpoint_path, overrides)
+    model.config = config
+    multiple = model.input_multiple if isinstance(model, Segmenter) else model.backbone.input_multiple
+    val = build_datasets(config, model.backbone.mean, model.backbone.std, multiple).val
+    if isinstance(model, Classifier):
+        metric = ClassificationMetric(len(model.class_names), top_k=(1, min(5, len(model.class_names))))
+        loader = DataLoader(val, batch_size=config.data.eval_batch_size or config.data.batch_size,
+                            num_workers=config.data.num_workers)  # fmt: skip
+        for images, target in tqdm(loader, desc="eval", disable=not config.trainer.progress_bar):
+            metric.update(model(images), target)
+    else:
+        metric = SegmentationMetric(model.num_classes, ignore_index=config.data.ignore_index)
+        loader = DataLoader(val, batch_size=config.data.eval_batch_size or 1, num_workers=config.data.num_workers)
+        for images, target in tqdm(loader, desc="eval", disable=not config.trainer.progress_bar):
+            probabilities = model.predict_probabilities(images)
+            probabilities = F.interpolate(probabilities.float(), size=target.shape[-2:], mode="bilinear")
+            metric.update(probabilities.argmax(dim=1), target)
+    result = metric.compute()
+    out = Path(output_dir) if output_dir else Path(config.output_dir)
+    print(write_metrics(result, model.class_names, config.task, out, prefix="eval"))
+    return result

@@ -1,0 +1,216 @@
+"""Classifier and Segmenter: a frozen DINOv3 backbone plus a small trained head.
+
+Both can be rebuilt from a head-only checkpoint (`from_checkpoint`) and used from Python:
+
+    clf = Classifier.from_checkpoint("output/cls/checkpoints/best.ckpt")
+    clf.predict(["cat.jpg"], topk=5)
+    seg = Segmenter.from_checkpoint("output/seg/checkpoints/best.ckpt")
+    labels = seg.predict("street.jpg", mode="slide")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from dinov3ds.backbones import Backbone, load_backbone
+from dinov3ds.checkpoints import read_checkpoint, resolve_backbone_weights
+from dinov3ds.config import Config, config_from_dict
+from dinov3ds.data.io import load_image
+from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform
+from dinov3ds.heads import build_head
+from dinov3ds.inference import InferenceOptions, run_inference
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def backbone_from_config(config: Config, device: str | torch.device = "cpu") -> Backbone:
+    section = config.backbone
+    return load_backbone(
+        section.name, section.weights, dtype=TORCH_DTYPES[section.dtype], device=device, **section.overrides
+    )
+
+
+def _frozen_context(backbone: Backbone) -> contextlib.AbstractContextManager:
+    """No autograd graph through a frozen backbone: it keeps no activations for backward."""
+    trainable = any(p.requires_grad for p in backbone.parameters())
+    return contextlib.nullcontext() if trainable else torch.no_grad()
+
+
+def _as_pil(image: ImageInput) -> Image.Image:
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image.astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+class LinearClassificationHead(nn.Module):
+    """Optional BatchNorm (no affine, as in DINOv3's linear evaluation) then one linear layer."""
+
+    def __init__(self, in_features: int, num_classes: int, batchnorm: bool = False):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(in_features, affine=False) if batchnorm else nn.Identity()
+        self.linear = nn.Linear(in_features, num_classes)
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear(self.norm(features))
+
+
+class Classifier(nn.Module):
+    """Frozen backbone → pooled tokens (cls, patch average, or both; last N blocks) → linear head."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, config: Config, class_names: list[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.class_names = list(class_names)
+        head = config.head
+        self.pooling = head.pooling
+        self.layers = list(range(backbone.depth - head.last_blocks, backbone.depth))
+        per_block = backbone.feature_channels(self.layers)[0] * (2 if head.pooling == "cls+avg" else 1)
+        self.feature_dim = per_block * head.last_blocks
+        self.head = LinearClassificationHead(self.feature_dim, num_classes, head.batchnorm)
+
+    def features(self, images: Tensor) -> Tensor:
+        """The vector the linear head sees (also what the feature cache stores)."""
+        with _frozen_context(self.backbone):
+            taps = self.backbone.get_intermediate_layers(images, self.layers, norm=True)
+            parts = []
+            for patches, cls in taps:
+                if self.pooling in ("cls", "cls+avg"):
+                    parts.append(cls)
+                if self.pooling in ("avg", "cls+avg"):
+                    parts.append(patches.mean(dim=(-2, -1)))  # registers are not patches: excluded
+            return torch.cat(parts, dim=1).float()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Classifier:
+        checkpoint = read_checkpoint(path, expected_task="classification")
+        config = config_from_dict(checkpoint.config, str(path))
+        config.backbone.weights = resolve_backbone_weights(checkpoint, path)
+        backbone = backbone_from_config(config, device)
+        model = cls(backbone, len(checkpoint.class_names), config, checkpoint.class_names)
+        model.head.load_state_dict(checkpoint.head_state_dict)
+        return model.to(device).eval()
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[ImageInput] | ImageInput, topk: int = 5, batch_size: int = 32) -> list[dict]:
+        """Top-k labels and probabilities per image (paths, PIL images or HxWx3 uint8 arrays)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        transform = classification_eval_transform(self.config.data.image_size, self.backbone.mean, self.backbone.std)
+        device = next(self.head.parameters()).device
+        topk = min(topk, len(self.class_names))
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch = torch.stack([transform(_as_pil(image)) for image in chunk]).to(device)
+            probabilities = self(batch).softmax(dim=1)
+            values, indices = probabilities.topk(topk, dim=1)
+            for image, row_values, row_indices in zip(chunk, values.tolist(), indices.tolist()):
+                results.append({
+                    "image": str(image) if isinstance(image, (str, Path)) else None,
+                    "labels": [self.class_names[i] for i in row_indices],
+                    "indices": row_indices,
+                    "probabilities": row_values,
+                })  # fmt: skip
+        return results
+
+
+class Segmenter(nn.Module):
+    """Frozen backbone → multi-layer feature maps → segmentation head → logits at the input size."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, config: Config, class_names: list[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.class_names = list(class_names)
+        self.num_classes = num_classes
+        self.layers = backbone.resolve_layers(config.backbone.layers)
+        self.head = build_head(
+            config.head.name,
+            backbone.feature_channels(self.layers),
+            backbone.feature_strides(self.layers),
+            num_classes,
+            **config.head.options,
+        )
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        with _frozen_context(self.backbone):
+            taps = self.backbone.get_intermediate_layers(images, self.layers, norm=True)
+            return [patches.float() for patches, _ in taps]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images), images)
+
+    @property
+    def input_multiple(self) -> int:
+        return 32 if self.config.head.name == "fapm" else self.backbone.input_multiple
+
+    def inference_options(self, **overrides) -> InferenceOptions:
+        section = self.config.inference
+        crop = section.crop or self.config.data.image_size
+        values = {
+            "mode": section.mode,
+            "crop": crop,
+            "stride": section.stride or max(crop * 2 // 3, 1),
+            "window_batch": section.window_batch,
+            "flip": section.flip,
+            "scales": tuple(section.scales),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return InferenceOptions(**values)
+
+    @torch.inference_mode()
+    def predict_probabilities(self, images: Tensor, **overrides) -> Tensor:
+        """Class probabilities [B,K,H,W] at the batch's own size, by the configured strategy (whole/slide, TTA)."""
+        options = self.inference_options(**overrides)
+        return run_inference(self, images, options, self.num_classes)
+
+    @torch.inference_mode()
+    def predict(
+        self, image: ImageInput, mode: str | None = None, return_probabilities: bool = False, **overrides
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Label map [H, W] at the image's own resolution (and class probabilities [K, H, W] on request)."""
+        pil = _as_pil(image)
+        transform = SegmentationEvalTransform(
+            self.config.data.eval_size, self.backbone.mean, self.backbone.std, multiple_of=self.input_multiple
+        )
+        tensor, _ = transform(pil, np.zeros((pil.height, pil.width), dtype=np.int64))
+        device = next(self.head.parameters()).device
+        output = self.predict_probabilities(tensor[None].to(device), mode=mode, **overrides)
+        probabilities = nn.functional.interpolate(output.float(), size=(pil.height, pil.width), mode="bilinear")
+        labels = probabilities.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
+        if return_probabilities:
+            return labels, probabilities[0].cpu().numpy()
+        return labels
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Segmenter:
+        checkpoint = read_checkpoint(path, expected_task="segmentation")
+        config = config_from_dict(checkpoint.config, str(path))
+        config.backbone.weights = resolve_backbone_weights(checkpoint, path)
+        backbone = backbone_from_config(config, device)
+        model = cls(backbone, checkpoint.num_classes, config, checkpoint.class_names)
+        model.head.load_state_dict(checkpoint.head_state_dict)
+        return model.to(device).eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifier | Segmenter:
+    """Either model, whichever task the checkpoint was trained for."""
+    task = read_checkpoint(path).task
+    return (Classifier if task == "classification" else Segmenter).from_checkpoint(path, device)

@@ -1,0 +1,186 @@
+"""`dinov3ds predict`: images, folders and NIfTI volumes through a trained checkpoint, results on disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image
+from dinov3ds.data.medical import load_volume
+from dinov3ds.data.transforms import SegmentationEvalTransform
+from dinov3ds.errors import UserError
+from dinov3ds.evaluate import checkpoint_config
+from dinov3ds.models import Classifier, Segmenter, load_model
+from dinov3ds.viz import default_palette, save_color_png, save_label_png
+from dinov3ds.volumes import dice_and_iou, predict_volume, save_like
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def collect_inputs(paths: list[str]) -> tuple[list[Path], list[Path]]:
+    """Split the command line into images and NIfTI volumes; folders are searched."""
+    images, volumes = [], []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise UserError(f"{path} does not exist; pass image files, folders or .nii/.nii.gz volumes")
+        if path.is_dir():
+            volumes += [p for p in sorted(path.rglob("*")) if p.is_file() and is_nifti(p)]
+            images += find_images(path)
+        elif is_nifti(path):
+            volumes.append(path)
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            raise UserError(f"{path}: unsupported file type; use {', '.join(sorted(IMAGE_EXTENSIONS))} or .nii/.nii.gz")
+    if not images and not volumes:
+        raise UserError(f"no images or volumes found in {', '.join(paths)}")
+    return images, volumes
+
+
+class _ImageFiles(Dataset):
+    """Decoding and resizing in worker processes; the original size travels along to undo the resize."""
+
+    def __init__(self, paths: list[Path], transform: SegmentationEvalTransform):
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = load_image(self.paths[index])
+        tensor, _ = self.transform(image)
+        return tensor, torch.tensor([image.height, image.width]), index
+
+
+def predict_classification(model: Classifier, images: list[Path], out: Path, topk: int) -> list[dict]:
+    results = model.predict(images, topk=topk, batch_size=model.config.inference.batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as handle:
+        for row in results:
+            handle.write(json.dumps(row) + "\n")
+    with open(out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label", "probability", "top_labels", "top_probabilities"])
+        for row in results:
+            writer.writerow([row["image"], row["labels"][0], f"{row['probabilities'][0]:.6f}",
+                             "|".join(row["labels"]), "|".join(f"{p:.6f}" for p in row["probabilities"])])  # fmt: skip
+    if len(results) == 1:
+        row = results[0]
+        for label, probability in zip(row["labels"], row["probabilities"]):
+            print(f"{probability:8.4f}  {label}")
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'predictions.csv'} ({len(results)} images)")
+    return results
+
+
+@torch.inference_mode()
+def predict_segmentation(model: Segmenter, images: list[Path], out: Path, mode: str | None) -> None:
+    transform = SegmentationEvalTransform(model.config.data.eval_size, model.backbone.mean, model.backbone.std,
+                                          multiple_of=model.input_multiple)  # fmt: skip
+    loader = DataLoader(_ImageFiles(images, transform), batch_size=1, num_workers=min(4, model.config.data.num_workers))
+    palette = default_palette(model.num_classes)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.head.parameters()).device
+    for tensor, size, index in loader:
+        probabilities = model.predict_probabilities(tensor.to(device), mode=mode)
+        probabilities = F.interpolate(probabilities.float(), size=tuple(size[0].tolist()), mode="bilinear")
+        labels = probabilities.argmax(dim=1)[0].cpu().numpy()
+        path = images[int(index)]
+        save_label_png(labels, out / f"{path.stem}.png", num_classes=model.num_classes)
+        save_color_png(labels, out / f"{path.stem}_overlay.png", palette, image=np.asarray(load_image(path)))
+    print(f"wrote label maps and overlays for {len(images)} images to {out}")
+
+
+def _slice_predictor(model: Segmenter):
+    """uint8 slices [B,H,W,3] → (labels, foreground probability) through the segmenter."""
+    mean = torch.tensor(model.backbone.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.backbone.std).view(1, 3, 1, 1)
+    multiple = model.input_multiple
+
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255
+        height, width = images.shape[-2:]
+        size = (max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple))
+        images = F.interpolate(images, size=size, mode="bilinear", antialias=True) if size != (height, width) else images
+        device = next(model.head.parameters()).device
+        probabilities = model.predict_probabilities(((images - mean) / std).to(device))
+        probabilities = F.interpolate(probabilities.float(), size=(height, width), mode="bilinear").cpu()
+        foreground = probabilities[:, 1] if probabilities.shape[1] > 1 else probabilities[:, 0]
+        return probabilities.argmax(dim=1).numpy(), foreground.numpy()
+
+    return predict
+
+
+def _matching_label(volume: Path, labels: Path | None) -> Path | None:
+    if labels is None:
+        return None
+    if labels.is_file():
+        return labels
+    stem = volume.name.removesuffix(".gz").removesuffix(".nii")
+    for suffix in ("", "_seg", "_label", "_mask"):
+        for extension in NIFTI_SUFFIXES:
+            candidate = labels / f"{stem}{suffix}{extension}"
+            if candidate.is_file():
+                return candidate
+    raise UserError(f"no label volume for {volume.name} in {labels}; name it like the image (optionally _seg/_label/_mask)")
+
+
+def predict_volumes(model: Segmenter, volumes: list[Path], out: Path, labels: Path | None, probabilities: bool) -> list[dict]:
+    config = model.config
+    if config.data.medical is None:
+        raise UserError("this checkpoint was not trained on MRI slices (data.medical is unset); volumes need an MRI model")
+    out.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for path in volumes:
+        image = load_volume(path)
+        data = np.asanyarray(image.dataobj)
+        predicted, foreground = predict_volume(
+            data, _slice_predictor(model), axis=config.inference.volume_axis, preprocessing=config.data.medical,
+            batch_size=config.inference.volume_batch_size, with_probabilities=probabilities,
+        )  # fmt: skip
+        stem = path.name.removesuffix(".gz").removesuffix(".nii")
+        save_like(predicted, image, out / f"{stem}_pred.nii.gz", np.uint8)
+        if foreground is not None:
+            save_like(foreground, image, out / f"{stem}_prob.nii.gz", np.float32)
+        report = {"volume": str(path), "prediction": str(out / f"{stem}_pred.nii.gz")}
+        label_path = _matching_label(path, labels)
+        if label_path is not None:
+            label = np.asarray(load_volume(label_path).dataobj)
+            if label.shape != predicted.shape:
+                raise UserError(f"label volume {label_path} has shape {label.shape}, the image {path} has {predicted.shape}")
+            report.update(dice_and_iou(predicted, np.rint(label).astype(np.int64)))
+            print(f"{path.name}: Dice {report['dice']:.4f}  IoU {report['iou']:.4f}")
+        reports.append(report)
+    (out / "volumes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reports))
+    print(f"wrote {len(volumes)} predicted volumes to {out}")
+    return reports
+
+
+def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: int = 5, mode: str | None = None,
+            labels: str | None = None, overrides: list[str] | None = None, probabilities: bool = False) -> None:  # fmt: skip
+    model = load_model(checkpoint)
+    if overrides:
+        model.config = checkpoint_config(checkpoint, overrides)
+    images, volumes = collect_inputs(paths)
+    out = Path(out)
+    if isinstance(model, Classifier):
+        if volumes:
+            raise UserError("a classification checkpoint cannot predict NIfTI volumes; pass images")
+        predict_classification(model, images, out, topk)
+        return
+    if images:
+        predict_segmentation(model, images, out, mode)
+    if volumes:
+        predict_volumes(model, volumes, out, Path(labels) if labels else None, probabilities)
