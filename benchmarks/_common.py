@@ -56,12 +56,19 @@ def machine() -> dict:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table; numbers right-aligned, floats with 3 significant decimals."""
+    """A GitHub markdown table; numeric columns right-aligned, floats printed as given (round them first)."""
+
+    def is_number(value: object) -> bool:
+        try:
+            float(str(value).replace(",", ""))
+        except ValueError:
+            return False
+        return True
 
     def cell(value: object) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
 
-    numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
+    numeric = [all(is_number(row[i]) for row in rows) for i in range(len(headers))]
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("---:" if n else "---" for n in numeric) + "|",

@@ -8,13 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-REFERENCE_DIR = Path(os.environ.get("DINOV3DS_REFERENCE_DIR", Path(__file__).parents[2] / "shared" / "fixtures" / "dinov3_reference"))
+REFERENCE_DIR = Path(
+    os.environ.get("DINOV3DS_REFERENCE_DIR", Path(__file__).parents[2] / "shared" / "fixtures" / "dinov3_reference")
+)
 
 
 def reference_dir() -> Path:
-    """The shared reference fixtures, or a skip that says why (a user's clone has no ../shared)."""
+    """The shared reference fixtures, or a skip that says why (a user's clone has no ../shared).
+
+    CI sets DINOV3DS_REQUIRE_REFERENCE=1 so a missing folder fails instead of silently skipping parity.
+    """
     if not (REFERENCE_DIR / "index.json").is_file():
-        pytest.skip(f"reference fixtures not found at {REFERENCE_DIR} (set DINOV3DS_REFERENCE_DIR)")
+        message = f"reference fixtures not found at {REFERENCE_DIR} (set DINOV3DS_REFERENCE_DIR)"
+        if os.environ.get("DINOV3DS_REQUIRE_REFERENCE") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     return REFERENCE_DIR
 
 

@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from dinov3ds.errors import UserError
-from dinov3ds.heads.deformable_attention import MultiScaleDeformableAttention, multi_scale_deformable_attention
+from dinov3ds.heads.deformable_attention import (
+    MultiScaleDeformableAttention,
+    multi_scale_deformable_attention,
+)
 from dinov3ds.heads.fapm import FAPMHead
 
 SHAPES = [(3, 4), (2, 5)]  # non-square and different per level: catches H/W and level mix-ups
@@ -76,13 +79,15 @@ def test_deformable_attention_matches_naive_loops_forward_and_backward():
     cotangent = torch.randn_like(fast)
     fast_grads = torch.autograd.grad(fast, inputs, cotangent)
     slow_grads = torch.autograd.grad(slow, inputs, cotangent)
-    for fast_grad, slow_grad in zip(fast_grads, slow_grads):
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
         assert slow_grad.abs().sum() > 0
         torch.testing.assert_close(fast_grad, slow_grad, atol=1e-5, rtol=0)
 
 
 def test_deformable_attention_gradcheck():
-    value, shapes, locations, weights = random_inputs(batch=1, queries=2, heads=2, head_dim=2, points=2, seed=1)
+    value, shapes, locations, weights = random_inputs(
+        batch=1, queries=2, heads=2, head_dim=2, points=2, seed=1
+    )
     inputs = tuple(t.requires_grad_() for t in (value, locations, weights))
     assert torch.autograd.gradcheck(
         lambda v, loc, w: multi_scale_deformable_attention(v, shapes, loc, w), inputs, eps=1e-6, atol=1e-5
@@ -145,7 +150,9 @@ def test_forward_backward_at_two_sizes_reaches_every_parameter(dim):
 
 def test_convnext_like_taps_of_different_widths_and_strides():
     head = FAPMHead([96, 192, 384, 768], [4, 8, 16, 32], num_classes=2)
-    features = [torch.randn(2, c, 64 // s, 96 // s) for c, s in zip([96, 192, 384, 768], [4, 8, 16, 32])]
+    features = [
+        torch.randn(2, c, 64 // s, 96 // s) for c, s in zip([96, 192, 384, 768], [4, 8, 16, 32], strict=True)
+    ]
     assert head(features, torch.randn(2, 3, 64, 96)).shape == (2, 2, 64, 96)
 
 

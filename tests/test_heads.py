@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.heads import HEADS, build_head
+from dinov3ds.heads import HEADS, SegmentationHead, build_head
 from dinov3ds.heads.dpt import resample
 
 # name → (in_channels, strides): a ViT-S with four taps and the four stages of a ConvNeXt-tiny.
@@ -18,6 +18,12 @@ BACKBONES = {
 }
 SIZES = {"vit_small": [(64, 96), (96, 64), (32, 48)], "convnext_tiny": [(64, 96), (96, 64)]}
 CASES = [(backbone, size) for backbone, sizes in SIZES.items() for size in sizes]
+# Narrow widths keep the shared tester fast on a CPU (DPT's 256-wide 3×3 convs at stride 2 dominate);
+# the defaults are exercised by test_default_options_run and the parameter-count tests.
+NARROW_OPTIONS = {
+    "dpt": {"features": 32, "reassemble_channels": [16, 32, 64, 128]},
+    "unet": {"base_channels": 32},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +51,7 @@ def make_inputs(
 
 def make_head(name: str, backbone: str, num_classes: int = 3) -> nn.Module:
     in_channels, strides = BACKBONES[backbone]
-    return build_head(name, in_channels, strides, num_classes)
+    return build_head(name, in_channels, strides, num_classes, **NARROW_OPTIONS.get(name, {}))
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -57,6 +63,16 @@ def test_forward_gives_logits_at_input_resolution(name: str, backbone: str, size
     logits = head(features, image)
     assert logits.shape == (2, 3, *size)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_default_options_run(name: str, backbone: str) -> None:
+    in_channels, strides = BACKBONES[backbone]
+    head = build_head(name, in_channels, strides, 2).eval()
+    features, image = make_inputs(backbone, (64, 96), batch=1)
+    with torch.no_grad():
+        assert head(features, image).shape == (1, 2, 64, 96)
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -100,7 +116,7 @@ def test_overfits_one_small_batch(name: str) -> None:
     image = torch.randn(2, 3, 32, 32)
     # Labels are a fixed function of the features: the sign of one channel of the last tap.
     labels = F.interpolate((features[-1][:, :1] > 0).float(), size=(32, 32)).squeeze(1).long()
-    head = build_head(name, in_channels, strides, num_classes=2)
+    head = build_head(name, in_channels, strides, num_classes=2, **NARROW_OPTIONS.get(name, {}))
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
 
     def eval_loss() -> float:
@@ -148,9 +164,14 @@ def test_unknown_option_lists_valid_options() -> None:
         build_head("linear", [384] * 4, [16] * 4, 2, features=128)
 
 
-def test_direct_construction_rejects_unknown_options_and_zero_classes() -> None:
+def test_base_rejects_forwarded_unknown_options_and_zero_classes() -> None:
+    class ForwardingHead(HEADS["linear"]):
+        def __init__(self, in_channels, strides, num_classes, **options) -> None:
+            super().__init__(in_channels, strides, num_classes)
+            SegmentationHead.__init__(self, in_channels, strides, num_classes, **options)
+
     with pytest.raises(UserError, match="colour"):
-        HEADS["segdino"]([384] * 4, [16] * 4, 2, colour="red")
+        ForwardingHead([384], [16], 2, colour="red")
     with pytest.raises(UserError, match="num_classes"):
         build_head("linear", [384] * 4, [16] * 4, 0)
 

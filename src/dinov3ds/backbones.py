@@ -8,8 +8,8 @@ proven by `tests/test_backbone_parity.py` against the reference outputs in `shar
 from __future__ import annotations
 
 import logging
+import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,7 +216,7 @@ class Backbone(nn.Module):
         if layers is None:
             layers = self.default_layers
             if max(layers) >= self.depth:  # a reduced test model: four even intervals of its own depth
-                layers = tuple(sorted({round(self.depth * (i + 1) / 4) - 1 for i in range(4)}))
+                layers = tuple(max(0, math.ceil(self.depth * (i + 1) / 4) - 1) for i in range(4))
         resolved = [i % self.depth if -self.depth <= i < 0 else i for i in layers]
         bad = [i for i in resolved if not 0 <= i < self.depth]
         if bad:
@@ -268,11 +268,13 @@ class Backbone(nn.Module):
             if return_registers:
                 return [(patches, cls, cls.new_zeros(cls.shape[0], 0, cls.shape[1])) for patches, cls in taps]
             return taps
+        unique = sorted(set(layers))  # a tap may repeat (reduced test models); compute each block once
         outputs = self.model.forward_intermediates(
-            images, indices=layers, return_prefix_tokens=True, norm=norm, intermediates_only=True, stop_early=True
+            images, indices=unique, return_prefix_tokens=True, norm=norm, intermediates_only=True, stop_early=True
         )
+        by_layer = dict(zip(unique, outputs))
         result = []
-        for patches, prefix in outputs:
+        for patches, prefix in (by_layer[i] for i in layers):
             item = (patches, prefix[:, 0], prefix[:, 1:]) if return_registers else (patches, prefix[:, 0])
             result.append(item)
         return result

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dinov3ds.data.medical import SlicePreprocessing
 from dinov3ds.errors import UserError
@@ -97,6 +97,12 @@ class TrainerConfig(Section):
     deterministic: bool = False  # bit-reproducible kernels (slower)
     progress_bar: bool = True
     compile: bool = False  # torch.compile the head and backbone; falls back to eager on failure
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        # `trainer.precision=32` on the command line (and `precision: 32` in YAML) parses as an int.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class InferenceConfig(Section):

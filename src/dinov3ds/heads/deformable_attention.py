@@ -42,7 +42,7 @@ def multi_scale_deformable_attention(
         level_value = value_levels[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
         level_grid = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2)
         samples.append(
-            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         )  # [B*heads, head_dim, Q, P]
     sampled = torch.stack(samples, dim=-2).flatten(-2)  # [B*heads, head_dim, Q, L*P]
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
