@@ -111,17 +111,27 @@ def timed(fn, sync) -> float:
     return time.perf_counter() - start
 
 
-def alternate(contenders: dict, repeats: int, warmup: int, sync) -> dict[str, list[float]]:
-    """Seconds per call for each contender, run in turn (order rotated each round) after `warmup` calls each."""
+def alternate(contenders: dict, repeats: int, warmup: int, sync, min_sample_s: float = 0.25) -> dict[str, list[float]]:
+    """Seconds per call for each contender, run in turn (order rotated each round) after `warmup` calls each.
+
+    Calls shorter than `min_sample_s` are repeated inside one sample (same count for every contender), so
+    a sample is long enough to be above timer and scheduler noise."""
     names = list(contenders)
+    slowest = 0.0
     for _ in range(warmup):
         for name in names:
-            contenders[name]()
+            slowest = max(slowest, timed(contenders[name], sync))
+    calls = max(1, round(min_sample_s / max(slowest, 1e-6)))
+
+    def sample(fn):
+        for _ in range(calls):
+            fn()
+
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(timed(contenders[name], sync))
+            times[name].append(timed(lambda: sample(contenders[name]), sync) / calls)
     return times
 
 

@@ -10,7 +10,7 @@ Epoch time is measured by a Lightning callback from `on_train_epoch_start` to th
 separately). Uncached and cached runs alternate, round by round; each run's first epoch is a warm-up and is
 left out of the medians. Acceptance: the cached epoch is >= 20x faster.
 
-Run from the repository root: `python benchmarks/linear_probe.py` (quick default: 64 training images,
+Run from the repository root: `python benchmarks/linear_probe.py` (quick default: 32 training images,
 2 rounds, < 4 min on 2 CPU cores); `--train-per-class`, `--rounds`, `--epochs` for bigger runs.
 """
 
@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the default sizes (kept for run_all)")
     parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--train-per-class", type=int, default=16, help="training images per class (64 in all)")
+    parser.add_argument("--train-per-class", type=int, default=8, help="training images per class (32 in all)")
     parser.add_argument("--val-per-class", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=0, help="data.num_workers (0: loading in the main process)")

@@ -33,7 +33,7 @@ from dinov3ds.errors import UserError
 from dinov3ds.feature_cache import cached_features
 from dinov3ds.losses import build_loss
 from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
-from dinov3ds.models import Classifier, Segmenter, backbone_from_config
+from dinov3ds.models import Classifier, LinearClassificationHead, Segmenter, backbone_from_config
 
 logger = logging.getLogger("dinov3ds")
 
@@ -91,16 +91,39 @@ class TaskModule(L.LightningModule):
             )  # fmt: skip
             self.val_metric = SegmentationMetric(self.num_classes, ignore_index=config.data.ignore_index)
             self.monitor = "val/mIoU"
+        self.grid = self._build_grid(config, model)
         self.last_validation: dict = {}
         self._pending_rng: dict | None = None
         self.register_buffer("nonfinite_loss", torch.zeros((), dtype=torch.bool), persistent=False)
 
+    def _build_grid(self, config: Config, model) -> nn.ModuleList | None:
+        """Learning-rate grid (DINOv3's linear evaluation): one linear head per rate, trained at once on the
+        same features; `model.head` always holds a copy of the best so far, so checkpoints stay normal."""
+        if not config.optim.lr_grid:
+            return None
+        if not self.is_classification:
+            raise UserError("optim.lr_grid is for classification linear probes; remove it for segmentation")
+        model.head.requires_grad_(False)
+        heads = nn.ModuleList(LinearClassificationHead(model.feature_dim, self.num_classes, config.head.batchnorm)
+                              for _ in config.optim.lr_grid)  # fmt: skip
+        self.grid_metrics = nn.ModuleList(
+            ClassificationMetric(self.num_classes, top_k=(1, min(5, self.num_classes))) for _ in heads
+        )
+        return heads
+
     def forward(self, inputs: Tensor) -> Tensor:
         return self.model.head(inputs) if self.from_features else self.model(inputs)
 
+    def _grid_logits(self, inputs: Tensor) -> list[Tensor]:
+        features = inputs if self.from_features else self.model.features(inputs)
+        return [head(features) for head in self.grid]
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_index: int) -> Tensor:
         inputs, target = batch
-        loss = self.criterion(self(inputs), target)
+        if self.grid is not None:
+            loss = sum(self.criterion(logits, target) for logits in self._grid_logits(inputs))
+        else:
+            loss = self.criterion(self(inputs), target)
         # Accumulate the check on the device; reading it every step would stall the GPU pipeline.
         self.nonfinite_loss |= ~torch.isfinite(loss.detach())
         if batch_index % self.config.trainer.log_every_n_steps == 0:
@@ -117,6 +140,10 @@ class TaskModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_index: int) -> None:
         inputs, target = batch
+        if self.grid is not None:
+            for metric, logits in zip(self.grid_metrics, self._grid_logits(inputs)):
+                metric.update(logits, target)
+            return
         if self.is_classification:
             logits = self(inputs)
             self.log("val/loss", self.criterion(logits, target), on_epoch=True, sync_dist=True)
@@ -129,9 +156,23 @@ class TaskModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._stop_if_nonfinite()  # before ModelCheckpoint could save a broken head
 
+    def _select_best_grid_head(self) -> dict:
+        results = [metric.compute() for metric in self.grid_metrics]
+        for metric in self.grid_metrics:
+            metric.reset()
+        best = max(range(len(results)), key=lambda i: results[i]["top1"])
+        for lr, result in zip(self.config.optim.lr_grid, results):
+            self.log(f"val/top1_lr{lr:g}", float(result["top1"]))
+        self.log("val/best_lr", float(self.config.optim.lr_grid[best]))
+        self.model.head.load_state_dict(self.grid[best].state_dict())
+        return results[best]
+
     def on_validation_epoch_end(self) -> None:
-        result = self.val_metric.compute()
-        self.val_metric.reset()
+        if self.grid is not None:
+            result = self._select_best_grid_head()
+        else:
+            result = self.val_metric.compute()
+            self.val_metric.reset()
         keys = ("top1", "top5", "mean_class_accuracy") if self.is_classification else ("mIoU", "aAcc", "mAcc", "mDice")
         for key in keys:
             if key in result and not (isinstance(result[key], float) and math.isnan(result[key])):
@@ -140,7 +181,10 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self):
         optim = self.config.optim
-        parameters = [p for p in self.parameters() if p.requires_grad]
+        if self.grid is not None:
+            parameters = [{"params": head.parameters(), "lr": lr} for head, lr in zip(self.grid, optim.lr_grid)]
+        else:
+            parameters = [{"params": [p for p in self.parameters() if p.requires_grad], "lr": optim.lr}]
         if optim.optimizer == "sgd":
             optimizer = torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
         else:
