@@ -16,7 +16,7 @@ Also printed: FAPM trainable parameters with 2 classes for vits16/vitb16/vitl16 
 paper's ~5 / ~11 / ~18 M.
 
 Run from the repository root: `python benchmarks/heads.py` (512x512, batch 2, 2 timed iterations after one
-warm-up; < 4 min on 2 CPU cores); `--size`, `--batch`, `--iters` to change.
+warm-up); `--quick` uses 256x256 (what fits 4 min on 2 shared CPU cores); `--size`, `--batch`, `--iters`.
 """
 
 from __future__ import annotations
@@ -141,8 +141,8 @@ def fapm_counts() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the default sizes (kept for run_all)")
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--quick", action="store_true", help="256 px instead of 512 (a loaded CPU)")
+    parser.add_argument("--size", type=int, default=None, help="image side (default 512; 256 with --quick)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
     parser.add_argument("--classes", type=int, default=2)
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--name", default="heads", help="results/<name>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.size = args.size or (256 if args.quick else 512)
 
     if args.child:
         print(json.dumps(child(args.child, args.size, args.batch, args.iters, args.device, args.classes)))

@@ -130,11 +130,13 @@ def test_overfits_one_small_batch(name: str) -> None:
             return F.cross_entropy(head.eval()(features, image), labels).item()
 
     initial = eval_loss()
-    for _ in range(60):
+    for step in range(1, 61):
         optimizer.zero_grad()
         F.cross_entropy(head.train()(features, image), labels).backward()
         optimizer.step()
-    assert eval_loss() <= 0.5 * initial
+        if step % 10 == 0 and eval_loss() <= 0.5 * initial:
+            return
+    pytest.fail(f"{name}: loss {eval_loss():.3f} after 60 steps, started at {initial:.3f}")
 
 
 def test_segdino_has_the_papers_parameter_count() -> None:

@@ -198,6 +198,11 @@ class TaskModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the head, drop the frozen backbone, and record what is needed to rebuild and resume."""
+        if any(not torch.isfinite(p).all() for p in self.parameters() if p.requires_grad):
+            raise UserError(
+                f"the head's weights became NaN/Inf at step {self.global_step}; lower optim.lr or use precision 32 "
+                f"(the last good checkpoint in {self.config.output_dir}/checkpoints is kept)"
+            )
         frozen = {name for name, p in self.model.backbone.named_parameters(prefix="model.backbone") if not p.requires_grad}
         frozen |= {name for name, _ in self.model.backbone.named_buffers(prefix="model.backbone")}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
