@@ -76,7 +76,7 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_checkpoint(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     good = read_checkpoint(last).head_state_dict
     with pytest.raises(UserError, match="NaN/Inf"):
-        train(load_config(None, [*common, "trainer.max_epochs=3", "optim.lr=1e38", "optim.optimizer=sgd"]))
+        train(load_config(None, [*common, "trainer.max_epochs=3", "optim.lr=.nan", "optim.optimizer=sgd"]))
     kept = read_checkpoint(last).head_state_dict
     assert all(torch.isfinite(v).all() for v in kept.values())
     assert all(torch.equal(good[k], kept[k]) for k in good)  # the failed run wrote nothing over it

@@ -323,7 +323,7 @@ def _load_official(spec: BackboneSpec, weight_file: WeightFile, overrides: dict,
     state_dict = load_state_dict_file(weight_file.path)
     found = inspect_state_dict(state_dict)
     expected = {"family": spec.family, "embed_dim": spec.embed_dim}
-    if found.get("family") != spec.family or (found.get("embed_dim") not in (None, spec.embed_dim) and not overrides):
+    if found.get("family") != spec.family or (found.get("embed_dim") not in (None, spec.embed_dim) and "embed_dim" not in overrides):
         raise UserError(
             f"{weight_file.path} holds {found.get('summary', 'no DINOv3 weights')}, but backbone '{spec.name}' "
             f"expects a {spec.family} of width {expected['embed_dim']} ({spec.weight_file}); "

@@ -20,6 +20,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dinov3ds.errors import UserError
+from dinov3ds.weights import pickle_refusal_reason
 
 FORMAT_VERSION = 1
 HEAD_PREFIX = "model.head."
@@ -76,7 +77,7 @@ def load_checkpoint_file(path: Path) -> dict:
     except pickle.UnpicklingError as error:
         raise UserError(
             f"refused to load {path}: it contains Python objects that could run code "
-            f"({str(error).splitlines()[0][:160]}); only load checkpoints written by dinov3ds"
+            f"({pickle_refusal_reason(error)}); only load checkpoints written by dinov3ds"
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as error:
         raise UserError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({str(error)[:120]})") from None

@@ -76,13 +76,20 @@ def verify_hash(path: Path) -> WeightFile:
     return WeightFile(path, sha256)
 
 
+def pickle_refusal_reason(error: Exception) -> str:
+    """The line of torch's refusal that names the offending global, not its advice to disable the check."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "global" in line]
+    return (named or lines or ["not a tensor-only file"])[0][:160]
+
+
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     """Load a plain state dict with `weights_only=True` (no code runs) and `mmap=True` (no extra copy)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         raise UserError(
-            f"refused to load {path}: it contains Python objects, not only tensors ({str(error).splitlines()[0]}); "
+            f"refused to load {path}: it contains Python objects, not only tensors ({pickle_refusal_reason(error)}); "
             "use the official weight file"
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
