@@ -230,8 +230,8 @@ def test_missing_explicit_path(tmp_path):
 def test_wrong_variant_file_is_named(vits16_file):
     with pytest.raises(UserError, match=r"width 384.*'vitb16'.*width 768"):
         load_backbone("vitb16", vits16_file)
-    with pytest.raises(UserError, match=r"does not fit 'vitb16'.*width 384"):
-        load_backbone("vitb16", vits16_file, depth=1)
+    with pytest.raises(UserError, match=r"width 384.*'vitb16'.*width 768"):
+        load_backbone("vitb16", vits16_file, depth=1)  # a depth override must not hide the width mismatch
     with pytest.raises(UserError, match=r"ViT of width 384.*'convnext_tiny' expects a convnext"):
         load_backbone("convnext_tiny", vits16_file)
 
