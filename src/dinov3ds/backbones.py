@@ -223,6 +223,24 @@ class Backbone(nn.Module):
             raise UserError(f"layers {bad} out of range for {self.spec.name} (depth {self.depth}); use 0..{self.depth - 1}")
         return resolved
 
+    def compile_blocks(self, example: Tensor) -> bool:
+        """torch.compile each block (every feature path runs through them); eager again if compiling fails.
+
+        Returns whether the compiled blocks ran on `example`.
+        """
+        blocks = list(self.model.blocks if self.spec.family == "vit" else self.model.stages)
+        for block in blocks:
+            block.compile(dynamic=True)
+        try:
+            with torch.no_grad():
+                self.get_intermediate_layers(example, [self.depth - 1])
+            return True
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
+            logger.warning("torch.compile failed (%s); running the backbone eagerly", str(error).splitlines()[0][:200])
+            for block in blocks:
+                block._compiled_call_impl = None
+            return False
+
     def _check_input(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
         if height % self.input_multiple or width % self.input_multiple:

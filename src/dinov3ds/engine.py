@@ -308,6 +308,9 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
     backbone = backbone_from_config(config)
     splits = build_datasets(config, backbone.mean, backbone.std, _input_multiple(config, backbone))
     model = build_model(config, splits.class_names, backbone)
+    if config.trainer.compile:
+        size = config.data.image_size - config.data.image_size % backbone.input_multiple or backbone.input_multiple
+        backbone.compile_blocks(torch.zeros(1, 3, size, size, dtype=backbone.dtype))
     logger.info("trainable parameters: %s", f"{sum(p.numel() for p in model.head.parameters()):,}")
     from_features = config.task == "classification" and not config.data.augment and config.cache_features
     if from_features:
