@@ -72,6 +72,48 @@ def _prepare_volumes(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: volumes per split {counts}, slices {summary['slices']}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from dinov3ds.export import export
+
+    export(args.checkpoint, args.out, args.format, args.height, args.width, args.dynamic_batch)
+
+
+def _backbone_from_args(args: argparse.Namespace):
+    from dinov3ds.backbones import load_backbone
+
+    return load_backbone(args.backbone, args.weights)
+
+
+def _features(args: argparse.Namespace) -> None:
+    from dinov3ds.features import extract_to_npz
+
+    arrays = extract_to_npz(_backbone_from_args(args), args.paths, Path(args.out), image_size=args.image_size,
+                            batch_size=args.batch_size, patches=not args.no_patches)  # fmt: skip
+    shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
+    print(f"wrote {args.out}: {shapes}")
+
+
+def _pca(args: argparse.Namespace) -> None:
+    from dinov3ds.features import pca_pictures
+
+    for path in pca_pictures(_backbone_from_args(args), args.paths, Path(args.out), image_size=args.image_size):
+        print(f"wrote {path}")
+
+
+def _knn(args: argparse.Namespace) -> None:
+    from dinov3ds.features import knn_evaluate
+
+    result = knn_evaluate(args.backbone, args.root, weights=args.weights, image_size=args.image_size, k=args.k,
+                          temperature=args.temperature, pooling=args.pooling)  # fmt: skip
+    print(f"k-NN (k={args.k}, T={args.temperature}): top-1 {100 * result['top1']:.2f}  top-5 {100 * result['top5']:.2f}")
+
+
+def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) -> None:
+    parser.add_argument("--backbone", default="vits16", help="variant name (see `dinov3ds backbones`)")
+    parser.add_argument("--weights", default=None, help="weight file, or 'random' (default: checkpoints/)")
+    parser.add_argument("--image-size", type=int, default=image_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinov3ds", description="DINOv3 classifiers and segmenters.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
@@ -125,6 +167,37 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--skip-empty", action="store_true", help="drop slices whose label is all background")
     prepare.add_argument("--seed", type=int, default=0)
     prepare.set_defaults(handler=_prepare_volumes)
+
+    export = commands.add_parser("export", help="export backbone + head as ONNX or TorchScript, checked against PyTorch")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", required=True)
+    export.add_argument("--height", type=int, default=None, help="input height (default: data.image_size)")
+    export.add_argument("--width", type=int, default=None, help="input width (default: data.image_size)")
+    export.add_argument("--dynamic-batch", action="store_true", help="ONNX: batch size chosen at run time")
+    export.set_defaults(handler=_export)
+
+    features = commands.add_parser("features", help="dump CLS / pooled / patch features of images to .npz")
+    features.add_argument("paths", nargs="+", help="images or folders")
+    features.add_argument("--out", required=True, help="output .npz")
+    features.add_argument("--batch-size", type=int, default=16)
+    features.add_argument("--no-patches", action="store_true", help="skip the [N,C,h,w] patch features")
+    _add_backbone_arguments(features, 224)
+    features.set_defaults(handler=_features)
+
+    pca = commands.add_parser("pca", help="PCA-of-patch-features picture per image")
+    pca.add_argument("paths", nargs="+", help="images or folders")
+    pca.add_argument("--out", default="output/pca")
+    _add_backbone_arguments(pca, 448)
+    pca.set_defaults(handler=_pca)
+
+    knn = commands.add_parser("knn", help="k-NN classification (DINO's weighted votes) on an image-folder dataset")
+    knn.add_argument("--root", required=True, help="folder with train/<class>/ and val/<class>/")
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], default="cls+avg")
+    _add_backbone_arguments(knn, 224)
+    knn.set_defaults(handler=_knn)
     return parser
 
 

@@ -93,7 +93,6 @@ class TaskModule(L.LightningModule):
             self.monitor = "val/mIoU"
         self.grid = self._build_grid(config, model)
         self.last_validation: dict = {}
-        self._pending_rng: dict | None = None
         self.register_buffer("nonfinite_loss", torch.zeros((), dtype=torch.bool), persistent=False)
 
     def _build_grid(self, config: Config, model) -> nn.ModuleList | None:
@@ -218,14 +217,12 @@ class TaskModule(L.LightningModule):
         checkpoint["rng_states"] = _rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng = checkpoint.get("rng_states")
-
-    def on_train_start(self) -> None:
-        # Restored here, after anything Lightning does at start-up, so a resumed run draws the same
-        # shuffles and augmentations as an uninterrupted one.
-        if self._pending_rng is not None:
-            _set_rng_state(self._pending_rng)
-            self._pending_rng = None
+        # Restored now, not in on_train_start: FitLoop.setup_data creates the resumed epoch's train-loader
+        # iterator (which draws its seeds from the global RNG) before on_train_start, and nothing between here
+        # and there draws random numbers. So a resumed run draws the same shuffles and augmentations as an
+        # uninterrupted one (tests/test_cli_classification.py: resume after SIGKILL).
+        if checkpoint.get("rng_states") is not None:
+            _set_rng_state(checkpoint["rng_states"])
 
 
 def _loader(dataset: Dataset, config: Config, *, batch_size: int, train: bool) -> DataLoader:
@@ -262,7 +259,14 @@ def build_trainer(config: Config, output_dir: Path, monitor: str) -> L.Trainer:
     section = config.trainer
     checkpoint = ModelCheckpoint(
         dirpath=output_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
-        save_last=True, save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+    )  # fmt: skip
+    # last.ckpt at every validation, for --resume. Not `save_last=True` on the callback above: Lightning (2.6)
+    # then writes last.ckpt only when best.ckpt improves, so a resume would go back to the best epoch.
+    # Listed after `checkpoint` so last.ckpt carries the best-so-far state it just updated.
+    last = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+        auto_insert_metric_name=False, enable_version_counter=False,
     )  # fmt: skip
     loggers = [
         CSVLogger(save_dir=str(output_dir), name="", version=""),
@@ -285,7 +289,7 @@ def build_trainer(config: Config, output_dir: Path, monitor: str) -> L.Trainer:
         enable_progress_bar=section.progress_bar,
         sync_batchnorm=distributed,  # SyncBatchNorm only when there is more than one process
         num_sanity_val_steps=0,  # a sanity pass would consume RNG and break exact resume
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, last],
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(output_dir),

@@ -1,0 +1,91 @@
+"""`dinov3ds export`: backbone + head as one graph (ONNX or TorchScript), checked against PyTorch.
+
+RoPE positions are computed for the exported height and width, so a graph is valid for that input size;
+export once per size you serve. The batch dimension can be dynamic.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dinov3ds.errors import UserError
+from dinov3ds.models import Classifier, Segmenter, load_model
+
+logger = logging.getLogger("dinov3ds")
+
+
+class ExportedModel(nn.Module):
+    """Normalised images [B,3,H,W] in; classification logits [B,K] or segmentation logits [B,K,H,W] out."""
+
+    def __init__(self, model: Classifier | Segmenter):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+
+def _example(model: Classifier | Segmenter, height: int, width: int, batch: int) -> Tensor:
+    multiple = model.input_multiple if isinstance(model, Segmenter) else model.backbone.input_multiple
+    if height % multiple or width % multiple:
+        raise UserError(f"export size {height}x{width} is not a multiple of {multiple}; choose --height/--width accordingly")
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, height, width, generator=generator)
+
+
+def export_onnx(model: Classifier | Segmenter, out: Path, height: int, width: int, dynamic_batch: bool = False,
+                opset: int = 17) -> float:  # fmt: skip
+    """Write an ONNX graph and return the max abs difference to PyTorch on random input (onnxruntime)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("ONNX export needs the export extra: pip install 'dinov3ds[export]'") from None
+    wrapper = ExportedModel(model.float()).eval()
+    example = _example(model, height, width, batch=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper, (example,), str(out), dynamo=False, opset_version=opset, input_names=["images"],
+            output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+        )  # fmt: skip
+    wrapper.eval()  # the exporter restores the wrapper's own (training) mode on every submodule
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    check = _example(model, height, width, batch=2 if dynamic_batch else 1)
+    with torch.no_grad():
+        expected = wrapper(check).numpy()
+    produced = session.run(None, {"images": check.numpy()})[0]
+    return float(np.abs(produced - expected).max())
+
+
+def export_torchscript(model: Classifier | Segmenter, out: Path, height: int, width: int) -> float:
+    """Trace to TorchScript and return the max abs difference to eager PyTorch on another random input."""
+    wrapper = ExportedModel(model.float()).eval()
+    example = _example(model, height, width, batch=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+        traced.save(str(out))
+        check = _example(model, height, width, batch=2)
+        return float((torch.jit.load(str(out))(check) - wrapper(check)).abs().max())
+
+
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", height: int | None = None,
+           width: int | None = None, dynamic_batch: bool = False) -> float:  # fmt: skip
+    """Export a checkpoint; prints and returns the max error against PyTorch."""
+    model = load_model(checkpoint)
+    size = model.config.data.image_size
+    height, width = height or size, width or size
+    out = Path(out)
+    if fmt == "onnx":
+        error = export_onnx(model, out, height, width, dynamic_batch)
+    elif fmt == "torchscript":
+        error = export_torchscript(model, out, height, width)
+    else:
+        raise UserError(f"export format {fmt!r} is unknown; use onnx or torchscript")
+    print(f"wrote {out} ({fmt}, input 3x{height}x{width}); max abs error vs PyTorch: {error:.3g}")
+    return error

@@ -1,0 +1,130 @@
+"""Feature tools: dump features of a folder, PCA pictures of patch features, k-NN evaluation.
+
+    dinov3ds features --backbone vits16 photos/ --out feats.npz
+    dinov3ds pca --backbone vits16 photo.jpg --out pca/
+    dinov3ds knn --backbone vits16 --root data/imagenette2-320
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dinov3ds.backbones import Backbone, load_backbone
+from dinov3ds.config import load_config
+from dinov3ds.data.build import build_datasets
+from dinov3ds.data.io import find_images, load_image
+from dinov3ds.data.transforms import classification_eval_transform
+from dinov3ds.errors import UserError
+from dinov3ds.feature_cache import cached_features
+from dinov3ds.models import Classifier
+from dinov3ds.viz import save_pca_image
+
+
+class _Images(Dataset):
+    def __init__(self, paths: list[Path], transform):
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(load_image(self.paths[index]))
+
+
+def _image_paths(inputs: list[str | Path]) -> list[Path]:
+    paths: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            paths += find_images(path)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UserError(f"{path} does not exist; pass image files or folders")
+    if not paths:
+        raise UserError(f"no images found in {', '.join(map(str, inputs))}")
+    return paths
+
+
+@torch.inference_mode()
+def extract_to_npz(backbone: Backbone, inputs: list[str | Path], out: Path, *, image_size: int = 224,
+                   batch_size: int = 16, num_workers: int = 2, patches: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+    """CLS, pooled (patch mean) and optionally patch features [N,C,h,w] (float16) for every image."""
+    paths = _image_paths(inputs)
+    transform = classification_eval_transform(image_size, backbone.mean, backbone.std, crop_ratio=1.0)
+    loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=num_workers)
+    cls, pooled, patch_maps = [], [], []
+    for images in tqdm(loader, desc="features"):
+        output = backbone(images)
+        cls.append(output.cls.float())
+        pooled.append(output.patches.float().mean(dim=(-2, -1)))
+        if patches:
+            patch_maps.append(output.patches.half())
+    arrays = {
+        "cls": torch.cat(cls).numpy(),
+        "pooled": torch.cat(pooled).numpy(),
+        "paths": np.array([str(p) for p in paths]),
+    }
+    if patches:
+        arrays["patches"] = torch.cat(patch_maps).numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    return arrays
+
+
+@torch.inference_mode()
+def pca_pictures(backbone: Backbone, inputs: list[str | Path], out_dir: Path, image_size: int = 448) -> list[Path]:
+    """The classic DINO picture per image: the first three principal components of its patch features."""
+    transform = classification_eval_transform(image_size, backbone.mean, backbone.std, crop_ratio=1.0)
+    written = []
+    for path in _image_paths(inputs):
+        patches = backbone(transform(load_image(path))[None]).patches[0].float()
+        target = out_dir / f"{path.stem}_pca.png"
+        save_pca_image(patches, target, upscale_to=(image_size, image_size))
+        written.append(target)
+    return written
+
+
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor, num_classes: int,
+                k: int = 20, temperature: float = 0.07, chunk: int = 256) -> torch.Tensor:  # fmt: skip
+    """DINO's weighted k-NN: cosine similarity, the k nearest vote with weight exp(similarity / T)."""
+    train = F.normalize(train_features.float(), dim=1)
+    k = min(k, len(train))
+    scores = []
+    for start in range(0, len(features), chunk):
+        queries = F.normalize(features[start : start + chunk].float(), dim=1)
+        similarity, index = (queries @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(queries), num_classes)
+        votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_evaluate(backbone_name: str, root: str | Path, *, weights: str | None = None, image_size: int = 224,
+                 k: int = 20, temperature: float = 0.07, pooling: str = "cls+avg",
+                 overrides: dict | None = None) -> dict[str, float]:  # fmt: skip
+    """k-NN top-1/top-5 on an image-folder dataset (train → val), features from the on-disk cache."""
+    config = load_config(None, [
+        "task=classification", f"data.root={root}", f"data.image_size={image_size}", "data.augment=false",
+        f"backbone.name={backbone_name}", f"head.pooling={pooling}", "data.num_workers=0",
+    ])  # fmt: skip
+    config.backbone.weights = weights
+    config.backbone.overrides = overrides or {}
+    backbone = load_backbone(backbone_name, weights, **(overrides or {}))
+    splits = build_datasets(config, backbone.mean, backbone.std)
+    model = Classifier(backbone, len(splits.class_names), config, splits.class_names)
+    train = cached_features(model, splits.train, config).tensors
+    val = cached_features(model, splits.val, config).tensors
+    scores = knn_predict(train[0], train[1], val[0], len(splits.class_names), k=k, temperature=temperature)
+    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    return {
+        "top1": float((scores.argmax(1) == val[1]).float().mean()),
+        "top5": float((top5 == val[1][:, None]).any(1).float().mean()),
+    }
