@@ -223,12 +223,33 @@ class Backbone(nn.Module):
             raise UserError(f"layers {bad} out of range for {self.spec.name} (depth {self.depth}); use 0..{self.depth - 1}")
         return resolved
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Transformer blocks (ViT) or stages (ConvNeXt), input side first."""
+        return list(self.model.blocks if self.spec.family == "vit" else self.model.stages)
+
+    def unfreeze_last_blocks(self, count: int) -> list[nn.Module]:
+        """Let the last `count` blocks (and the final norm) train; returns them, input side first.
+
+        The backbone stays in eval mode (DINOv3 has no BatchNorm or dropout to switch), and earlier blocks
+        still run without a graph, so only the unfrozen part keeps activations for backward.
+        """
+        if not 0 <= count <= self.depth:
+            raise UserError(f"backbone.unfreeze_last_blocks={count} is out of range for {self.spec.name}; use 0..{self.depth}")
+        unfrozen = self.blocks[self.depth - count :] if count else []
+        for block in unfrozen:
+            block.requires_grad_(True)
+        if count:
+            final_norm = self.model.norm if self.spec.family == "vit" else self.model.head.norm
+            final_norm.requires_grad_(True)
+        return unfrozen
+
     def compile_blocks(self, example: Tensor) -> bool:
         """torch.compile each block (every feature path runs through them); eager again if compiling fails.
 
         Returns whether the compiled blocks ran on `example`.
         """
-        blocks = list(self.model.blocks if self.spec.family == "vit" else self.model.stages)
+        blocks = self.blocks
         for block in blocks:
             block.compile(dynamic=True)
         try:

@@ -24,6 +24,7 @@ from dinov3ds.weights import pickle_refusal_reason
 
 FORMAT_VERSION = 1
 HEAD_PREFIX = "model.head."
+BACKBONE_PREFIX = "model.backbone."
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class HeadCheckpoint:
     num_classes: int
     backbone: dict
     head_state_dict: dict[str, torch.Tensor]
+    backbone_state_dict: dict[str, torch.Tensor]  # only the blocks that were unfrozen and fine-tuned
     format_version: int
 
 
@@ -105,6 +107,7 @@ def read_checkpoint(path: str | Path, expected_task: str | None = None) -> HeadC
         num_classes=int(meta["num_classes"]),
         backbone=dict(meta["backbone"]),
         head_state_dict=head,
+        backbone_state_dict={k[len(BACKBONE_PREFIX) :]: v for k, v in raw["state_dict"].items() if k.startswith(BACKBONE_PREFIX)},
         format_version=version,
     )
 

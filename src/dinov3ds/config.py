@@ -28,6 +28,7 @@ class BackboneConfig(Section):
     layers: list[int] | None = None  # 0-based taps for multi-layer heads; None = four even intervals
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the frozen weights
     overrides: dict[str, Any] = Field(default_factory=dict)  # timm architecture overrides (tests: depth)
+    unfreeze_last_blocks: int = 0  # fine-tune the last N blocks (saved in checkpoints); 0 = fully frozen
 
 
 class DataConfig(Section):
@@ -80,6 +81,8 @@ class OptimConfig(Section):
     warmup_steps: int = 0  # linear warm-up from 0, in optimizer steps
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     lr_grid: list[float] | None = None  # linear probe: train one head per lr at once, keep the best
+    backbone_lr: float | None = None  # unfrozen blocks: peak lr of the last block (None = lr / 10)
+    layer_decay: float = 1.0  # unfrozen blocks: each earlier block's lr is multiplied by this
 
 
 class TrainerConfig(Section):

@@ -183,7 +183,7 @@ class TaskModule(L.LightningModule):
         if self.grid is not None:
             parameters = [{"params": head.parameters(), "lr": lr} for head, lr in zip(self.grid, optim.lr_grid)]
         else:
-            parameters = [{"params": [p for p in self.parameters() if p.requires_grad], "lr": optim.lr}]
+            parameters = self._parameter_groups()
         if optim.optimizer == "sgd":
             optimizer = torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
         else:
@@ -194,6 +194,26 @@ class TaskModule(L.LightningModule):
             lambda step: warmup_cosine(step, total, optim.warmup_steps, optim.min_lr_ratio, optim.scheduler == "cosine"),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _parameter_groups(self) -> list[dict]:
+        """The head at `lr`; unfrozen backbone blocks at `backbone_lr`, decayed by `layer_decay` per block
+        towards the input (earlier layers hold more general features and should move less)."""
+        optim = self.config.optim
+        backbone_ids = {id(p) for p in self.model.backbone.parameters()}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids],
+                   "lr": optim.lr}]  # fmt: skip
+        blocks = self.model.backbone.blocks
+        top_lr = optim.backbone_lr if optim.backbone_lr is not None else optim.lr / 10
+        grouped: set[int] = set()
+        for depth_from_top, block in enumerate(reversed(blocks)):
+            trainable = [p for p in block.parameters() if p.requires_grad]
+            if trainable:
+                groups.append({"params": trainable, "lr": top_lr * optim.layer_decay**depth_from_top})
+                grouped |= {id(p) for p in trainable}
+        rest = [p for p in self.model.backbone.parameters() if p.requires_grad and id(p) not in grouped]
+        if rest:  # the final norm trains with the last block
+            groups.append({"params": rest, "lr": top_lr})
+        return groups
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the head, drop the frozen backbone, and record what is needed to rebuild and resume."""
@@ -311,12 +331,16 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
 
     backbone = backbone_from_config(config)
     splits = build_datasets(config, backbone.mean, backbone.std, _input_multiple(config, backbone))
+    backbone.unfreeze_last_blocks(config.backbone.unfreeze_last_blocks)
     model = build_model(config, splits.class_names, backbone)
     if config.trainer.compile:
         size = config.data.image_size - config.data.image_size % backbone.input_multiple or backbone.input_multiple
         backbone.compile_blocks(torch.zeros(1, 3, size, size, dtype=backbone.dtype))
     logger.info("trainable parameters: %s", f"{sum(p.numel() for p in model.head.parameters()):,}")
-    from_features = config.task == "classification" and not config.data.augment and config.cache_features
+    from_features = (
+        config.task == "classification" and not config.data.augment and config.cache_features
+        and config.backbone.unfreeze_last_blocks == 0  # features of a backbone that trains cannot be cached
+    )  # fmt: skip
     if from_features:
         splits = DataSplits(
             cached_features(model, splits.train, config), cached_features(model, splits.val, config), splits.class_names

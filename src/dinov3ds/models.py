@@ -24,6 +24,7 @@ from dinov3ds.checkpoints import read_checkpoint, resolve_backbone_weights
 from dinov3ds.config import Config, config_from_dict
 from dinov3ds.data.io import load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform
+from dinov3ds.errors import UserError
 from dinov3ds.heads import build_head
 from dinov3ds.inference import InferenceOptions, run_inference
 
@@ -37,6 +38,15 @@ def backbone_from_config(config: Config, device: str | torch.device = "cpu") -> 
     return load_backbone(
         section.name, section.weights, dtype=TORCH_DTYPES[section.dtype], device=device, **section.overrides
     )
+
+
+def load_finetuned_blocks(backbone: Backbone, state_dict: dict[str, Tensor]) -> None:
+    """Overwrite the official weights of blocks that were unfrozen and fine-tuned (saved in the checkpoint)."""
+    if state_dict:
+        missing_from_model = set(state_dict) - set(backbone.state_dict())
+        if missing_from_model:
+            raise UserError(f"checkpoint has backbone weights this backbone lacks: {sorted(missing_from_model)[:3]}")
+        backbone.load_state_dict(state_dict, strict=False)
 
 
 def _frozen_context(backbone: Backbone) -> contextlib.AbstractContextManager:
@@ -105,6 +115,7 @@ class Classifier(nn.Module):
         backbone = backbone_from_config(config, device)
         model = cls(backbone, len(checkpoint.class_names), config, checkpoint.class_names)
         model.head.load_state_dict(checkpoint.head_state_dict)
+        load_finetuned_blocks(backbone, checkpoint.backbone_state_dict)
         return model.to(device).eval()
 
     @torch.inference_mode()
@@ -207,6 +218,7 @@ class Segmenter(nn.Module):
         backbone = backbone_from_config(config, device)
         model = cls(backbone, checkpoint.num_classes, config, checkpoint.class_names)
         model.head.load_state_dict(checkpoint.head_state_dict)
+        load_finetuned_blocks(backbone, checkpoint.backbone_state_dict)
         return model.to(device).eval()
 
 
