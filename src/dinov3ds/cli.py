@@ -18,6 +18,8 @@ def _train(args: argparse.Namespace) -> None:
     from dinov3ds.engine import train
 
     result = train(args.config, args.overrides, resume=args.resume)
+    if not result.is_global_zero:
+        return
     print(f"best checkpoint: {result.best_checkpoint}")
     for key, value in sorted(result.metrics.items()):
         print(f"{key}: {value:.4f}")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -265,6 +266,7 @@ class TrainResult:
     best_checkpoint: Path | None
     last_checkpoint: Path | None
     metrics: dict = field(default_factory=dict)
+    is_global_zero: bool = True  # False on the other ranks of a distributed run
 
 
 def build_model(config: Config, class_names: list[str], backbone) -> Classifier | Segmenter:
@@ -326,8 +328,9 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
     if resume and not last.is_file():
         raise UserError(f"--resume: {last} does not exist; start without --resume")
     L.seed_everything(config.seed, workers=True, verbose=False)
-    _check_writable(output_dir)
-    save_config(config, output_dir / "config.yaml")
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes
+        _check_writable(output_dir)
+        save_config(config, output_dir / "config.yaml")
 
     backbone = backbone_from_config(config)
     splits = build_datasets(config, backbone.mean, backbone.std, _input_multiple(config, backbone))
@@ -357,6 +360,7 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
     )
     result = TrainResult(output_dir, _existing(output_dir / "checkpoints" / "best.ckpt"), _existing(last))
     result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    result.is_global_zero = trainer.is_global_zero
     if trainer.is_global_zero:
         from dinov3ds.reports import write_training_report
 
