@@ -67,12 +67,12 @@ def run_demo(out: Path, backbone: str = "vits16", quick: bool = False) -> None:
     logger.info("classification top-1: %.3f", classification.metrics.get("val/top1", float("nan")))
 
     segmentation_root = make_segmentation_folder(
-        data / "segmentation", num_classes=4, train=12 if quick else 32, val=4 if quick else 8, size=(size, size)
+        data / "segmentation", num_classes=4, train=16 if quick else 32, val=4 if quick else 8, size=(size, size)
     )
     segmentation = train(load_config(None, [
         *common, "task=segmentation", f"data.root={segmentation_root}", "head.name=unet",
         "data.class_names=[background,circle,rectangle,triangle]", "loss.name=ce+dice", "data.batch_size=8",
-        f"trainer.max_epochs={8 if quick else 25}", "optim.lr=0.003", "optim.weight_decay=0.0001",
+        f"trainer.max_epochs={15 if quick else 25}", "optim.lr=0.003", "optim.weight_decay=0.0001",
         "data.scale_range=[0.75,1.5]", f"output_dir={out / 'segmentation'}",
     ]))  # fmt: skip
     logger.info("segmentation mIoU: %.3f", segmentation.metrics.get("val/mIoU", float("nan")))
