@@ -10,8 +10,9 @@ pair) and reporting medians, so a noisy or shared machine hits both sides alike:
 2. bf16: `load_backbone(..., dtype=torch.bfloat16)` against float32, frozen ViT-S/16 at 224, batch 8.
    Speed on full-size random vits16; patch-feature cosine similarity on the shared fixture weights
    (`dinov3_vits16_d2_fixture`, depth 2) and the fixture inputs. Acceptance: >= 1.8x faster, cosine >= 0.999.
-3. torch.compile: `torch.compile(backbone)` against eager float32 and eager bf16 (same shape), with the
-   compile time and, if compiling fails, the reason.
+3. torch.compile: `torch.compile(backbone)` and the library's own `Backbone.compile_blocks` (what
+   `trainer.compile: true` runs) against eager float32 and eager bf16 (same shape), with the compile time and,
+   if compiling fails, the reason.
 
 Run from the repository root: `python benchmarks/backbone.py` (quick: vits16 + vitb16 at 224 bs 1/8 and
 512 bs 1, < 4 min on 2 CPU cores); `--full` adds vitl16 and 512 bs 8; `--no-compile` skips section 3.
@@ -42,6 +43,11 @@ FIXTURE_INPUTS = FIXTURES / "dinov3_fixture_inputs.pt"
 PARITY_LIMIT = 0.97
 BF16_SPEEDUP_LIMIT = 1.8
 BF16_COSINE_LIMIT = 0.999
+
+
+def sig(value: float, digits: int = 3) -> float:
+    """Round to `digits` significant digits for the table (the JSON keeps full precision)."""
+    return float(f"{value:.{digits}g}")
 
 
 def hf_from_timm(backbone) -> torch.nn.Module:
@@ -172,7 +178,7 @@ def parity_section(variants, shapes, repeats, device, sync) -> tuple[list[dict],
                 "median_ratio": ratio, "verdict": verdict,
             }  # fmt: skip
             rows.append(row)
-            table.append([name, size, batch, f"{error:.1e}", batch / ours_s, batch / hf_s, ratio, verdict])
+            table.append([name, size, batch, f"{error:.1e}", sig(batch / ours_s), sig(batch / hf_s), sig(ratio), verdict])
             print(f"  {name} {size} bs{batch}: ratio {ratio:.3f} (err {error:.1e})", file=sys.stderr, flush=True)
         del backbone, hf
     return rows, table
@@ -240,6 +246,19 @@ def dtype_and_compile_section(repeats, device, sync, compile_model: bool) -> dic
         except Exception as error:  # noqa: BLE001 - the reason is the result
             info |= {"ok": False, "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
         result["compile"] = info
+        if hasattr(fp32, "compile_blocks"):  # the library's own path (trainer.compile: true)
+            blocks = {"attempted": True}
+            per_block = load_backbone("vits16", "random", device=device)
+            start = time.perf_counter()
+            blocks["ok"] = per_block.compile_blocks(images[:1])
+            blocks["first_call_s"] = time.perf_counter() - start
+            if blocks["ok"]:
+                with torch.inference_mode():
+                    per_block(images)  # dynamic=True: the batch-8 shape compiles without a recompile storm
+                    out = per_block(images).patches
+                    blocks["max_abs_err_vs_eager"] = (out - fp32(images).patches).abs().max().item()
+                contenders["float32+compile_blocks"] = lambda: per_block(images)
+            result["compile_blocks"] = blocks
     with torch.inference_mode():
         times = alternate(contenders, repeats, warmup=1, sync=sync)
     result["seconds"] = times
@@ -251,6 +270,13 @@ def dtype_and_compile_section(repeats, device, sync, compile_model: bool) -> dic
         )
         result["compile"]["speedup_vs_bfloat16"] = statistics.median(
             pair_ratios(times["float32+compile"], times["bfloat16"])
+        )
+    if "float32+compile_blocks" in times:
+        result["compile_blocks"]["speedup_vs_float32"] = statistics.median(
+            pair_ratios(times["float32+compile_blocks"], times["float32"])
+        )
+        result["compile_blocks"]["speedup_vs_bfloat16"] = statistics.median(
+            pair_ratios(times["float32+compile_blocks"], times["bfloat16"])
         )
     return result
 
@@ -279,12 +305,15 @@ def main() -> None:
     mapping = hf_mapping_check()
     print("parity (ours vs HF DINOv3ViTModel, same weights) ...", file=sys.stderr, flush=True)
     parity_rows, parity_table = parity_section(variants, shapes, args.repeats, device, sync)
+    settings = {"variants": variants, "shapes": shapes, "repeats": args.repeats, "threads": torch.get_num_threads()}
+    parity_ok = all(row["verdict"] == "PASS" for row in parity_rows)
+    parity = {"limit": PARITY_LIMIT, "pass": parity_ok, "mapping_check": mapping, "rows": parity_rows}
+    write_result(args.name, {"device": str(device), "settings": settings, "parity": parity, "incomplete": True})
     print("bf16 cosine on fixture ...", file=sys.stderr, flush=True)
     cosine = cosine_on_fixture()
     print("bf16 / compile speed ...", file=sys.stderr, flush=True)
     speed = dtype_and_compile_section(args.repeats, device, sync, compile_model=not args.no_compile)
 
-    parity_ok = all(row["verdict"] == "PASS" for row in parity_rows)
     bf16_ok = speed["bf16_speedup"] >= BF16_SPEEDUP_LIMIT and cosine["patch_cosine_min"] >= BF16_COSINE_LIMIT
     print(f"## Backbone forward: dinov3ds vs HF DINOv3ViTModel (same weights, {device.type}, "
           f"median of {args.repeats} alternating rounds)\n")  # fmt: skip
@@ -297,7 +326,7 @@ def main() -> None:
     ))  # fmt: skip
     print(f"\n## bf16 vs float32 (frozen vits16, 224, batch 8)\n")
     ips = speed["images_per_s"]
-    dtype_rows = [[name, value] for name, value in ips.items()]
+    dtype_rows = [[name, sig(value)] for name, value in ips.items()]
     print(markdown_table(["path", "img/s"], dtype_rows))
     print(
         f"\nbf16 speed-up {speed['bf16_speedup']:.2f}x (limit {BF16_SPEEDUP_LIMIT}x); patch cosine on "
@@ -315,10 +344,20 @@ def main() -> None:
         )
     else:
         print(f"torch.compile: failed: {compile_info['reason']}")
+    blocks_info = speed.get("compile_blocks")
+    if blocks_info and blocks_info.get("speedup_vs_float32"):
+        print(
+            f"Backbone.compile_blocks (trainer.compile: true): set-up + first call {blocks_info['first_call_s']:.1f} s, "
+            f"max abs err vs eager {blocks_info['max_abs_err_vs_eager']:.1e}; speed-up "
+            f"{blocks_info['speedup_vs_float32']:.2f}x vs eager float32, {blocks_info['speedup_vs_bfloat16']:.2f}x vs "
+            "eager bf16"
+        )
+    elif blocks_info:
+        print("Backbone.compile_blocks: compiling failed, the backbone runs eagerly (see the dinov3ds log)")
     path = write_result(args.name, {
         "device": str(device),
-        "settings": {"variants": variants, "shapes": shapes, "repeats": args.repeats, "threads": torch.get_num_threads()},
-        "parity": {"limit": PARITY_LIMIT, "pass": parity_ok, "mapping_check": mapping, "rows": parity_rows},
+        "settings": settings,
+        "parity": parity,
         "bf16": {"speedup_limit": BF16_SPEEDUP_LIMIT, "cosine_limit": BF16_COSINE_LIMIT, "pass": bf16_ok,
                  "cosine": cosine, "speed": speed},
     })  # fmt: skip

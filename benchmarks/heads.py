@@ -36,6 +36,11 @@ sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).parent)]
 PAPER_FAPM_M = {"vits16": 5, "vitb16": 11, "vitl16": 18}
 
 
+def sig(value: float, digits: int = 3) -> float:
+    """Round to `digits` significant digits for the table (the JSON keeps full precision)."""
+    return float(f"{value:.{digits}g}")
+
+
 def _proc_status(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -178,8 +183,8 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
 
     table = [
-        [r["head"], f"{r['trainable_parameters']:,}", r["step_ms_per_image"], r["head_only_ms_per_image"],
-         r["peak_memory_mib"]] if "error" not in r else [r["head"], "error", r["error"], "", ""]
+        [r["head"], f"{r['trainable_parameters']:,}", sig(r["step_ms_per_image"]), sig(r["head_only_ms_per_image"]),
+         sig(r["peak_memory_mib"])] if "error" not in r else [r["head"], "error", r["error"], "", ""]
         for r in rows
     ]  # fmt: skip
     mem = "peak GPU memory MiB" if device.startswith("cuda") else "peak RSS delta MiB"

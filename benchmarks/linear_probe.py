@@ -37,6 +37,11 @@ from _common import markdown_table, write_result  # noqa: E402
 LIMIT = 20.0
 
 
+def sig(value: float, digits: int = 3) -> float:
+    """Round to `digits` significant digits for the table (the JSON keeps full precision)."""
+    return float(f"{value:.{digits}g}")
+
+
 class EpochTimer(Callback):
     """Training-part seconds of each epoch, and validation seconds."""
 
@@ -165,8 +170,8 @@ def main() -> None:
     print(markdown_table(
         ["path", "train epoch s (median)", "img/s", "validation s", "one-off extraction s"],
         [
-            ["uncached", uncached_s, n_train / uncached_s, val_uncached, "-"],
-            ["cached", cached_s, n_train / cached_s, val_cached,
+            ["uncached", sig(uncached_s), sig(n_train / uncached_s), sig(val_uncached), "-"],
+            ["cached", sig(cached_s), sig(n_train / cached_s), sig(val_cached),
              f"{extraction_cold:.2f} cold ({n_train + n_val} images); cache hit {statistics.median(cache_hits) if cache_hits else float('nan'):.3f}"],
         ],
     ))  # fmt: skip

@@ -35,7 +35,9 @@ class CliResult:
         return f"exit {self.returncode}\n--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}"
 
 
-def cli_env(cache: str | Path | None = None, checkpoints: str | Path | None = None, **extra: str) -> dict[str, str]:
+def cli_env(
+    cache: str | Path | None = None, checkpoints: str | Path | None = None, **extra: str
+) -> dict[str, str]:
     env = dict(os.environ)
     if cache is not None:
         env["DINOV3DS_CACHE"] = str(cache)
@@ -56,7 +58,9 @@ def cli_env(cache: str | Path | None = None, checkpoints: str | Path | None = No
     return env
 
 
-def start_cli(args: Sequence[str | Path], *, cwd: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_cli(
+    args: Sequence[str | Path], *, cwd: str | Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start `python -m dinov3ds ARGS` without waiting (stdout/stderr captured as text)."""
     return subprocess.Popen(
         [sys.executable, "-m", "dinov3ds", *map(str, args)],
@@ -74,11 +78,15 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> CliResult:
     except subprocess.TimeoutExpired:
         process.kill()
         stdout, stderr = process.communicate()
-        raise AssertionError(f"dinov3ds {process.args[3:]} ran over {timeout}s\n{stdout[-2000:]}\n{stderr[-2000:]}") from None
+        raise AssertionError(
+            f"dinov3ds {process.args[3:]} ran over {timeout}s\n{stdout[-2000:]}\n{stderr[-2000:]}"
+        ) from None
     return CliResult(process.returncode, stdout, stderr)
 
 
-def run_cli(args: Sequence[str | Path], *, cwd: str | Path, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+def run_cli(
+    args: Sequence[str | Path], *, cwd: str | Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> CliResult:
     """Run `python -m dinov3ds ARGS` to completion; returns (returncode, stdout, stderr)."""
     return finish(start_cli(args, cwd=cwd, env=env), timeout)
 

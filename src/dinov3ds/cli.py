@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from dinov3ds.errors import UserError
+from dinov3ds.errors import DataWarning, UserError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -110,6 +110,18 @@ def _knn(args: argparse.Namespace) -> None:
     print(f"k-NN (k={args.k}, T={args.temperature}): top-1 {100 * result['top1']:.2f}  top-5 {100 * result['top5']:.2f}")
 
 
+def _check_data(args: argparse.Namespace) -> None:
+    from dinov3ds.check_data import check_dataset, printable
+    from dinov3ds.config import load_config
+
+    report = check_dataset(load_config(args.config, args.overrides), workers=args.workers)
+    for line in report.problems:
+        print(printable(line))
+    print(printable(report.summary()))
+    if not report.ok:
+        raise UserError(f"{len(report.problems)} problems in {report.root} (listed above); fix or remove those files")
+
+
 def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) -> None:
     parser.add_argument("--backbone", default="vits16", help="variant name (see `dinov3ds backbones`)")
     parser.add_argument("--weights", default=None, help="weight file, or 'random' (default: checkpoints/)")
@@ -200,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], default="cls+avg")
     _add_backbone_arguments(knn, 224)
     knn.set_defaults(handler=_knn)
+
+    check = commands.add_parser("check-data", help="decode every image and mask of a config's dataset; list all problems")
+    check.add_argument("--config", required=False, help="the YAML config training would use")
+    check.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count, at most 8)")
+    check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=...")
+    check.set_defaults(handler=_check_data)
     return parser
 
 
@@ -208,9 +226,22 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("always", category=DataWarning)  # files skipped on purpose are always reported
     for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                  "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _one_line(error: UserError) -> str:
+    """The user's message, on one line. A UserError raised in a DataLoader worker comes back re-created around the
+    worker's whole traceback ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): keep
+    only its last line, which is the original message."""
+    message = str(error)
+    if "Original Traceback" in message:
+        lines = [line for line in message.splitlines() if line.strip()]
+        prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
+        message = lines[-1].removeprefix(prefix) if lines else message
+    return " ".join(message.splitlines())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except UserError as error:
-        print(f"dinov3ds: error: {error}", file=sys.stderr)
+        print(f"dinov3ds: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dinov3ds: interrupted", file=sys.stderr)

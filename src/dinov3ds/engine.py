@@ -35,6 +35,7 @@ from dinov3ds.feature_cache import cached_features
 from dinov3ds.losses import build_loss
 from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
 from dinov3ds.models import Classifier, LinearClassificationHead, Segmenter, backbone_from_config
+from dinov3ds.signals import GracefulInterrupt
 
 logger = logging.getLogger("dinov3ds")
 
@@ -311,7 +312,7 @@ def build_trainer(config: Config, output_dir: Path, monitor: str) -> L.Trainer:
         enable_progress_bar=section.progress_bar,
         sync_batchnorm=distributed,  # SyncBatchNorm only when there is more than one process
         num_sanity_val_steps=0,  # a sanity pass would consume RNG and break exact resume
-        callbacks=[checkpoint, last],
+        callbacks=[checkpoint, last, GracefulInterrupt(output_dir / "checkpoints" / "last.ckpt")],  # SIGINT/SIGTERM → last.ckpt
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(output_dir),

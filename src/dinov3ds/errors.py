@@ -7,3 +7,7 @@ is printed by the CLI as a single line with exit code 2. Every other exception i
 
 class UserError(Exception):
     """A problem the user can fix; the message names the file or key and the fix."""
+
+
+class DataWarning(UserWarning):
+    """Data skipped on purpose (`data.on_bad_sample: warn`); shown by the CLI even when library warnings are not."""

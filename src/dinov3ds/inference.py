@@ -93,7 +93,8 @@ def predict_slide(
         raise UserError(f"window_batch={window_batch} must be at least 1")
 
     batch, _, height, width = images.shape
-    padded = F.pad(images, (0, max(crop_w - width, 0), 0, max(crop_h - height, 0)))
+    padding = (0, max(crop_w - width, 0), 0, max(crop_h - height, 0))
+    padded = F.pad(images, padding) if any(padding) else images  # no full-size copy of a large image
     pad_h, pad_w = padded.shape[-2:]
     device = torch.device(accumulate_device) if accumulate_device is not None else images.device
     dtype = torch.promote_types(images.dtype, torch.float32)
@@ -118,7 +119,7 @@ def predict_slide(
         logits = logits.to(device=device, dtype=dtype)
         for (b, y, x), window_logits in zip(chunk, logits, strict=True):
             logit_sum[b, :, y : y + crop_h, x : x + crop_w] += window_logits
-    return (logit_sum / count)[..., :height, :width]
+    return logit_sum.div_(count)[..., :height, :width]  # in place: a huge image's buffers are not doubled
 
 
 @torch.no_grad()
@@ -156,7 +157,7 @@ def predict_tta(
             logits = logits.flip(-1) if flipped else logits
             view_probs = _resize(logits, (height, width)).softmax(dim=1)
             probs = view_probs if probs is None else probs + view_probs
-    return probs / (len(scales) * (2 if flip else 1))
+    return probs.div_(len(scales) * (2 if flip else 1))  # in place; probs is this function's own buffer
 
 
 @dataclass(frozen=True)

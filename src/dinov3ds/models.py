@@ -201,11 +201,12 @@ class Segmenter(nn.Module):
         transform = SegmentationEvalTransform(
             self.config.data.eval_size, self.backbone.mean, self.backbone.std, multiple_of=self.input_multiple
         )
-        tensor, _ = transform(pil, np.zeros((pil.height, pil.width), dtype=np.int64))
+        tensor, _ = transform(pil)  # no dummy mask: it would hold 8 bytes per pixel for nothing
         device = next(self.head.parameters()).device
         output = self.predict_probabilities(tensor[None].to(device), mode=mode, **overrides)
-        probabilities = nn.functional.interpolate(output.float(), size=(pil.height, pil.width), mode="bilinear")
-        labels = probabilities.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
+        same = tuple(output.shape[-2:]) == (pil.height, pil.width)  # no full-size copy of a huge image's output
+        probabilities = output.float() if same else nn.functional.interpolate(output.float(), size=(pil.height, pil.width), mode="bilinear")
+        labels = probabilities.argmax(dim=1)[0].cpu().numpy().astype(np.int64, copy=False)
         if return_probabilities:
             return labels, probabilities[0].cpu().numpy()
         return labels

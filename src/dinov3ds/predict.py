@@ -70,7 +70,8 @@ def predict_classification(model: Classifier, images: list[Path], out: Path, top
     with open(out / "predictions.jsonl", "w") as handle:
         for row in results:
             handle.write(json.dumps(row) + "\n")
-    with open(out / "predictions.csv", "w", newline="") as handle:
+    # surrogateescape: a file name that is not UTF-8 is written back as its own bytes, never a crash
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "label", "probability", "top_labels", "top_probabilities"])
         for row in results:

@@ -37,8 +37,9 @@ def _classification(config: Config, mean: Stats, std: Stats) -> DataSplits:
     evaluation = classification_eval_transform(size, mean, std)
     training = classification_train_transform(size, mean, std) if data.augment else evaluation
     mapping = IMAGENETTE_CLASSES if data.dataset == "imagenette" else None
-    train = ImageFolderDataset(data.root, data.train_split, training, class_names=mapping)
-    val = ImageFolderDataset(data.root, data.val_split, evaluation, class_names=mapping)
+    options = {"class_names": mapping, "on_empty_class": data.on_bad_sample}
+    train = ImageFolderDataset(data.root, data.train_split, training, **options)
+    val = ImageFolderDataset(data.root, data.val_split, evaluation, **options)
     if train.classes != val.classes:
         raise UserError(
             f"{data.root}: train and val class folders differ ({sorted(set(train.classes) ^ set(val.classes))}); "
@@ -84,7 +85,9 @@ def _segmentation(config: Config, mean: Stats, std: Stats, input_multiple: int) 
         if splits == ("train", "val"):
             splits = ("training", "validation")
         return DataSplits(
-            ade20k_dataset(data.root, splits[0], training), ade20k_dataset(data.root, splits[1], evaluation), names
+            ade20k_dataset(data.root, splits[0], training, on_missing=data.on_bad_sample),
+            ade20k_dataset(data.root, splits[1], evaluation, on_missing=data.on_bad_sample),
+            names,
         )
     options = {
         "images_dir": data.images_dir,
@@ -95,6 +98,7 @@ def _segmentation(config: Config, mean: Stats, std: Stats, input_multiple: int) 
         "reduce_zero_label": data.reduce_zero_label,
         "num_classes": len(names),
         "image_loader": image_loader(config),
+        "on_missing": data.on_bad_sample,
     }
     train = SegmentationFolderDataset(data.root, data.train_split, training, **options)
     val = SegmentationFolderDataset(data.root, data.val_split, evaluation, **options)

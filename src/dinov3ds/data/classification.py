@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dinov3ds.data.io import find_images, load_image
-from dinov3ds.errors import UserError
+from dinov3ds.errors import DataWarning, UserError
 
 IMAGENETTE_CLASSES: dict[str, str] = {
     "n01440764": "tench",
@@ -66,8 +66,8 @@ class ImageFolderDataset(Dataset):
             if not images:
                 message = f"class folder {folder / name} has no images; add images or remove the folder"
                 if on_empty_class == "error":
-                    raise UserError(message)
-                warnings.warn(message, stacklevel=2)
+                    raise UserError(f"{message} (or set data.on_bad_sample=warn to skip it)")
+                warnings.warn(f"{message}; skipping it (its class index is kept)", DataWarning, stacklevel=2)
             self.samples.extend((path, index) for path in images)
         if not self.samples:
             raise UserError(f"split folder {folder} contains no images; check the dataset root")

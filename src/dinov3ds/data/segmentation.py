@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dinov3ds.data.io import find_images, load_image, load_mask
-from dinov3ds.errors import UserError
+from dinov3ds.errors import DataWarning, UserError
 
 ImageLoader = Callable[[Path], "Image.Image | np.ndarray"]
 PairTransform = Callable[["Image.Image | np.ndarray", np.ndarray], tuple[torch.Tensor, torch.Tensor]]
@@ -174,8 +174,8 @@ class SegmentationFolderDataset(Dataset):
         if problems:
             message = f"{'; '.join(problems)} in {image_root.parent.parent}"
             if on_missing == "error":
-                raise UserError(f"{message}; add the missing files or set on_missing='warn' to skip them")
-            warnings.warn(f"{message}; skipping them", stacklevel=3)
+                raise UserError(f"{message}; add the missing files, or set on_missing='warn' (config: data.on_bad_sample=warn) to skip them")
+            warnings.warn(f"{message}; skipping them", DataWarning, stacklevel=3)
         if not pairs:
             raise UserError(
                 f"no image/mask pairs under {image_root} and {mask_root}; check root, split and mask_suffix"
@@ -218,7 +218,8 @@ class SegmentationFolderDataset(Dataset):
 
 
 def ade20k_dataset(
-    root: str | Path, split: Literal["training", "validation"], transform: PairTransform
+    root: str | Path, split: Literal["training", "validation"], transform: PairTransform,
+    on_missing: Literal["error", "warn"] = "error",
 ) -> SegmentationFolderDataset:
     """ADE20K SceneParsing (ADEChallengeData2016); `root` may be that folder or the folder holding it."""
     if split not in ("training", "validation"):
@@ -227,5 +228,5 @@ def ade20k_dataset(
     if (root / "ADEChallengeData2016").is_dir():
         root = root / "ADEChallengeData2016"
     return SegmentationFolderDataset(
-        root, split, transform, reduce_zero_label=True, num_classes=len(ADE20K_CLASSES)
+        root, split, transform, reduce_zero_label=True, num_classes=len(ADE20K_CLASSES), on_missing=on_missing
     )

@@ -1,0 +1,219 @@
+"""`dinov3ds check-data`: scan a config's dataset up front and report every problem at once.
+
+Training finds a broken file only when a batch needs it, possibly hours in, and stops at the first one. This
+scan decodes every image and every mask of both splits with the exact loaders training uses, and checks what
+training would check later: splits and class folders are not empty, every image has its mask and every mask
+its image, a mask has its image's size, and its label values (after `label_map` / `reduce_zero_label`) are
+below the number of classes or the ignore index. Each problem is one line naming the file and the fix.
+
+    report = check_dataset(load_config("configs/my_data.yaml"))
+    for line in report.problems: print(line)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from dinov3ds.config import Config
+from dinov3ds.data.build import image_loader, segmentation_class_names
+from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image, load_mask
+from dinov3ds.data.segmentation import ADE20K_CLASSES, SegmentationFolderDataset
+from dinov3ds.errors import UserError
+
+
+@dataclass
+class DataReport:
+    root: Path
+    task: str
+    checked: dict[str, int] = field(default_factory=dict)  # split → samples decoded
+    problems: list[str] = field(default_factory=list)  # one line each, naming the file and the fix
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{split}: {count}" for split, count in self.checked.items())
+        unit = "images" if self.task == "classification" else "image/mask pairs"
+        return f"{self.root}: {unit} checked ({counts}); {len(self.problems) or 'no'} problems"
+
+
+def printable(text: str | Path) -> str:
+    """A file name that is not UTF-8 (a Latin-1 name from an old archive) printed as \\udcxx, not a crash."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _parallel(check: Callable[[object], list[str]], items: Iterable, workers: int) -> list[str]:
+    """Decoding releases the GIL in PIL, so threads scale; results keep the items' order."""
+    items = list(items)
+    if workers <= 1 or len(items) < 2:
+        return [line for item in items for line in check(item)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [line for lines in pool.map(check, items) for line in lines]
+
+
+def _decode_image(path: Path) -> list[str]:
+    try:
+        load_image(path)
+    except UserError as error:
+        return [str(error)]
+    return []
+
+
+def _check_classification(config: Config, report: DataReport, workers: int) -> None:
+    data = config.data
+    classes: dict[str, list[str]] = {}
+    for split in dict.fromkeys((data.train_split, data.val_split)):
+        folder = report.root / split
+        if not folder.is_dir():
+            report.problems.append(
+                f"split folder {folder} not found; create {folder}/<class>/<images> or set data.{_split_key(config, split)}"
+            )
+            continue
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
+            report.problems.append(
+                f"split folder {folder} is empty (no class subfolders); put each class's images in {folder}/<class>/"
+            )
+            continue
+        classes[split] = names
+        images: list[Path] = []
+        for name in names:
+            found = find_images(folder / name)
+            if not found:
+                report.problems.append(
+                    f"class folder {folder / name} has no images; add images or remove the folder "
+                    "(data.on_bad_sample=warn skips it)"
+                )
+            images += found
+        report.checked[split] = len(images)
+        report.problems += _parallel(_decode_image, images, workers)
+    if len(classes) == 2 and len(set(map(tuple, classes.values()))) == 2:
+        differ = sorted(set(classes[data.train_split]) ^ set(classes[data.val_split]))
+        report.problems.append(
+            f"{report.root}: train and val class folders differ ({differ}); both splits need the same class folders"
+        )
+
+
+def _split_key(config: Config, split: str) -> str:
+    return "train_split" if split == config.data.train_split else "val_split"
+
+
+def _segmentation_layout(config: Config) -> dict:
+    """Where masks are and how labels are read, as `data.build` sets up the datasets."""
+    data = config.data
+    if data.dataset == "ade20k":
+        root = Path(data.root)
+        if (root / "ADEChallengeData2016").is_dir():
+            root = root / "ADEChallengeData2016"
+        splits = (data.train_split, data.val_split)
+        return {
+            "root": root,
+            "splits": ("training", "validation") if splits == ("train", "val") else splits,
+            "images_dir": "images", "annotations_dir": "annotations", "mask_suffix": ".png",
+            "labels": SimpleNamespace(label_map={}, reduce_zero_label=True, ignore_index=255,
+                                      num_classes=len(ADE20K_CLASSES)),
+        }  # fmt: skip
+    return {
+        "root": Path(data.root),
+        "splits": (data.train_split, data.val_split),
+        "images_dir": data.images_dir, "annotations_dir": data.annotations_dir, "mask_suffix": data.mask_suffix,
+        "labels": SimpleNamespace(label_map=dict(data.label_map or {}), reduce_zero_label=data.reduce_zero_label,
+                                  ignore_index=data.ignore_index, num_classes=len(segmentation_class_names(config))),
+    }  # fmt: skip
+
+
+def _pairs(image_root: Path, mask_root: Path, suffix: str, report: DataReport) -> list[tuple[Path, Path]]:
+    """Pair images with masks by relative path (as the dataset does); every orphan is a problem."""
+    images = find_images(image_root)
+    if image_root == mask_root:
+        images = [path for path in images if not path.name.endswith(suffix)]
+    pairs, used = [], set()
+    for image in images:
+        relative = image.relative_to(image_root)
+        mask = mask_root / relative.parent / (relative.stem + suffix)
+        if mask.is_file():
+            pairs.append((image, mask))
+            used.add(mask)
+        else:
+            report.problems.append(
+                f"image {image} has no mask (expected {mask}); add the mask or remove the image "
+                "(data.on_bad_sample=warn skips it)"
+            )
+    for mask in sorted(mask_root.rglob(f"*{suffix}")):
+        hidden = any(part.startswith(".") for part in mask.relative_to(mask_root).parts)
+        if mask.is_file() and mask not in used and not hidden:
+            report.problems.append(
+                f"mask {mask} has no image (expected {image_root / mask.relative_to(mask_root).parent}/"
+                f"{mask.name.removesuffix(suffix)}.<{'|'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}>); "
+                "add the image or remove the mask (data.on_bad_sample=warn skips it)"
+            )
+    return pairs
+
+
+def _check_segmentation(config: Config, report: DataReport, workers: int) -> None:
+    layout = _segmentation_layout(config)
+    report.root = layout["root"]
+    loader = image_loader(config)
+    labels = layout["labels"]
+
+    def check_pair(pair: tuple[Path, Path]) -> list[str]:
+        image_path, mask_path = pair
+        problems = []
+        try:
+            image = loader(image_path)
+            size = (image.height, image.width) if hasattr(image, "height") else tuple(image.shape[:2])
+        except UserError as error:
+            problems.append(str(error))
+            size = None
+        try:
+            mask = load_mask(mask_path)
+        except UserError as error:
+            return [*problems, str(error)]
+        if size is not None and mask.shape != size:
+            problems.append(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is {size[1]}x{size[0]}; "
+                "masks must match their image's size"
+            )
+        try:  # the dataset's own label processing and range check
+            SegmentationFolderDataset.prepare_mask(labels, mask, mask_path)
+        except UserError as error:
+            problems.append(str(error))
+        return problems
+
+    for split in dict.fromkeys(layout["splits"]):
+        image_root = layout["root"] / layout["images_dir"] / split
+        mask_root = layout["root"] / layout["annotations_dir"] / split
+        missing = [folder for folder in (image_root, mask_root) if not folder.is_dir()]
+        for folder in missing:
+            report.problems.append(f"split folder {folder} not found; create it or fix data.root / data.images_dir / "
+                                   "data.annotations_dir / the split names")  # fmt: skip
+        if missing:
+            continue
+        pairs = _pairs(image_root, mask_root, layout["mask_suffix"], report)
+        if not pairs:
+            report.problems.append(f"split {split} is empty: no image/mask pairs under {image_root} and {mask_root}; "
+                                   "add data or check data.mask_suffix")  # fmt: skip
+        report.checked[split] = len(pairs)
+        report.problems += _parallel(check_pair, pairs, workers)
+
+
+def check_dataset(config: Config, workers: int | None = None) -> DataReport:
+    """Decode and check every sample of the config's train and val splits; never stops at the first problem."""
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    report = DataReport(Path(config.data.root), config.task)
+    if not report.root.is_dir():
+        report.problems.append(
+            f"data.root {report.root} does not exist; download a dataset or point data.root at your folder"
+        )
+        return report
+    if config.task == "classification":
+        _check_classification(config, report, workers)
+    else:
+        _check_segmentation(config, report, workers)
+    return report
