@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).parent)]
 
 import torch  # noqa: E402
-
 from _common import markdown_table, write_result  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "dinov3_reference"
@@ -137,7 +136,7 @@ def alternate(contenders: dict, repeats: int, warmup: int, sync, min_sample_s: f
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(timed(lambda: sample(contenders[name]), sync) / calls)
+            times[name].append(timed(lambda fn=contenders[name]: sample(fn), sync) / calls)
     return times
 
 
@@ -162,8 +161,8 @@ def parity_section(variants, shapes, repeats, device, sync) -> tuple[list[dict],
                 error = (ours_tokens - theirs_tokens).abs().max().item()
                 times = alternate(
                     {
-                        "ours": lambda: backbone(images),
-                        "hf": lambda: hf(pixel_values=images).last_hidden_state,
+                        "ours": lambda b=backbone, x=images: b(x),
+                        "hf": lambda h=hf, x=images: h(pixel_values=x).last_hidden_state,
                     },
                     repeats, warmup=1, sync=sync,
                 )  # fmt: skip
@@ -324,7 +323,7 @@ def main() -> None:
         ["variant", "size", "batch", "max abs err", "ours img/s", "HF img/s", "ours/HF", f">= {PARITY_LIMIT}"],
         parity_table,
     ))  # fmt: skip
-    print(f"\n## bf16 vs float32 (frozen vits16, 224, batch 8)\n")
+    print("\n## bf16 vs float32 (frozen vits16, 224, batch 8)\n")
     ips = speed["images_per_s"]
     dtype_rows = [[name, sig(value)] for name, value in ips.items()]
     print(markdown_table(["path", "img/s"], dtype_rows))

@@ -163,8 +163,8 @@ def main() -> None:
         return
 
     import torch
-
     from _common import markdown_table, write_result
+
     from dinov3ds.heads import HEADS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

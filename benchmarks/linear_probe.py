@@ -30,9 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).parent)]
 
 import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-
 from _common import markdown_table, write_result  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 LIMIT = 20.0
 

@@ -15,9 +15,13 @@ from dinov3ds.errors import DataWarning, UserError
 
 
 def _train(args: argparse.Namespace) -> None:
+    from dinov3ds.config import load_config
+
+    config = load_config(args.config, args.overrides)  # a config typo fails before torch/Lightning load
+
     from dinov3ds.engine import train
 
-    result = train(args.config, args.overrides, resume=args.resume)
+    result = train(config, resume=args.resume)
     if not result.is_global_zero:
         return
     print(f"best checkpoint: {result.best_checkpoint}")

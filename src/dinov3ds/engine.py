@@ -11,8 +11,10 @@ devices, precision, logging and resuming is Lightning's.
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3ds import __version__
-from dinov3ds.checkpoints import FORMAT_VERSION, AtomicCheckpointIO
+from dinov3ds.checkpoints import FORMAT_VERSION, AtomicCheckpointIO, load_checkpoint_file
 from dinov3ds.config import Config, load_config, save_config
 from dinov3ds.data.build import DataSplits, build_datasets
 from dinov3ds.errors import UserError
@@ -352,6 +354,7 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
     module = TaskModule(model, config, splits.class_names, from_features=from_features)
     eval_batch = config.data.eval_batch_size or (config.data.batch_size if config.task == "classification" else 1)
     trainer = build_trainer(config, output_dir, module.monitor)
+    history = _metrics_history(output_dir, last) if resume and rank_zero_only.rank == 0 else []
     trainer.fit(
         module,
         _loader(splits.train, config, batch_size=config.data.batch_size, train=True),
@@ -363,10 +366,38 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
     result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result.is_global_zero = trainer.is_global_zero
     if trainer.is_global_zero:
+        _prepend_history(output_dir / "metrics.csv", history)
         from dinov3ds.reports import write_training_report
 
         write_training_report(module, splits, result)
     return result
+
+
+def _metrics_history(output_dir: Path, last: Path) -> list[dict]:
+    """Rows of metrics.csv up to the checkpoint being resumed (Lightning's CSVLogger starts a new file)."""
+    path = output_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    step = int(load_checkpoint_file(last).get("global_step", 0))
+    with open(path, newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row.get("step") and int(row["step"]) <= step]
+
+
+def _prepend_history(path: Path, history: list[dict]) -> None:
+    """Put the rows from before a resume back in front of the resumed run's rows (written atomically)."""
+    if not history or not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows, columns = list(reader), list(reader.fieldnames or [])
+    columns += [key for row in history for key in row if key not in columns]
+    columns = list(dict.fromkeys(columns))
+    temporary = path.with_suffix(".csv.tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(history + rows)
+    os.replace(temporary, path)
 
 
 def _input_multiple(config: Config, backbone) -> int:
