@@ -100,7 +100,7 @@ class TrainerConfig(Section):
     log_every_n_steps: int = 10
     deterministic: bool = False  # bit-reproducible kernels (slower)
     progress_bar: bool = True
-    compile: bool = False  # torch.compile the head and backbone; falls back to eager on failure
+    compile: bool = False  # torch.compile the backbone blocks; falls back to eager on failure
 
     @field_validator("precision", mode="before")
     @classmethod
