@@ -149,13 +149,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     return Trained(root, checkpoint, heldout, heldout_label)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def check_on_grid(prediction: Path, reference: Path) -> np.ndarray:
     """The prediction has the reference's shape, affine (exactly), qform/sform and zooms; returns its labels."""

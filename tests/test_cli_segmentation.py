@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dinov3ds.cli import main
@@ -65,16 +64,6 @@ HEADS = {
                    "optim.lr=3e-3", "trainer.max_epochs=20", "trainer.check_val_every_n_epoch=10"]),
 }  # fmt: skip
 UNET = HEADS["unet"][1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy 2-core runner OpenMP threads spinning
-    against each other make every op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(*args: str, capsys: pytest.CaptureFixture) -> str:

@@ -16,14 +16,6 @@ from dinov3ds.heads.fapm import FAPMHead
 SHAPES = [(3, 4), (2, 5)]  # non-square and different per level: catches H/W and level mix-ups
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a shared 2-core machine two intra-op threads ran 15x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def naive_deformable_attention(value, shapes, locations, weights):
     """Loops over everything; bilinear by hand with pixel centres at (i + 0.5) / size and zeros outside."""

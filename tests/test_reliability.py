@@ -49,14 +49,6 @@ TINY = ["backbone.weights=random", "backbone.overrides={depth: 1}", "data.num_wo
         "trainer.max_epochs=1", "trainer.log_every_n_steps=1"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread on a shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def run(args: list, capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
