@@ -109,14 +109,7 @@ class Classifier(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Classifier:
-        checkpoint = read_checkpoint(path, expected_task="classification")
-        config = config_from_dict(checkpoint.config, str(path))
-        config.backbone.weights = resolve_backbone_weights(checkpoint, path)
-        backbone = backbone_from_config(config, device)
-        model = cls(backbone, len(checkpoint.class_names), config, checkpoint.class_names)
-        model.head.load_state_dict(checkpoint.head_state_dict)
-        load_finetuned_blocks(backbone, checkpoint.backbone_state_dict)
-        return model.to(device).eval()
+        return _restore(cls, path, device, "classification")
 
     @torch.inference_mode()
     def predict(self, images: Sequence[ImageInput] | ImageInput, topk: int = 5, batch_size: int = 32) -> list[dict]:
@@ -213,14 +206,19 @@ class Segmenter(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Segmenter:
-        checkpoint = read_checkpoint(path, expected_task="segmentation")
-        config = config_from_dict(checkpoint.config, str(path))
-        config.backbone.weights = resolve_backbone_weights(checkpoint, path)
-        backbone = backbone_from_config(config, device)
-        model = cls(backbone, checkpoint.num_classes, config, checkpoint.class_names)
-        model.head.load_state_dict(checkpoint.head_state_dict)
-        load_finetuned_blocks(backbone, checkpoint.backbone_state_dict)
-        return model.to(device).eval()
+        return _restore(cls, path, device, "segmentation")
+
+
+def _restore(model_class, path: str | Path, device: str | torch.device, task: str):
+    """Rebuild a model from a head-only checkpoint: the same backbone weights (verified), then the head."""
+    checkpoint = read_checkpoint(path, expected_task=task)
+    config = config_from_dict(checkpoint.config, str(path))
+    config.backbone.weights = resolve_backbone_weights(checkpoint, path)
+    backbone = backbone_from_config(config, device)
+    model = model_class(backbone, checkpoint.num_classes, config, checkpoint.class_names)
+    model.head.load_state_dict(checkpoint.head_state_dict)
+    load_finetuned_blocks(backbone, checkpoint.backbone_state_dict)
+    return model.to(device).eval()
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifier | Segmenter:
