@@ -1,6 +1,6 @@
 """Peak memory of loading a full-size ViT-L/16 checkpoint in Meta's format (DESIGN.md §4, "Memory").
 
-The loader builds the model on the meta device and assigns `torch.load(mmap=True)` tensors, so a float32 load
+The loader builds the model on the meta device and assigns tensors memory-mapped from the file (weights_only, mmap), so a float32 load
 should cost about one copy of the file. Each case runs in a fresh interpreter: baseline is its RSS after
 `import torch, dinov3ds`, peak is `ru_maxrss` after `load_backbone` and one small forward. Mapped file pages
 count towards RSS, so the float32 model's weights show up as RssFile, not RssAnon.
