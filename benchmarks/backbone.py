@@ -294,6 +294,8 @@ def main() -> None:
     import logging
 
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="backbone dtype")  # the emulated-bf16 warning: the verdict says it
+    from dinov3ds.hardware import CPU_NATIVE_FLAGS, native_support
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -314,6 +316,11 @@ def main() -> None:
     speed = dtype_and_compile_section(args.repeats, device, sync, compile_model=not args.no_compile)
 
     bf16_ok = speed["bf16_speedup"] >= BF16_SPEEDUP_LIMIT and cosine["patch_cosine_min"] >= BF16_COSINE_LIMIT
+    native_bf16 = native_support(torch.bfloat16, device)
+    bf16_verdict = "PASS" if bf16_ok else "FAIL"
+    if not bf16_ok and native_bf16 is False:
+        bf16_verdict += " (this CPU has no native bf16: none of " + ", ".join(sorted(CPU_NATIVE_FLAGS[torch.bfloat16]))
+        bf16_verdict += " in /proc/cpuinfo, so bf16 matmuls are emulated)"
     print(f"## Backbone forward: dinov3ds vs HF DINOv3ViTModel (same weights, {device.type}, "
           f"median of {args.repeats} alternating rounds)\n")  # fmt: skip
     fixture_err = max(mapping["max_abs_err"].values())
@@ -330,7 +337,7 @@ def main() -> None:
     print(
         f"\nbf16 speed-up {speed['bf16_speedup']:.2f}x (limit {BF16_SPEEDUP_LIMIT}x); patch cosine on "
         f"{cosine['weights']}: min {cosine['patch_cosine_min']:.5f}, mean {cosine['patch_cosine_mean']:.5f} "
-        f"(limit {BF16_COSINE_LIMIT}) -> {'PASS' if bf16_ok else 'FAIL'}"
+        f"(limit {BF16_COSINE_LIMIT}) -> {bf16_verdict}"
     )
     compile_info = speed["compile"]
     if compile_info is None:
@@ -358,7 +365,7 @@ def main() -> None:
         "settings": settings,
         "parity": parity,
         "bf16": {"speedup_limit": BF16_SPEEDUP_LIMIT, "cosine_limit": BF16_COSINE_LIMIT, "pass": bf16_ok,
-                 "cosine": cosine, "speed": speed},
+                 "verdict": bf16_verdict, "native_bf16": native_bf16, "cosine": cosine, "speed": speed},
     })  # fmt: skip
     print(f"\nwrote {path}")
 

@@ -23,6 +23,7 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
+from dinov3ds.hardware import slow_dtype_message
 from dinov3ds.weights import WeightFile, inspect_state_dict, load_state_dict_file, verify_hash
 
 logger = logging.getLogger("dinov3ds")
@@ -395,6 +396,12 @@ def _materialize_buffers(model: nn.Module, dtype: torch.dtype) -> None:
     reinit_non_persistent_buffers(model)
 
 
+def _announce(message: str) -> None:
+    """Both channels: Python users see the warning, CLI users (warnings filtered) see the log line."""
+    warnings.warn(message, stacklevel=3)
+    logger.warning(message)
+
+
 def load_backbone(
     name: str,
     weights: str | os.PathLike | None = None,
@@ -416,9 +423,7 @@ def load_backbone(
     """
     spec = get_spec(name)
     if isinstance(weights, str) and weights == "random":
-        message = f"RANDOM WEIGHTS for {spec.name}: features are meaningless (tests and demos only)"
-        warnings.warn(message, stacklevel=2)
-        logger.warning(message)
+        _announce(f"RANDOM WEIGHTS for {spec.name}: features are meaningless (tests and demos only)")
         model = _random_weights(spec, arch_overrides, seed=0).to(dtype)
         identity = {"name": spec.name, "weights": "random", "seed": 0, "overrides": arch_overrides}
     else:
@@ -439,4 +444,7 @@ def load_backbone(
         identity = {
             "name": spec.name, "weights": path.name, "sha256": weight_file.sha256, "overrides": arch_overrides,
         }  # fmt: skip
+    slow = slow_dtype_message(dtype, device)
+    if slow:
+        _announce(slow)
     return Backbone(spec, model.to(device), identity)

@@ -112,15 +112,17 @@ def read_checkpoint(path: str | Path, expected_task: str | None = None) -> HeadC
     )
 
 
-def resolve_backbone_weights(checkpoint: HeadCheckpoint, checkpoint_path: str | Path) -> str:
-    """Find the weight file the head was trained on and refuse a different one (its SHA-256 must match)."""
+def resolve_backbone_weights(checkpoint: HeadCheckpoint, checkpoint_path: str | Path, recorded: str | None) -> str:
+    """Find the weight file the head was trained on and refuse a different one (its SHA-256 must match).
+
+    `recorded` (the config's backbone.weights, possibly overridden) is tried first, then checkpoints/.
+    """
     from dinov3ds.backbones import checkpoint_dirs  # local: backbones imports heavy timm modules
     from dinov3ds.weights import sha256_of
 
     identity = checkpoint.backbone
     if identity["weights"] == "random":
         return "random"
-    recorded = checkpoint.config.get("backbone", {}).get("weights")
     candidates = [Path(recorded)] if recorded and recorded != "random" else []
     candidates += [folder / identity["weights"] for folder in checkpoint_dirs()]
     for candidate in candidates:

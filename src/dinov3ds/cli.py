@@ -86,8 +86,9 @@ def _export(args: argparse.Namespace) -> None:
 
 def _backbone_from_args(args: argparse.Namespace):
     from dinov3ds.backbones import load_backbone
+    from dinov3ds.models import TORCH_DTYPES
 
-    return load_backbone(args.backbone, args.weights)
+    return load_backbone(args.backbone, args.weights, dtype=TORCH_DTYPES[args.dtype])
 
 
 def _features(args: argparse.Namespace) -> None:
@@ -110,7 +111,7 @@ def _knn(args: argparse.Namespace) -> None:
     from dinov3ds.features import knn_evaluate
 
     result = knn_evaluate(args.backbone, args.root, weights=args.weights, image_size=args.image_size, k=args.k,
-                          temperature=args.temperature, pooling=args.pooling)  # fmt: skip
+                          temperature=args.temperature, pooling=args.pooling, dtype=args.dtype)  # fmt: skip
     print(f"k-NN (k={args.k}, T={args.temperature}): top-1 {100 * result['top1']:.2f}  top-5 {100 * result['top5']:.2f}")
 
 
@@ -130,6 +131,8 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) ->
     parser.add_argument("--backbone", default="vits16", help="variant name (see `dinov3ds backbones`)")
     parser.add_argument("--weights", default=None, help="weight file, or 'random' (default: checkpoints/)")
     parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="backbone weight/compute dtype (bfloat16: half the memory; faster where native)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

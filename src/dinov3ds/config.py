@@ -185,6 +185,11 @@ def config_from_dict(tree: dict, source: str = "config") -> Config:
         raise UserError(_describe(error, source)) from None
 
 
+def with_overrides(tree: dict, overrides: list[str] | None, source: str = "config") -> Config:
+    """A config tree (e.g. a checkpoint's) with dotted overrides on top, validated."""
+    return config_from_dict(_merge(tree, parse_overrides(overrides or [])), source)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (safe_load only), apply dotted overrides, validate."""
     tree: dict = {}
@@ -200,8 +205,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise UserError(f"{path} must hold a mapping of sections (backbone:, data:, ...)")
-    tree = _merge(tree, parse_overrides(overrides or []))
-    return config_from_dict(tree, source)
+    return with_overrides(tree, overrides, source)
 
 
 def save_config(config: Config, path: Path) -> None:

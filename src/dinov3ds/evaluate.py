@@ -9,26 +9,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dinov3ds.checkpoints import read_checkpoint
-from dinov3ds.config import Config, _merge, config_from_dict, parse_overrides
 from dinov3ds.data.build import build_datasets
 from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
 from dinov3ds.models import Classifier, Segmenter, load_model
 from dinov3ds.reports import write_metrics
 
 
-def checkpoint_config(path: str | Path, overrides: list[str] | None) -> Config:
-    """The checkpoint's own config with command-line overrides on top (e.g. a new data.root)."""
-    checkpoint = read_checkpoint(path)
-    return config_from_dict(_merge(checkpoint.config, parse_overrides(overrides or [])), str(path))
-
-
 @torch.inference_mode()
 def evaluate(checkpoint_path: str | Path, overrides: list[str] | None = None, output_dir: str | Path | None = None) -> dict:
     """Evaluate, print the per-class table and scalars, write them under `output_dir` (default: the run's)."""
-    model = load_model(checkpoint_path)
-    config = checkpoint_config(checkpoint_path, overrides)
-    model.config = config
+    model = load_model(checkpoint_path, overrides=overrides)
+    config = model.config
     multiple = model.input_multiple if isinstance(model, Segmenter) else model.backbone.input_multiple
     val = build_datasets(config, model.backbone.mean, model.backbone.std, multiple).val
     if isinstance(model, Classifier):

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dinov3ds.backbones import Backbone, load_backbone
+from dinov3ds.backbones import Backbone
 from dinov3ds.config import load_config
 from dinov3ds.data.build import build_datasets
 from dinov3ds.data.io import find_images, load_image
 from dinov3ds.data.transforms import classification_eval_transform
 from dinov3ds.errors import UserError
 from dinov3ds.feature_cache import cached_features
-from dinov3ds.models import Classifier
+from dinov3ds.models import Classifier, backbone_from_config
 from dinov3ds.viz import save_pca_image
 
 
@@ -109,15 +109,15 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, featur
 
 def knn_evaluate(backbone_name: str, root: str | Path, *, weights: str | None = None, image_size: int = 224,
                  k: int = 20, temperature: float = 0.07, pooling: str = "cls+avg",
-                 overrides: dict | None = None) -> dict[str, float]:  # fmt: skip
+                 overrides: dict | None = None, dtype: str = "float32") -> dict[str, float]:  # fmt: skip
     """k-NN top-1/top-5 on an image-folder dataset (train → val), features from the on-disk cache."""
     config = load_config(None, [
         "task=classification", f"data.root={root}", f"data.image_size={image_size}", "data.augment=false",
-        f"backbone.name={backbone_name}", f"head.pooling={pooling}", "data.num_workers=0",
+        f"backbone.name={backbone_name}", f"head.pooling={pooling}", "data.num_workers=0", f"backbone.dtype={dtype}",
     ])  # fmt: skip
     config.backbone.weights = weights
     config.backbone.overrides = overrides or {}
-    backbone = load_backbone(backbone_name, weights, **(overrides or {}))
+    backbone = backbone_from_config(config)
     splits = build_datasets(config, backbone.mean, backbone.std)
     model = Classifier(backbone, len(splits.class_names), config, splits.class_names)
     train = cached_features(model, splits.train, config).tensors

@@ -20,8 +20,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dinov3ds.backbones import Backbone, load_backbone
-from dinov3ds.checkpoints import read_checkpoint, resolve_backbone_weights
-from dinov3ds.config import Config, config_from_dict
+from dinov3ds.checkpoints import HeadCheckpoint, read_checkpoint, resolve_backbone_weights
+from dinov3ds.config import Config, with_overrides
 from dinov3ds.data.io import load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform
 from dinov3ds.errors import UserError
@@ -31,6 +31,10 @@ from dinov3ds.inference import InferenceOptions, run_inference
 ImageInput = str | Path | Image.Image | np.ndarray
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Settings the trained head's weights depend on: a checkpoint's config cannot override them.
+TRAINED_SETTINGS = ("task", "backbone.name", "backbone.layers", "backbone.overrides", "backbone.unfreeze_last_blocks",
+                    "head", "data.num_classes", "data.class_names")  # fmt: skip
 
 
 def backbone_from_config(config: Config, device: str | torch.device = "cpu") -> Backbone:
@@ -108,8 +112,11 @@ class Classifier(nn.Module):
         return self.head(self.features(images))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Classifier:
-        return _restore(cls, path, device, "classification")
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None
+    ) -> Classifier:
+        """Head from `path` on its verified backbone; `overrides` e.g. ["backbone.dtype=bfloat16"]."""
+        return _restore(cls, path, device, "classification", overrides)
 
     @torch.inference_mode()
     def predict(self, images: Sequence[ImageInput] | ImageInput, topk: int = 5, batch_size: int = 32) -> list[dict]:
@@ -205,15 +212,32 @@ class Segmenter(nn.Module):
         return labels
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Segmenter:
-        return _restore(cls, path, device, "segmentation")
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None
+    ) -> Segmenter:
+        """Head from `path` on its verified backbone; `overrides` e.g. ["backbone.dtype=bfloat16"]."""
+        return _restore(cls, path, device, "segmentation", overrides)
 
 
-def _restore(model_class, path: str | Path, device: str | torch.device, task: str):
+def checkpoint_config(checkpoint: HeadCheckpoint, path: str | Path, overrides: list[str] | None) -> Config:
+    """The checkpoint's own config with overrides on top (a new data.root, backbone.dtype=bfloat16, ...).
+
+    Overrides of settings the head was trained with are refused: they would load without error and
+    silently predict garbage, or fail deep inside `load_state_dict`.
+    """
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        for fixed in TRAINED_SETTINGS:
+            if key == fixed or key.startswith(fixed + ".") or fixed.startswith(key + "."):
+                raise UserError(f"{path}: '{key}' is fixed by the trained head and cannot be overridden; train a new head instead")
+    return with_overrides(checkpoint.config, overrides, str(path))
+
+
+def _restore(model_class, path: str | Path, device: str | torch.device, task: str, overrides: list[str] | None):
     """Rebuild a model from a head-only checkpoint: the same backbone weights (verified), then the head."""
     checkpoint = read_checkpoint(path, expected_task=task)
-    config = config_from_dict(checkpoint.config, str(path))
-    config.backbone.weights = resolve_backbone_weights(checkpoint, path)
+    config = checkpoint_config(checkpoint, path, overrides)
+    config.backbone.weights = resolve_backbone_weights(checkpoint, path, config.backbone.weights)
     backbone = backbone_from_config(config, device)
     model = model_class(backbone, checkpoint.num_classes, config, checkpoint.class_names)
     model.head.load_state_dict(checkpoint.head_state_dict)
@@ -221,7 +245,9 @@ def _restore(model_class, path: str | Path, device: str | torch.device, task: st
     return model.to(device).eval()
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifier | Segmenter:
-    """Either model, whichever task the checkpoint was trained for."""
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None
+) -> Classifier | Segmenter:
+    """Either model, whichever task the checkpoint was trained for; `overrides` as in `checkpoint_config`."""
     task = read_checkpoint(path).task
-    return (Classifier if task == "classification" else Segmenter).from_checkpoint(path, device)
+    return (Classifier if task == "classification" else Segmenter).from_checkpoint(path, device, overrides)

@@ -15,7 +15,6 @@ from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image
 from dinov3ds.data.medical import load_volume
 from dinov3ds.data.transforms import SegmentationEvalTransform
 from dinov3ds.errors import UserError
-from dinov3ds.evaluate import checkpoint_config
 from dinov3ds.models import Classifier, Segmenter, load_model
 from dinov3ds.viz import default_palette, save_color_png, save_label_png
 from dinov3ds.volumes import dice_and_iou, predict_volume, save_like
@@ -171,9 +170,7 @@ def predict_volumes(model: Segmenter, volumes: list[Path], out: Path, labels: Pa
 
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: int = 5, mode: str | None = None,
             labels: str | None = None, overrides: list[str] | None = None, probabilities: bool = False) -> None:  # fmt: skip
-    model = load_model(checkpoint)
-    if overrides:
-        model.config = checkpoint_config(checkpoint, overrides)
+    model = load_model(checkpoint, overrides=overrides)
     images, volumes = collect_inputs(paths)
     out = Path(out)
     if isinstance(model, Classifier):

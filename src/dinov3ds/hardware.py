@@ -1,0 +1,64 @@
+"""Whether this machine runs a reduced-precision backbone natively, so a slow choice is said out loud.
+
+bf16 halves a frozen backbone's memory everywhere, but it is only *faster* where the hardware multiplies
+in bf16: recent GPUs, and CPUs with AVX512-BF16, AMX or Arm's BF16 extension. Elsewhere (an AVX2-only
+CPU, say) oneDNN has no bf16 kernel and PyTorch falls back to a generic one several times slower than
+float32 (`benchmarks/backbone.py` measured 0.14x on an AVX2 EPYC). The config is still honoured; the
+user is told what it costs.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+# /proc/cpuinfo flags (x86 "flags", Arm "Features") that mean native multiply-accumulate in that dtype.
+CPU_NATIVE_FLAGS = {
+    torch.bfloat16: frozenset({"avx512_bf16", "amx_bf16", "bf16"}),
+    torch.float16: frozenset({"avx512_fp16", "amx_fp16", "asimdhp"}),
+}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags, or None where /proc/cpuinfo does not exist (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def native_support(dtype: torch.dtype, device: str | torch.device) -> bool | None:
+    """True if `device` computes in `dtype` natively, False if it emulates it, None if unknown."""
+    if dtype == torch.float32:
+        return True
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported() if dtype == torch.bfloat16 else True
+    if kind != "cpu":
+        return None
+    flags = cpu_flags()
+    if flags is None or dtype not in CPU_NATIVE_FLAGS:
+        return None
+    return bool(flags & CPU_NATIVE_FLAGS[dtype])
+
+
+def slow_dtype_message(dtype: torch.dtype, device: str | torch.device) -> str | None:
+    """A one-line warning when `dtype` would run emulated (slower than float32) on `device`, else None."""
+    if native_support(dtype, device) is not False:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    wanted = ", ".join(sorted(CPU_NATIVE_FLAGS.get(dtype, ())))
+    return (
+        f"backbone dtype {name} on {torch.device(device).type}: this hardware has no native {name} "
+        f"({wanted or 'GPU support'} missing), so the forward runs several times slower than float32; "
+        "it still halves memory. Set backbone.dtype: float32 for speed here"
+    )
