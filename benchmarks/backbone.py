@@ -285,7 +285,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the default sizes (kept for run_all)")
     parser.add_argument("--full", action="store_true", help="add vitl16 and 512 at batch 8")
     parser.add_argument("--variants", nargs="+", help="override the variant list")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per row (after 1 warm-up)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds per row (after 1 warm-up)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--name", default="backbone", help="results/<name>.json")

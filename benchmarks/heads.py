@@ -5,7 +5,9 @@ For each head in `dinov3ds.heads.HEADS` a fresh interpreter builds `Segmenter` a
 backbone keeps no activations), head forward, cross-entropy, backward. Two timings per head:
 
 * step: backbone (no_grad) + head forward + loss + backward, per image;
-* head only: head forward + loss + backward on features computed beforehand, per image.
+* head only: head forward + loss + backward on features computed beforehand, per image;
+* the same head-only time with the head in `channels_last` (what the library uses on CUDA, where cuDNN's
+  tensor-core convolutions are NHWC; on CPU it is measured too and decides nothing).
 
 The optimizer step is not included (see `train_step.py` for the whole step). Peak memory is measured around
 the timed steps (warm-up included, so gradients count): on CPU the peak RSS above the RSS right before the
@@ -22,6 +24,7 @@ warm-up); `--quick` uses 256x256 (what fits 4 min on 2 shared CPU cores); `--siz
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -89,6 +92,14 @@ def child(head: str, size: int, batch: int, iters: int, device_name: str, classe
         loss = criterion(model.head(features, images), target)
         loss.backward()
 
+    # The same head in channels_last (what `place_model` does on CUDA), on the same features.
+    head_cl = copy.deepcopy(model.head).to(memory_format=torch.channels_last)
+    images_cl = images.contiguous(memory_format=torch.channels_last)
+
+    def head_only_channels_last() -> None:
+        loss = criterion(head_cl(features, images_cl), target)
+        loss.backward()
+
     # Memory: reset the high-water mark, then warm-up + timed steps.
     if cuda:
         torch.cuda.synchronize()
@@ -99,8 +110,10 @@ def child(head: str, size: int, batch: int, iters: int, device_name: str, classe
         baseline = _proc_status("VmRSS")
     step()  # warm-up
     model.zero_grad(set_to_none=False)
-    step_times, head_times = [], []
-    for _ in range(iters):  # alternate the two measurements
+    head_only_channels_last()  # warm-up
+    head_cl.zero_grad(set_to_none=False)
+    step_times, head_times, head_cl_times = [], [], []
+    for _ in range(iters):  # alternate the measurements
         sync()
         start = time.perf_counter()
         step()
@@ -113,6 +126,12 @@ def child(head: str, size: int, batch: int, iters: int, device_name: str, classe
         sync()
         head_times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=False)
+        sync()
+        start = time.perf_counter()
+        head_only_channels_last()
+        sync()
+        head_cl_times.append(time.perf_counter() - start)
+        head_cl.zero_grad(set_to_none=False)
     peak = torch.cuda.max_memory_allocated() if cuda else _proc_status("VmHWM")
     return {
         "head": head,
@@ -121,6 +140,8 @@ def child(head: str, size: int, batch: int, iters: int, device_name: str, classe
         "head_only_s": head_times,
         "step_ms_per_image": 1000 * statistics.median(step_times) / batch,
         "head_only_ms_per_image": 1000 * statistics.median(head_times) / batch,
+        "head_only_channels_last_s": head_cl_times,
+        "head_only_channels_last_ms_per_image": 1000 * statistics.median(head_cl_times) / batch,
         "peak_memory_mib": (peak - baseline) / 2**20,
         "memory_kind": "cuda max_memory_allocated delta" if cuda else "peak RSS delta (VmHWM)",
     }
@@ -184,14 +205,17 @@ def main() -> None:
 
     table = [
         [r["head"], f"{r['trainable_parameters']:,}", sig(r["step_ms_per_image"]), sig(r["head_only_ms_per_image"]),
-         sig(r["peak_memory_mib"])] if "error" not in r else [r["head"], "error", r["error"], "", ""]
+         sig(r["head_only_channels_last_ms_per_image"]),
+         sig(r["head_only_ms_per_image"] / r["head_only_channels_last_ms_per_image"]), sig(r["peak_memory_mib"])]
+        if "error" not in r else [r["head"], "error", r["error"], "", "", "", ""]
         for r in rows
     ]  # fmt: skip
     mem = "peak GPU memory MiB" if device.startswith("cuda") else "peak RSS delta MiB"
     print(f"## Segmentation heads on vits16 (random, full depth), {args.size}x{args.size}, batch {args.batch}, "
           f"{args.classes} classes, {device}, median of {args.iters} iterations\n")  # fmt: skip
     print(markdown_table(
-        ["head", "trainable params", "step fwd+bwd ms/img", "head-only fwd+bwd ms/img", mem], table
+        ["head", "trainable params", "step fwd+bwd ms/img", "head-only fwd+bwd ms/img",
+         "channels_last head-only ms/img", "channels_last speed-up", mem], table
     ))  # fmt: skip
     counts = fapm_counts()
     if counts:

@@ -116,6 +116,25 @@ def test_state_dict_round_trip_gives_identical_output(name: str, tmp_path) -> No
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
+def test_channels_last_head_gives_the_same_logits_and_gradients(name: str) -> None:
+    """What `place_model` does on CUDA: NHWC weights must not change the result (no layout-dependent view)."""
+    head = make_head(name, "vit_small").eval()
+    features, image = make_inputs("vit_small", (64, 96))
+    expected = head(features, image)
+    expected.square().mean().backward()
+    expected_grads = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad(set_to_none=True)
+    head.to(memory_format=torch.channels_last)
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in head.parameters()) or name == "linear"  # fmt: skip
+    output = head(features, image.contiguous(memory_format=torch.channels_last))
+    output.square().mean().backward()
+    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-5)
+    for grad, expected_grad in zip((p.grad for p in head.parameters()), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
 def test_overfits_one_small_batch(name: str) -> None:
     in_channels, strides = [64] * 4, [16] * 4
     features = [torch.randn(2, 64, 2, 4) for _ in strides]

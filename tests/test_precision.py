@@ -18,7 +18,7 @@ from dinov3ds.data.synthetic import make_classification_folder
 from dinov3ds.engine import train
 from dinov3ds.errors import UserError
 from dinov3ds.feature_cache import cached_features
-from dinov3ds.models import Classifier, backbone_from_config, load_model
+from dinov3ds.models import Classifier, backbone_dtype, backbone_from_config, load_model
 from dinov3ds.weights import cache_dir
 from tests.conftest import reference_dir
 
@@ -106,3 +106,38 @@ def test_overrides_the_head_depends_on_are_refused(classification_run, override)
     key = override.split("=")[0]
     with pytest.raises(UserError, match=f"'{key}' is fixed by the trained head"):
         load_model(checkpoint, overrides=[override])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "precision", "unfrozen", "flags", "expected"),
+    [
+        ("auto", "bf16-mixed", 0, {"avx512_bf16"}, torch.bfloat16),
+        ("auto", "bf16-true", 0, {"amx_bf16"}, torch.bfloat16),
+        ("auto", "bf16-mixed", 0, {"avx2"}, torch.float32),  # emulated bf16 would be slower than float32
+        ("auto", "bf16-mixed", 2, {"avx512_bf16"}, torch.float32),  # blocks that train keep float32 weights
+        ("auto", "32", 0, {"avx512_bf16"}, torch.float32),
+        ("auto", "16-mixed", 0, {"avx512_fp16"}, torch.float32),  # fp16 storage only when asked (overflow risk)
+        ("float32", "bf16-mixed", 0, {"avx512_bf16"}, torch.float32),  # an explicit dtype always wins
+        ("bfloat16", "32", 0, {"avx2"}, torch.bfloat16),
+    ],
+)
+def test_auto_dtype_follows_precision_freezing_and_hardware(monkeypatch, dtype, precision, unfrozen, flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    config = load_config(None, [f"backbone.dtype={dtype}", f"trainer.precision={precision}",
+                                f"backbone.unfreeze_last_blocks={unfrozen}"])  # fmt: skip
+    assert backbone_dtype(config, "cpu") == expected
+
+
+def test_bf16_mixed_training_stores_the_frozen_backbone_in_bf16(monkeypatch, tmp_path):
+    """Where bf16 is native, `auto` + bf16-mixed trains on a bf16 backbone and caches bf16 features apart."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    root = make_classification_folder(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=2, size=32)
+    keys = set()
+    for precision in ("32", "bf16-mixed"):
+        result = train(load_config(None, [*TINY, f"data.root={root}", "trainer.max_epochs=2", "optim.lr=0.01",
+                                          f"trainer.precision={precision}", f"output_dir={tmp_path / precision}"]))  # fmt: skip
+        assert result.best_checkpoint is not None and 0.0 <= result.metrics["val/top1"] <= 1.0
+        keys |= {p.name for p in (cache_dir() / "features").glob("*.pt")}
+        model = load_model(result.best_checkpoint)
+        assert model.backbone.dtype == (torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
+    assert len(keys) == 2 * 2  # train + val per dtype: a float32 cache is never reused for bf16

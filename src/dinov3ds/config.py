@@ -26,7 +26,9 @@ class BackboneConfig(Section):
     name: str = "vits16"  # Meta's variant name, e.g. vits16, vitl16, vitl16_sat493m, convnext_tiny
     weights: str | None = None  # None: official file in checkpoints/; a path; or "random" (smoke tests only)
     layers: list[int] | None = None  # 0-based taps for multi-layer heads; None = four even intervals
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of the frozen weights
+    # Storage/compute dtype of the backbone. auto: bfloat16 when training with bf16 precision, the backbone is
+    # frozen and the device computes bf16 natively (autocast would re-cast every weight each step); else float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     overrides: dict[str, Any] = Field(default_factory=dict)  # timm architecture overrides (tests: depth)
     unfreeze_last_blocks: int = 0  # fine-tune the last N blocks (saved in checkpoints); 0 = fully frozen
 

@@ -36,7 +36,7 @@ from dinov3ds.errors import UserError
 from dinov3ds.feature_cache import cached_features
 from dinov3ds.losses import build_loss
 from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
-from dinov3ds.models import Classifier, LinearClassificationHead, Segmenter, backbone_from_config
+from dinov3ds.models import Classifier, LinearClassificationHead, Segmenter, backbone_from_config, place_model
 from dinov3ds.signals import GracefulInterrupt
 
 logger = logging.getLogger("dinov3ds")
@@ -335,13 +335,14 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
         _check_writable(output_dir)
         save_config(config, output_dir / "config.yaml")
 
-    backbone = backbone_from_config(config)
+    device = training_device(config)
+    backbone = backbone_from_config(config, device)
     splits = build_datasets(config, backbone.mean, backbone.std, _input_multiple(config, backbone))
     backbone.unfreeze_last_blocks(config.backbone.unfreeze_last_blocks)
-    model = build_model(config, splits.class_names, backbone)
+    model = place_model(build_model(config, splits.class_names, backbone), device)
     if config.trainer.compile:
         size = config.data.image_size - config.data.image_size % backbone.input_multiple or backbone.input_multiple
-        backbone.compile_blocks(torch.zeros(1, 3, size, size, dtype=backbone.dtype))
+        backbone.compile_blocks(torch.zeros(1, 3, size, size, dtype=backbone.dtype, device=device))
     logger.info("trainable parameters: %s", f"{sum(p.numel() for p in model.head.parameters()):,}")
     from_features = (
         config.task == "classification" and not config.data.augment and config.cache_features
@@ -371,6 +372,19 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
 
         write_training_report(module, splits, result)
     return result
+
+
+def training_device(config: Config) -> torch.device:
+    """The device this process will train on. The backbone is loaded there and cached features are computed
+    there: before `fit` Lightning has moved nothing, and a feature pass on the CPU would waste the GPU."""
+    section = config.trainer
+    if section.accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    devices = section.devices
+    if isinstance(devices, str) and "," in devices:
+        devices = [int(part) for part in devices.split(",") if part.strip()]
+    return torch.device("cuda", devices[local_rank] if isinstance(devices, list) else local_rank)
 
 
 def _metrics_history(output_dir: Path, last: Path) -> list[dict]:

@@ -37,7 +37,7 @@ def _dataset_fingerprint(dataset: Dataset) -> list:
 def cache_key(model, dataset: Dataset, config: Config) -> str:
     description = {
         "backbone": model.backbone.identity,
-        "dtype": config.backbone.dtype,
+        "dtype": str(model.backbone.dtype),  # resolved: `auto` may mean either
         "files": _dataset_fingerprint(dataset),
         "transform": repr(getattr(dataset, "transform", None)),
         "pooling": model.pooling,

@@ -25,6 +25,7 @@ from dinov3ds.config import Config, with_overrides
 from dinov3ds.data.io import load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform
 from dinov3ds.errors import UserError
+from dinov3ds.hardware import native_support
 from dinov3ds.heads import build_head
 from dinov3ds.inference import InferenceOptions, run_inference
 
@@ -37,10 +38,20 @@ TRAINED_SETTINGS = ("task", "backbone.name", "backbone.layers", "backbone.overri
                     "head", "data.num_classes", "data.class_names")  # fmt: skip
 
 
+def backbone_dtype(config: Config, device: str | torch.device) -> torch.dtype:
+    """The backbone's dtype: as configured, or for `auto` the trainer's bf16 where it pays off (see config)."""
+    name = config.backbone.dtype
+    if name == "auto":
+        bf16_training = config.trainer.precision in ("bf16-mixed", "bf16-true")
+        frozen = config.backbone.unfreeze_last_blocks == 0
+        name = "bfloat16" if bf16_training and frozen and native_support(torch.bfloat16, device) else "float32"
+    return TORCH_DTYPES[name]
+
+
 def backbone_from_config(config: Config, device: str | torch.device = "cpu") -> Backbone:
     section = config.backbone
     return load_backbone(
-        section.name, section.weights, dtype=TORCH_DTYPES[section.dtype], device=device, **section.overrides
+        section.name, section.weights, dtype=backbone_dtype(config, device), device=device, **section.overrides
     )
 
 
@@ -219,6 +230,15 @@ class Segmenter(nn.Module):
         return _restore(cls, path, device, "segmentation", overrides)
 
 
+def place_model(model: Classifier | Segmenter, device: str | torch.device) -> Classifier | Segmenter:
+    """Move `model` to `device`. On CUDA a segmentation head's convolutions run channels_last, the layout of
+    cuDNN's tensor-core kernels (`benchmarks/heads.py` measures it); on CPU it measured 0.9-1.1x, so no."""
+    model = model.to(device)
+    if isinstance(model, Segmenter) and torch.device(device).type == "cuda":
+        model.head.to(memory_format=torch.channels_last)
+    return model
+
+
 def checkpoint_config(checkpoint: HeadCheckpoint, path: str | Path, overrides: list[str] | None) -> Config:
     """The checkpoint's own config with overrides on top (a new data.root, backbone.dtype=bfloat16, ...).
 
@@ -242,7 +262,7 @@ def _restore(model_class, path: str | Path, device: str | torch.device, task: st
     model = model_class(backbone, checkpoint.num_classes, config, checkpoint.class_names)
     model.head.load_state_dict(checkpoint.head_state_dict)
     load_finetuned_blocks(backbone, checkpoint.backbone_state_dict)
-    return model.to(device).eval()
+    return place_model(model, device).eval()
 
 
 def load_model(
