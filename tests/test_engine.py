@@ -80,3 +80,52 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_checkpoint(tmp_path):
     kept = read_checkpoint(last).head_state_dict
     assert all(torch.isfinite(v).all() for v in kept.values())
     assert all(torch.equal(good[k], kept[k]) for k in good)  # the failed run wrote nothing over it
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_training_reads_device_values_only_at_logging_intervals(tmp_path, monkeypatch, progress_bar):
+    """Every Tensor -> Python read in Lightning or dinov3ds during training batches is a host-device sync on
+    a GPU. Reads must happen once per logging interval (NaN check, shown loss, logger), not once per step."""
+    import sys
+
+    import lightning.pytorch as L
+
+    import dinov3ds.engine as engine
+
+    state = {"in_batch": False, "steps": 0, "reads": 0}
+
+    def counted(method):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if state["in_batch"] and ("lightning" in caller or "dinov3ds" in caller):
+                state["reads"] += 1
+            return method(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+
+    class BatchWindow(L.Callback):
+        def on_train_batch_start(self, *args):
+            state["in_batch"] = True
+            state["steps"] += 1
+
+        def on_validation_start(self, *args):
+            state["in_batch"] = False
+
+    build_trainer = engine.build_trainer
+
+    def with_window(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.callbacks.append(BatchWindow())
+        return trainer
+
+    monkeypatch.setattr(engine, "build_trainer", with_window)
+    root = make_classification_folder(tmp_path / "data", num_classes=3, train_per_class=20, val_per_class=1, size=32)
+    train(load_config(None, [*TINY, f"data.root={root}", "data.augment=true", "data.batch_size=2", "trainer.max_epochs=1",
+                             "trainer.log_every_n_steps=10", f"trainer.progress_bar={progress_bar}",
+                             f"output_dir={tmp_path / 'run'}"]))  # fmt: skip
+    intervals = -(-state["steps"] // 10)
+    assert state["steps"] == 30
+    assert state["reads"] <= 3 * intervals, f"{state['reads']} device reads in {state['steps']} steps"

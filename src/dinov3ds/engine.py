@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
@@ -97,6 +97,7 @@ class TaskModule(L.LightningModule):
             self.monitor = "val/mIoU"
         self.grid = self._build_grid(config, model)
         self.last_validation: dict = {}
+        self.shown_loss: float | None = None  # the loss read at the last logging interval
         self.register_buffer("nonfinite_loss", torch.zeros((), dtype=torch.bool), persistent=False)
 
     def _build_grid(self, config: Config, model) -> nn.ModuleList | None:
@@ -127,11 +128,14 @@ class TaskModule(L.LightningModule):
             loss = sum(self.criterion(logits, target) for logits in self._grid_logits(inputs))
         else:
             loss = self.criterion(self(inputs), target)
-        # Accumulate the check on the device; reading it every step would stall the GPU pipeline.
+        # Accumulate the check on the device and read it (and the loss shown in the progress bar) once per
+        # logging interval: a per-step read is a host-device sync that stalls the GPU pipeline.
         self.nonfinite_loss |= ~torch.isfinite(loss.detach())
         if batch_index % self.config.trainer.log_every_n_steps == 0:
             self._stop_if_nonfinite()
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            self.shown_loss = float(loss.detach())
+        # Not prog_bar=True: Lightning converts progress-bar metrics to Python numbers after every batch.
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
 
     def _stop_if_nonfinite(self) -> None:
@@ -280,6 +284,16 @@ def build_model(config: Config, class_names: list[str], backbone) -> Classifier 
     return model_class(backbone, len(class_names), config, class_names)
 
 
+class IntervalLossProgressBar(TQDMProgressBar):
+    """The progress bar with the training loss read at logging intervals (`TaskModule.shown_loss`)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        if getattr(pl_module, "shown_loss", None) is not None:
+            metrics["loss"] = f"{pl_module.shown_loss:.4g}"
+        return metrics
+
+
 def build_trainer(config: Config, output_dir: Path, monitor: str) -> L.Trainer:
     section = config.trainer
     checkpoint = ModelCheckpoint(
@@ -314,7 +328,8 @@ def build_trainer(config: Config, output_dir: Path, monitor: str) -> L.Trainer:
         enable_progress_bar=section.progress_bar,
         sync_batchnorm=distributed,  # SyncBatchNorm only when there is more than one process
         num_sanity_val_steps=0,  # a sanity pass would consume RNG and break exact resume
-        callbacks=[checkpoint, last, GracefulInterrupt(output_dir / "checkpoints" / "last.ckpt")],  # SIGINT/SIGTERM → last.ckpt
+        callbacks=[checkpoint, last, GracefulInterrupt(output_dir / "checkpoints" / "last.ckpt"),  # SIGINT/SIGTERM → last.ckpt
+                   *([IntervalLossProgressBar()] if section.progress_bar else [])],
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(output_dir),
