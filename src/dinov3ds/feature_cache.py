@@ -50,11 +50,11 @@ def cache_key(model, dataset: Dataset, config: Config) -> str:
 def extract_features(model, dataset: Dataset, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of the frozen backbone over `dataset`: pooled feature vectors and labels."""
     loader = DataLoader(dataset, batch_size=config.data.eval_batch_size or config.data.batch_size,
-                        num_workers=config.data.num_workers, shuffle=False)  # fmt: skip
+                        num_workers=config.data.num_workers, shuffle=False, pin_memory=torch.cuda.is_available())  # fmt: skip
     device = next(model.head.parameters()).device
     features, labels = [], []
     for images, target in tqdm(loader, desc="caching features", disable=not config.trainer.progress_bar):
-        features.append(model.features(images.to(device)).float().cpu())
+        features.append(model.features(images.to(device, non_blocking=True)).float().cpu())
         labels.append(target)
     return torch.cat(features), torch.cat(labels)
 
