@@ -15,6 +15,7 @@ from dinov3ds.engine import train
 from dinov3ds.export import export_onnx, export_torchscript
 from dinov3ds.features import extract_to_npz, knn_evaluate, knn_predict, pca_pictures
 from dinov3ds.models import load_model
+from dinov3ds.weights import cache_dir
 
 TINY = ["backbone.weights=random", "backbone.overrides={depth: 1}", "data.num_workers=0", "trainer.progress_bar=false",
         "trainer.max_epochs=1", "data.image_size=32"]  # fmt: skip
@@ -93,5 +94,8 @@ def test_knn_votes_follow_dinos_weighting():
 
 def test_knn_accuracy_on_generated_data(tmp_path):
     root = make_classification_folder(tmp_path / "data", num_classes=10, train_per_class=10, val_per_class=4, size=32)
-    result = knn_evaluate("vits16", root, weights="random", image_size=32, k=10, pooling="avg", overrides={"depth": 1})
-    assert result["top1"] >= 0.9, result
+    for dtype in ("float32", "bfloat16"):  # bf16 features from their own cache entries, same quality
+        result = knn_evaluate("vits16", root, weights="random", image_size=32, k=10, pooling="avg",
+                              overrides={"depth": 1}, dtype=dtype)  # fmt: skip
+        assert result["top1"] >= 0.9, (dtype, result)
+    assert len(list((cache_dir() / "features").glob("*.pt"))) == 4  # train + val for each dtype
