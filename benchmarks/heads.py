@@ -108,30 +108,26 @@ def child(head: str, size: int, batch: int, iters: int, device_name: str, classe
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         baseline = _proc_status("VmRSS")
-    step()  # warm-up
-    model.zero_grad(set_to_none=False)
-    head_only_channels_last()  # warm-up
-    head_cl.zero_grad(set_to_none=False)
-    step_times, head_times, head_cl_times = [], [], []
+    runs = {"step": (step, model), "head": (head_only, model), "head_cl": (head_only_channels_last, head_cl)}
+
+    def timed(name: str) -> float:
+        """Seconds of one run (device synchronised), gradients cleared afterwards."""
+        run, owner = runs[name]
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        seconds = time.perf_counter() - start
+        owner.zero_grad(set_to_none=False)
+        return seconds
+
+    for name in runs:  # warm-up
+        timed(name)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(iters):  # alternate the measurements
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        step_times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=False)
-        sync()
-        start = time.perf_counter()
-        head_only()
-        sync()
-        head_times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=False)
-        sync()
-        start = time.perf_counter()
-        head_only_channels_last()
-        sync()
-        head_cl_times.append(time.perf_counter() - start)
-        head_cl.zero_grad(set_to_none=False)
+        for name in runs:
+            times[name].append(timed(name))
+    step_times, head_times, head_cl_times = times["step"], times["head"], times["head_cl"]
     peak = torch.cuda.max_memory_allocated() if cuda else _proc_status("VmHWM")
     return {
         "head": head,
