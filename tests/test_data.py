@@ -283,11 +283,28 @@ def test_image_folder_dataset_errors(tmp_path):
     with pytest.raises(UserError, match="zebra"):
         ImageFolderDataset(tmp_path, "train", lambda image: image)
     with pytest.warns(UserWarning, match="zebra"):
-        dataset = ImageFolderDataset(tmp_path, "train", lambda image: image, on_empty_class="warn")
+        dataset = ImageFolderDataset(tmp_path, "train", lambda image: image, on_bad_sample="warn")
     assert dataset.classes == ["class_00", "class_01", "zebra"] and len(dataset) == 2
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no class"):
         ImageFolderDataset(tmp_path, "empty", lambda image: image)
+
+
+def test_unreadable_samples_are_replaced_under_warn_and_a_run_of_them_stops(tmp_path):
+    make_classification_folder(tmp_path, num_classes=1, train_per_class=12, val_per_class=1, size=8)
+    paths = sorted((tmp_path / "train" / "class_00").iterdir())
+    paths[1].write_bytes(b"not an image")
+    with pytest.raises(UserError, match=paths[1].name):
+        ImageFolderDataset(tmp_path, "train", lambda image: image)[1]
+    dataset = ImageFolderDataset(tmp_path, "train", lambda image: image, on_bad_sample="warn")
+    with pytest.warns(UserWarning, match=f"{paths[1].name}.*skipped"):
+        image, label = dataset[1]
+    assert image.size == load_image(paths[2]).size and label == 0  # the next readable sample
+    for path in paths[:11]:
+        path.write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="10 unreadable samples in a row"):
+        dataset[0]
+    assert dataset[11][1] == 0  # the one good file is still read
 
 
 @pytest.fixture
@@ -326,7 +343,7 @@ def test_segmentation_folder_dataset_missing_files(segmentation_root):
     message = str(error.value)
     assert "img_00000001.png" in message and "img_00000002.png" in message and "\n" not in message
     with pytest.warns(UserWarning, match="skipping"):
-        dataset = SegmentationFolderDataset(segmentation_root, "train", identity_pair, on_missing="warn")
+        dataset = SegmentationFolderDataset(segmentation_root, "train", identity_pair, on_bad_sample="warn")
     assert [image.name for image, _ in dataset.samples] == ["img_00000000.png", "img_00000003.png"]
 
 

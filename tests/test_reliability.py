@@ -242,6 +242,20 @@ def test_unreadable_image_found_in_a_loader_worker_is_one_cli_line(tmp_path, cap
     )
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_is_skipped_with_a_warning_under_warn(tmp_path, capsys, recwarn, workers):
+    root = make_classification_folder(tmp_path / "data", num_classes=2, train_per_class=3, val_per_class=1, size=16)
+    cut = truncated_jpeg(root / "train" / "class_01" / "cut.jpg")
+    args = ["train", *TINY, f"data.root={root}", f"data.num_workers={workers}", "data.augment=true",
+            "data.batch_size=1", "data.on_bad_sample=warn", f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    if workers == 0:  # a worker process's warnings stay in that process, out of this test's sight
+        messages = [str(w.message) for w in recwarn if issubclass(w.category, DataWarning)]
+        assert any(f"cannot read image {cut}" in m and "skipped (data.on_bad_sample=warn)" in m for m in messages)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 1. Bad input: segmentation and volumes
 # ------------------------------------------------------------------------------------------------------------

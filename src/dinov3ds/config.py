@@ -56,7 +56,7 @@ class DataConfig(Section):
     label_map: dict[int, int] | None = None  # remap stored mask values, e.g. {255: 1}
     reduce_zero_label: bool = False  # 0 → ignore, v → v-1 (ADE20K convention)
     medical: SlicePreprocessing | None = None  # set for MRI slices: z-score, clip, gamma, 3 channels
-    on_bad_sample: Literal["error", "warn"] = "error"  # orphan image/mask, empty class folder: stop, or skip with a warning
+    on_bad_sample: Literal["error", "warn"] = "error"  # orphan image/mask, empty class folder, unreadable file: stop, or skip with a warning
 
 
 class HeadConfig(Section):

@@ -37,7 +37,7 @@ def _classification(config: Config, mean: Stats, std: Stats) -> DataSplits:
     evaluation = classification_eval_transform(size, mean, std)
     training = classification_train_transform(size, mean, std) if data.augment else evaluation
     mapping = IMAGENETTE_CLASSES if data.dataset == "imagenette" else None
-    options = {"class_names": mapping, "on_empty_class": data.on_bad_sample}
+    options = {"class_names": mapping, "on_bad_sample": data.on_bad_sample}
     train = ImageFolderDataset(data.root, data.train_split, training, **options)
     val = ImageFolderDataset(data.root, data.val_split, evaluation, **options)
     if train.classes != val.classes:
@@ -85,8 +85,8 @@ def _segmentation(config: Config, mean: Stats, std: Stats, input_multiple: int) 
         if splits == ("train", "val"):
             splits = ("training", "validation")
         return DataSplits(
-            ade20k_dataset(data.root, splits[0], training, on_missing=data.on_bad_sample),
-            ade20k_dataset(data.root, splits[1], evaluation, on_missing=data.on_bad_sample),
+            ade20k_dataset(data.root, splits[0], training, on_bad_sample=data.on_bad_sample),
+            ade20k_dataset(data.root, splits[1], evaluation, on_bad_sample=data.on_bad_sample),
             names,
         )
     options = {
@@ -98,7 +98,7 @@ def _segmentation(config: Config, mean: Stats, std: Stats, input_multiple: int) 
         "reduce_zero_label": data.reduce_zero_label,
         "num_classes": len(names),
         "image_loader": image_loader(config),
-        "on_missing": data.on_bad_sample,
+        "on_bad_sample": data.on_bad_sample,
     }
     train = SegmentationFolderDataset(data.root, data.train_split, training, **options)
     val = SegmentationFolderDataset(data.root, data.val_split, evaluation, **options)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dinov3ds.data.bad_samples import read_sample
 from dinov3ds.data.io import find_images, load_image
 from dinov3ds.errors import DataWarning, UserError
 
@@ -32,8 +33,8 @@ class ImageFolderDataset(Dataset):
     """One split of a class-per-folder dataset.
 
     Class indices come from the sorted folder names, so train and val agree as long as both hold the same
-    folders. With on_empty_class="warn" an empty class folder keeps its index (so indices never shift
-    between splits) but contributes no samples.
+    folders. With on_bad_sample="warn" an empty class folder keeps its index (so indices never shift
+    between splits) but contributes no samples, and an unreadable image is skipped with a warning.
 
     Attributes:
         samples: (image path, class index) pairs, sorted by class then path.
@@ -47,7 +48,7 @@ class ImageFolderDataset(Dataset):
         split: str,
         transform: Callable[[Image.Image], torch.Tensor],
         class_names: dict[str, str] | None = None,
-        on_empty_class: Literal["error", "warn"] = "error",
+        on_bad_sample: Literal["error", "warn"] = "error",
     ) -> None:
         folder = Path(root) / split
         if not folder.is_dir():
@@ -65,16 +66,20 @@ class ImageFolderDataset(Dataset):
             images = find_images(folder / name)
             if not images:
                 message = f"class folder {folder / name} has no images; add images or remove the folder"
-                if on_empty_class == "error":
+                if on_bad_sample == "error":
                     raise UserError(f"{message} (or set data.on_bad_sample=warn to skip it)")
                 warnings.warn(f"{message}; skipping it (its class index is kept)", DataWarning, stacklevel=2)
             self.samples.extend((path, index) for path in images)
         if not self.samples:
             raise UserError(f"split folder {folder} contains no images; check the dataset root")
+        self.on_bad_sample = on_bad_sample
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return read_sample(self._read, index, len(self.samples), self.on_bad_sample)
+
+    def _read(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return self.transform(load_image(path)), label

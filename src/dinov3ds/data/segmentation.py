@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dinov3ds.data.bad_samples import read_sample
 from dinov3ds.data.io import find_images, load_image, load_mask
 from dinov3ds.errors import DataWarning, UserError
 
@@ -114,7 +115,8 @@ class SegmentationFolderDataset(Dataset):
         split: subfolder of both, e.g. "train" or "validation".
         transform: called as transform(image, mask) -> (image tensor, int64 mask tensor).
         image_loader: reads one image (a PIL image or HxWx3 uint8 array); the medical module plugs in here.
-        on_missing: "error" stops on an image without a mask or a mask without an image; "warn" skips them.
+        on_bad_sample: "error" stops on an image without a mask, a mask without an image, or a file that
+            cannot be read; "warn" skips them with a warning.
     """
 
     def __init__(
@@ -131,7 +133,7 @@ class SegmentationFolderDataset(Dataset):
         reduce_zero_label: bool = False,
         num_classes: int | None = None,
         image_loader: ImageLoader = load_image,
-        on_missing: Literal["error", "warn"] = "error",
+        on_bad_sample: Literal["error", "warn"] = "error",
     ) -> None:
         image_root = Path(root) / images_dir / split
         mask_root = Path(root) / annotations_dir / split
@@ -145,10 +147,11 @@ class SegmentationFolderDataset(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.num_classes = num_classes
         self.image_loader = image_loader
-        self.samples = self._pair(image_root, mask_root, mask_suffix, on_missing)
+        self.samples = self._pair(image_root, mask_root, mask_suffix, on_bad_sample)
+        self.on_bad_sample = on_bad_sample
 
     @staticmethod
-    def _pair(image_root: Path, mask_root: Path, suffix: str, on_missing: str) -> list[tuple[Path, Path]]:
+    def _pair(image_root: Path, mask_root: Path, suffix: str, on_bad_sample: str) -> list[tuple[Path, Path]]:
         """Match each image to its mask by relative path; report both kinds of orphan."""
         pairs, orphans = [], []
         images = find_images(image_root)
@@ -173,8 +176,8 @@ class SegmentationFolderDataset(Dataset):
             problems.append(f"{len(stray)} masks without an image ({_listing(stray)})")
         if problems:
             message = f"{'; '.join(problems)} in {image_root.parent.parent}"
-            if on_missing == "error":
-                raise UserError(f"{message}; add the missing files, or set on_missing='warn' (config: data.on_bad_sample=warn) to skip them")
+            if on_bad_sample == "error":
+                raise UserError(f"{message}; add the missing files, or set data.on_bad_sample=warn to skip them")
             warnings.warn(f"{message}; skipping them", DataWarning, stacklevel=3)
         if not pairs:
             raise UserError(
@@ -205,6 +208,9 @@ class SegmentationFolderDataset(Dataset):
         return out
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return read_sample(self._read, index, len(self.samples), self.on_bad_sample)
+
+    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.samples[index]
         image = self.image_loader(image_path)
         mask = load_mask(mask_path)
@@ -219,7 +225,7 @@ class SegmentationFolderDataset(Dataset):
 
 def ade20k_dataset(
     root: str | Path, split: Literal["training", "validation"], transform: PairTransform,
-    on_missing: Literal["error", "warn"] = "error",
+    on_bad_sample: Literal["error", "warn"] = "error",
 ) -> SegmentationFolderDataset:
     """ADE20K SceneParsing (ADEChallengeData2016); `root` may be that folder or the folder holding it."""
     if split not in ("training", "validation"):
@@ -228,5 +234,5 @@ def ade20k_dataset(
     if (root / "ADEChallengeData2016").is_dir():
         root = root / "ADEChallengeData2016"
     return SegmentationFolderDataset(
-        root, split, transform, reduce_zero_label=True, num_classes=len(ADE20K_CLASSES), on_missing=on_missing
+        root, split, transform, reduce_zero_label=True, num_classes=len(ADE20K_CLASSES), on_bad_sample=on_bad_sample
     )
