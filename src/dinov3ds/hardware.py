@@ -3,7 +3,7 @@
 bf16 halves a frozen backbone's memory everywhere, but it is only *faster* where the hardware multiplies
 in bf16: recent GPUs, and CPUs with AVX512-BF16, AMX or Arm's BF16 extension. Elsewhere (an AVX2-only
 CPU, say) oneDNN has no bf16 kernel and PyTorch falls back to a generic one several times slower than
-float32 (`benchmarks/backbone.py` measured 0.14x on an AVX2 EPYC). The config is still honoured; the
+float32 (`benchmarks/backbone.py` measured 0.13-0.14x on an AVX2 EPYC). The config is still honoured; the
 user is told what it costs.
 """
 
@@ -56,9 +56,10 @@ def slow_dtype_message(dtype: torch.dtype, device: str | torch.device) -> str | 
     if native_support(dtype, device) is not False:
         return None
     name = str(dtype).removeprefix("torch.")
-    wanted = ", ".join(sorted(CPU_NATIVE_FLAGS.get(dtype, ())))
+    kind = torch.device(device).type
+    missing = ", ".join(sorted(CPU_NATIVE_FLAGS[dtype])) if kind == "cpu" else "a GPU with native bfloat16"
     return (
-        f"backbone dtype {name} on {torch.device(device).type}: this hardware has no native {name} "
-        f"({wanted or 'GPU support'} missing), so the forward runs several times slower than float32; "
-        "it still halves memory. Set backbone.dtype: float32 for speed here"
+        f"backbone dtype {name} on {kind}: this hardware has no native {name} ({missing} missing), so the "
+        "forward runs several times slower than float32; it still halves memory. Set backbone.dtype: float32 "
+        "for speed here"
     )
