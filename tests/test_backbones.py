@@ -481,3 +481,23 @@ def test_random_weights_warn_and_are_deterministic():
     second = load_backbone("vits16", "random", depth=1)
     assert first.identity["weights"] == "random"
     _same_outputs(first, second, torch.randn(1, 3, 32, 48))
+
+
+def test_training_checkpoint_teacher_layout_loads_like_the_plain_file(tmp_path, vits16_file):
+    """Meta's training checkpoints hold {"teacher": {"backbone.<key>": ...}, "student": ...}."""
+    state = torch.load(vits16_file, weights_only=True)
+    teacher = {f"backbone.{key}": value for key, value in state.items()}
+    teacher["dino_head.mlp.0.weight"] = torch.zeros(2, 2)  # not the backbone: must be left out
+    path = tmp_path / "training_checkpoint.pth"
+    torch.save({"teacher": teacher, "student": {"backbone.cls_token": torch.ones(1)}, "iteration": torch.tensor(7)}, path)
+    images = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    _same_outputs(load_backbone("vits16", path, depth=1), load_backbone("vits16", vits16_file, depth=1), images)
+
+
+def test_state_dict_with_a_non_tensor_value_is_refused(tmp_path, vits16_file):
+    state = torch.load(vits16_file, weights_only=True)
+    path = tmp_path / "mixed.pth"
+    torch.save({**state, "epoch": 3, "note": "finetuned"}, path)
+    with pytest.raises(UserError, match="not a state dict of tensors") as error:
+        load_backbone("vits16", path, depth=1)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)

@@ -192,6 +192,41 @@ def test_classification_eval_transform_resizes_then_center_crops():
     assert out[:, 0].max() < 10 and out[:, -1].min() > 245
 
 
+def test_classification_eval_transform_resizes_to_size_over_crop_ratio_first():
+    """The 256 → 224 protocol: a 256² image with a 16-pixel red frame loses the whole frame to the centre crop
+    (resized straight to 224, a 14-pixel frame would survive)."""
+    pixels = np.zeros((256, 256, 3), dtype=np.uint8)
+    pixels[..., 0] = 255
+    pixels[16:-16, 16:-16] = (0, 255, 0)
+    out = denormalize(classification_eval_transform(224, MEAN, STD)(Image.fromarray(pixels)), MEAN, STD)
+    assert out.shape == (224, 224, 3)
+    assert out[..., 0].max() < 8 and out[..., 1].min() > 247  # green edge to edge, no red left
+
+
+def test_photometric_jitter_runs_before_normalisation():
+    """Jitter works on [0, 1] pixels; after normalisation it would clamp away every negative value."""
+    torch.manual_seed(0)
+    image = Image.new("RGB", (32, 32), (0, 0, 0))
+    transform = SegmentationTrainTransform(32, MEAN, STD, scale_range=(1.0, 1.0), hflip=False)
+    black = torch.tensor([-m / s for m, s in zip(MEAN, STD, strict=True)]).view(3, 1, 1)
+    for _ in range(5):
+        out_image, _ = transform(image, np.zeros((32, 32), dtype=np.int64))
+        # Brightness, contrast and saturation scale black to black; hue leaves it black too.
+        torch.testing.assert_close(out_image, black.expand(3, 32, 32), rtol=0, atol=1e-5)
+
+
+def test_default_base_size_is_the_crops_shorter_side():
+    """Crop 32×64 and ratio 1 on a 64×128 image: base 32 scales it to exactly the crop, every quadrant kept."""
+    mask = np.zeros((64, 128), dtype=np.int64)
+    mask[:32, 64:], mask[32:, :64], mask[32:, 64:] = 1, 2, 3
+    image = Image.fromarray((mask * 60).astype(np.uint8)).convert("RGB")
+    transform = SegmentationTrainTransform((32, 64), MEAN, STD, scale_range=(1.0, 1.0), photometric=False, hflip=False)
+    _, out_mask = transform(image, mask)
+    expected = np.zeros((32, 64), dtype=np.int64)
+    expected[:16, 32:], expected[16:, :32], expected[16:, 32:] = 1, 2, 3
+    np.testing.assert_array_equal(out_mask.numpy(), expected)
+
+
 def test_segmentation_train_transform_nearest_only_and_sizes():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

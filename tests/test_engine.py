@@ -10,7 +10,7 @@ from dinov3ds.config import load_config
 from dinov3ds.data.synthetic import make_classification_folder
 from dinov3ds.engine import train, warmup_cosine
 from dinov3ds.errors import UserError
-from dinov3ds.models import Classifier
+from dinov3ds.models import Classifier, Segmenter
 
 TINY = ["backbone.weights=random", "backbone.overrides={depth: 1}", "data.num_workers=0", "trainer.progress_bar=false",
         "data.image_size=32", "data.augment=false"]  # fmt: skip
@@ -67,6 +67,12 @@ def test_learning_rate_grid_keeps_the_best_head(tmp_path):
     predictions = classifier.predict(images, topk=1)
     accuracy = sum(p["labels"][0] == image.parent.name for p, image in zip(predictions, images)) / len(images)
     assert accuracy == pytest.approx(result.metrics["val/top1"], abs=1e-6)
+    # A classification checkpoint is never silently built into a segmenter (its head would be garbage).
+    with pytest.raises(UserError, match="is a classification checkpoint, not segmentation") as error:
+        Segmenter.from_checkpoint(result.last_checkpoint)
+    assert str(result.last_checkpoint) in str(error.value)
+    with pytest.raises(UserError, match="classification checkpoint"):
+        read_checkpoint(result.last_checkpoint, expected_task="segmentation")
 
 
 def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_checkpoint(tmp_path):

@@ -162,14 +162,25 @@ def test_segdino_has_the_papers_parameter_count() -> None:
     assert build_head("segdino", [384] * 4, [16] * 4, 1).trainable_parameters() == 2_213_793
 
 
-def test_parameter_counts_for_vit_small_ade20k(capsys) -> None:
-    counts = {name: build_head(name, [384] * 4, [16] * 4, 150).trainable_parameters() for name in HEADS}
-    with capsys.disabled():
-        print()
-        for name, count in counts.items():
-            print(f"{name:>8}: {count:>12,} trainable parameters (ViT-S, 150 classes)")
-    assert counts["linear"] == 2 * 384 + 384 * 150 + 150  # BatchNorm affine + 1×1 conv
-    assert counts["unet"] < 3_000_000
+# Trainable parameters with four ViT taps of width 384 / 768 / 1024 (S / B / L), for 1 and 150 classes.
+PARAMETER_COUNTS = {
+    "linear": {384: (1_153, 58_518), 768: (2_305, 116_886), 1024: (3_073, 155_798)},
+    "segdino": {384: (2_213_793, 2_290_230), 768: (2_766_753, 2_843_190), 1024: (3_135_393, 3_211_830)},
+    "dpt": {384: (18_299_201, 18_318_422), 768: (18_855_233, 18_874_454), 1024: (19_225_921, 19_245_142)},
+    "unet": {384: (790_225, 833_286), 768: (1_186_513, 1_229_574), 1024: (1_450_705, 1_493_766)},
+    "fapm": {384: (5_326_927, 5_329_460), 768: (10_833_871, 10_836_404), 1024: (16_143_567, 16_146_100)},
+}
+
+
+def test_every_head_has_pinned_parameter_counts() -> None:
+    assert set(PARAMETER_COUNTS) == set(HEADS)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
+@pytest.mark.parametrize("width", [384, 768, 1024])
+def test_parameter_counts_are_pinned(name: str, width: int) -> None:
+    counts = tuple(build_head(name, [width] * 4, [16] * 4, k).trainable_parameters() for k in (1, 150))
+    assert counts == PARAMETER_COUNTS[name][width]
 
 
 def test_build_head_logs_trainable_parameters(caplog) -> None:
@@ -219,3 +230,79 @@ def test_resample_picks_up_down_or_identity(from_stride: int, to_stride: int, mo
     assert isinstance(layer, module)
     x = torch.randn(1, 8, 96 // from_stride, 64 // from_stride)
     assert layer(x).shape[-2:] == (96 // to_stride, 64 // to_stride)
+
+
+# --- values, not only shapes -------------------------------------------------------------------------------
+
+
+def test_linear_head_output_by_hand() -> None:
+    """Eval mode, one pixel: BN((x - mean) / sqrt(var + eps) · γ + β), then w·y + b, broadcast by the up-sampling."""
+    head = build_head("linear", [2], [16], 1).eval()
+    with torch.no_grad():
+        head.norm.running_mean.copy_(torch.tensor([0.5, -1.0]))
+        head.norm.running_var.copy_(torch.tensor([4.0, 0.25]))
+        head.norm.weight.copy_(torch.tensor([2.0, 1.0]))
+        head.norm.bias.copy_(torch.tensor([1.0, 0.0]))
+        head.classifier.weight.copy_(torch.tensor([3.0, -2.0]).view(1, 2, 1, 1))
+        head.classifier.bias.fill_(0.5)
+    features = [torch.tensor([2.5, 0.0]).view(1, 2, 1, 1)]
+    eps = head.norm.eps
+    y0 = (2.5 - 0.5) / (4.0 + eps) ** 0.5 * 2.0 + 1.0  # ≈ 3
+    y1 = (0.0 + 1.0) / (0.25 + eps) ** 0.5  # ≈ 2
+    expected = 3.0 * y0 - 2.0 * y1 + 0.5  # ≈ 5.5
+    logits = head(features, torch.zeros(1, 3, 16, 16))
+    assert logits.shape == (1, 1, 16, 16)
+    torch.testing.assert_close(logits, torch.full((1, 1, 16, 16), expected), rtol=0, atol=1e-5)
+
+
+def test_segdino_output_by_hand() -> None:
+    """Widths 1, identity convs, only tap 0 reaches the classifier: the output is tap 0 up-sampled ×16,
+    bilinear with half-pixel centres (align_corners=False), computed here pixel by pixel."""
+    head = build_head("segdino", [1] * 4, [16] * 4, 1, projection_channels=[1] * 4, hidden_channels=1).eval()
+    with torch.no_grad():
+        for branch in head.branches:
+            branch[0].weight.fill_(1.0)
+            branch[0].bias.zero_()
+            branch[1].weight.zero_()
+            branch[1].weight[0, 0, 1, 1] = 1.0  # 3×3 identity
+        head.classifier.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1))
+        head.classifier.bias.zero_()
+    a, b, c, d = 1.0, 3.0, -2.0, 5.0
+    tap0 = torch.tensor([[a, b], [c, d]]).view(1, 1, 2, 2)
+    features = [tap0] + [torch.randn(1, 1, 2, 2) * 100 for _ in range(3)]
+    logits = head(features, torch.zeros(1, 3, 32, 32))[0, 0]
+
+    def weight(index: int) -> float:  # position of output pixel `index` between the two source pixels
+        return min(max((index + 0.5) / 16 - 0.5, 0.0), 1.0)
+
+    for i, j in [(0, 0), (31, 31), (15, 0), (8, 8), (16, 23), (23, 8)]:
+        wy, wx = weight(i), weight(j)
+        expected = (1 - wy) * ((1 - wx) * a + wx * b) + wy * ((1 - wx) * c + wx * d)
+        assert abs(logits[i, j].item() - expected) < 1e-5, (i, j, logits[i, j].item(), expected)
+
+
+def test_segdino_fuses_at_the_first_taps_resolution() -> None:
+    """With a ConvNeXt (strides 4…32) the taps meet at stride 4, the finest map, not at stride 32."""
+    in_channels, strides = BACKBONES["convnext_tiny"]
+    head = build_head("segdino", in_channels, strides, 2).eval()
+    seen = []
+    head.classifier.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape[-2:])))
+    features, image = make_inputs("convnext_tiny", (64, 96), batch=1)
+    with torch.no_grad():
+        head(features, image)
+    assert seen == [(16, 24)]
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_zero_weights_give_the_classifier_bias_everywhere(name: str) -> None:
+    """Every weight zero, the last layer's bias b: logits are b at every pixel, whatever the input."""
+    head = make_head(name, "vit_small", num_classes=3).eval()
+    last_bias = [p for n, p in head.named_parameters() if n.endswith("bias")][-1]
+    assert last_bias.shape == (3,)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.zero_()
+        last_bias.copy_(torch.tensor([0.25, -1.5, 2.0]))
+    features, image = make_inputs("vit_small", (64, 96), batch=1)
+    logits = head(features, image)
+    torch.testing.assert_close(logits, torch.tensor([0.25, -1.5, 2.0]).view(1, 3, 1, 1).expand(1, 3, 64, 96))

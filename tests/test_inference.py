@@ -37,8 +37,17 @@ def images(batch: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
     )
 
 
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Written from the definition, not from the code under test: step by `stride` while the window stays
+    inside, then one last window flush with the far border (the whole axis if it is shorter than the crop)."""
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop, stride))
+    return starts + [length - crop]
+
+
 def reference_slide(fn, x, crop, stride):
-    """Enumerate every window, run it alone and average the overlaps."""
+    """Enumerate every window, run it alone and average the overlaps; checks every pixel is covered."""
     batch, _, height, width = x.shape
     (crop_h, crop_w), (stride_h, stride_w) = crop, stride
     pad_h, pad_w = max(height, crop_h), max(width, crop_w)
@@ -46,15 +55,58 @@ def reference_slide(fn, x, crop, stride):
     padded[..., :height, :width] = x
     total = torch.zeros(batch, NUM_CLASSES, pad_h, pad_w, dtype=x.dtype)
     count = torch.zeros(pad_h, pad_w, dtype=x.dtype)
-    for i in range(max(pad_h - crop_h + stride_h - 1, 0) // stride_h + 1):
-        for j in range(max(pad_w - crop_w + stride_w - 1, 0) // stride_w + 1):
-            y = max(min(i * stride_h, pad_h - crop_h), 0)
-            x0 = max(min(j * stride_w, pad_w - crop_w), 0)
+    for y in window_starts(pad_h, crop_h, stride_h):
+        for x0 in window_starts(pad_w, crop_w, stride_w):
             for b in range(batch):
                 window = padded[b : b + 1, :, y : y + crop_h, x0 : x0 + crop_w]
                 total[b : b + 1, :, y : y + crop_h, x0 : x0 + crop_w] += fn(window)
             count[y : y + crop_h, x0 : x0 + crop_w] += 1
+    assert count.min() >= 1, "the reference's windows leave a pixel uncovered"
     return (total / count)[..., :height, :width]
+
+
+@pytest.mark.parametrize(("length", "crop", "stride", "starts"),
+                         [(80, 48, 32, [0, 32]), (100, 48, 32, [0, 32, 52]), (112, 48, 32, [0, 32, 64]),
+                          (48, 48, 16, [0]), (20, 48, 32, [0]), (97, 32, 32, [0, 32, 64, 65])])  # fmt: skip
+def test_reference_window_starts_by_hand(length, crop, stride, starts):
+    assert window_starts(length, crop, stride) == starts
+
+
+def coverage(windows, height: int, width: int, crop: tuple[int, int]) -> torch.Tensor:
+    """How many of the windows (top-left corners) cover each pixel."""
+    count = torch.zeros(height, width)
+    for y, x in windows:
+        count[y : y + crop[0], x : x + crop[1]] += 1
+    return count
+
+
+class PositionLogits:
+    """Logits that encode where a window came from: channel 0 holds the pixel's row, 1 its column, both
+    relative to the window; a pixel then averages, over the windows covering it, its in-window position."""
+
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = crops.shape
+        rows = torch.arange(height, dtype=crops.dtype).view(1, 1, height, 1).expand(batch, 1, height, width)
+        cols = torch.arange(width, dtype=crops.dtype).view(1, 1, 1, width).expand(batch, 1, height, width)
+        return torch.cat([rows, cols, crops[:, :1], torch.ones_like(rows)], dim=1)
+
+
+@pytest.mark.parametrize(("size", "crop", "stride"), [((80, 112), (48, 48), (32, 32)), ((64, 150), (32, 64), (16, 40)),
+                                                      ((97, 65), (32, 32), (32, 32))])  # fmt: skip
+def test_every_pixel_is_covered_and_averaged_over_its_windows(size, crop, stride):
+    """Per pixel: the mean in-window row/column over exactly the windows that contain it."""
+    x = images(1, *size)
+    result = predict_slide(PositionLogits(), x, crop=crop, stride=stride, num_classes=NUM_CLASSES)
+    assert torch.isfinite(result).all()
+    windows = [(y, x0) for y in window_starts(size[0], crop[0], stride[0])
+               for x0 in window_starts(size[1], crop[1], stride[1])]  # fmt: skip
+    count = coverage(windows, *size, crop)
+    assert count.min() >= 1
+    row_sum = torch.zeros(size, dtype=torch.float64)
+    for y, x0 in windows:
+        row_sum[y : y + crop[0], x0 : x0 + crop[1]] += torch.arange(crop[0], dtype=torch.float64)[:, None]
+    torch.testing.assert_close(result[0, 0], row_sum / count.double(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(result[0, 2], x[0, 0], rtol=0, atol=1e-12)  # the image itself, averaged
 
 
 def test_slide_with_crop_equal_to_image_equals_whole():
@@ -120,6 +172,8 @@ def test_slide_accumulates_on_the_requested_device():
         {"crop": 50, "stride": 32},
         {"crop": (48, 40), "stride": 32},
         {"crop": 48, "stride": 64},
+        {"crop": 48, "stride": (32, 64)},  # too large on the width only: columns no window covers
+        {"crop": 48, "stride": (64, 32)},
         {"crop": 48, "stride": 0},
         {"crop": 48, "stride": 32, "window_batch": 0},
         {"crop": 48, "stride": 32, "num_classes": NUM_CLASSES + 1},
@@ -181,6 +235,25 @@ def test_run_inference_default_stride_is_two_thirds_of_crop():
     fn = ConvLogits()
     run_inference(fn, images(1, 48, 96), InferenceOptions(mode="slide", crop=48, window_batch=1), NUM_CLASSES)
     assert len(fn.batch_sizes) == 3  # stride 32: columns start at 0, 32, 48
+
+
+def test_run_inference_default_stride_follows_each_side_of_a_non_square_crop():
+    """Crop 32×64 → stride 21×42 (two thirds of each side), never the height's two thirds on both axes."""
+    x = images(1, 64, 150)
+    result = run_inference(ConvLogits(), x, InferenceOptions(mode="slide", crop=(32, 64)), NUM_CLASSES)
+    expected = reference_slide(ConvLogits(), x, (32, 64), (21, 42)).softmax(dim=1)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5])
+def test_multi_scale_tta_resizes_logits_then_takes_the_softmax(scale):
+    """mmseg's order: logits of the scaled view, resized back to the image, then softmax."""
+    fn, x = ConvLogits(), images(1, 48, 64)
+    size = tuple(int(side * scale / 16 + 0.5) * 16 for side in (48, 64))  # 24×32 → 32×32; 72×96 → 80×96
+    logits = fn(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+    expected = F.interpolate(logits, size=(48, 64), mode="bilinear", align_corners=False).softmax(dim=1)
+    result = predict_tta(partial(predict_whole, fn), x, scales=(scale,))
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [{"mode": "tile"}, {"mode": "slide"}])

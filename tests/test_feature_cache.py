@@ -1,0 +1,106 @@
+"""The feature cache never hands back stale features: every input of the features is part of its key.
+
+Each test edits one thing a user really changes between runs (an image file, the crop, `last_blocks`)
+and checks that the cached features are recomputed and equal a fresh extraction.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov3ds.backbones import load_backbone
+from dinov3ds.config import load_config
+from dinov3ds.data.build import build_datasets
+from dinov3ds.data.synthetic import make_classification_folder
+from dinov3ds.feature_cache import cached_features, extract_features
+from dinov3ds.models import Classifier
+
+TINY = ["backbone.weights=random", "backbone.overrides={depth: 2}", "data.num_workers=0",
+        "trainer.progress_bar=false", "data.image_size=32", "data.augment=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    with pytest.warns(UserWarning, match="RANDOM"):
+        return load_backbone("vits16", "random", depth=2)
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_classification_folder(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1, size=48)
+
+
+def classifier_and_train_split(backbone, root, *overrides: str):
+    config = load_config(None, [*TINY, f"data.root={root}", *overrides])
+    splits = build_datasets(config, backbone.mean, backbone.std)
+    return Classifier(backbone, len(splits.class_names), config, splits.class_names), splits.train, config
+
+
+def assert_fresh(model, dataset, config) -> torch.Tensor:
+    """The cache's answer equals a direct extraction of the current files with the current settings."""
+    cached = cached_features(model, dataset, config).tensors[0]
+    fresh, _ = extract_features(model, dataset, config)
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+    return cached
+
+
+def repaint(path, seed: int, uncompressed: bool = False) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    # An uncompressed PNG's size depends only on its dimensions: new content, same byte count.
+    Image.fromarray(pixels).save(path, format="PNG", compress_level=0 if uncompressed else 6)
+
+
+def test_edited_image_of_the_same_size_is_recomputed_by_its_mtime(backbone, root):
+    model, dataset, config = classifier_and_train_split(backbone, root)
+    path = dataset.samples[0][0]
+    repaint(path, seed=1, uncompressed=True)
+    before = assert_fresh(model, dataset, config)
+    stat = os.stat(path)
+    repaint(path, seed=2, uncompressed=True)
+    assert os.stat(path).st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = assert_fresh(model, dataset, config)
+    assert not torch.equal(before[0], after[0])
+
+
+def test_edited_image_with_restored_mtime_is_recomputed_by_its_size(backbone, root):
+    """Tools like rsync -t or a restore from backup keep the old mtime: the size must still tell."""
+    model, dataset, config = classifier_and_train_split(backbone, root)
+    before = assert_fresh(model, dataset, config)
+    path = dataset.samples[0][0]
+    stat = os.stat(path)
+    repaint(path, seed=2)
+    assert os.stat(path).st_size != stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the old timestamp, new content
+    after = assert_fresh(model, dataset, config)
+    assert not torch.equal(before[0], after[0])
+
+
+def test_changed_crop_is_recomputed(backbone, root):
+    model, dataset, config = classifier_and_train_split(backbone, root, "data.image_size=32")
+    small = assert_fresh(model, dataset, config)
+    model, dataset, config = classifier_and_train_split(backbone, root, "data.image_size=48")
+    large = assert_fresh(model, dataset, config)
+    assert not torch.equal(small, large)
+
+
+def test_changed_last_blocks_is_recomputed(backbone, root):
+    """Same width per block (cls only, last 1 vs 2 blocks would differ in width), so only the key can tell."""
+    model, dataset, config = classifier_and_train_split(backbone, root, "head.pooling=cls")
+    last = assert_fresh(model, dataset, config)
+    model.layers = [0]  # the first block's cls token: same shape as the last block's
+    first = assert_fresh(model, dataset, config)
+    assert last.shape == first.shape and not torch.equal(last, first)
+
+
+def test_changed_pooling_is_recomputed(backbone, root):
+    model, dataset, config = classifier_and_train_split(backbone, root, "head.pooling=cls")
+    cls = assert_fresh(model, dataset, config)
+    model, dataset, config = classifier_and_train_split(backbone, root, "head.pooling=avg")
+    avg = assert_fresh(model, dataset, config)
+    assert cls.shape == avg.shape and not torch.equal(cls, avg)
