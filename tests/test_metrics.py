@@ -220,3 +220,67 @@ def test_classification_top_k_clipped_and_bad_label():
     assert result["top1"] == 0.5 and result["top5"] == 1.0
     with pytest.raises(UserError, match="3"):
         metric.update(torch.zeros(1, 3), torch.tensor([3]))
+
+
+def test_classification_two_ranks_merge_like_one():
+    generator = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(6, 5, generator=generator), torch.randint(0, 5, (6,), generator=generator)) for _ in range(4)]
+    rank0, rank1, single = (ClassificationMetric(5, (1, 3)) for _ in range(3))
+    for i, (logits, target) in enumerate(batches):
+        (rank0 if i % 2 == 0 else rank1).update(logits, target)
+        single.update(logits, target)
+    rank0.merge_state(rank1)
+    merged, expected = rank0.compute(), single.compute()
+    assert merged["top1"] == expected["top1"] and merged["top3"] == expected["top3"]
+    assert torch.equal(merged["confusion_matrix"], expected["confusion_matrix"])
+    assert int(merged["confusion_matrix"].sum()) == 24
+
+
+@pytest.mark.parametrize(("logits", "target"), [(torch.zeros(3), torch.zeros(3)), (torch.zeros(2, 4), torch.zeros(2)),
+                                                (torch.zeros(2, 3), torch.zeros(3)), (torch.zeros(2, 3, 1), torch.zeros(2))])  # fmt: skip
+def test_classification_rejects_each_bad_shape(logits, target):
+    metric = ClassificationMetric(num_classes=3)
+    with pytest.raises(UserError, match=r"expected logits \[B,3\] and targets \[B\]"):
+        metric.update(logits, target.long())
+
+
+@pytest.mark.parametrize("num_classes", [0, -2, 2.5, "3", None])
+def test_num_classes_must_be_a_positive_int(num_classes):
+    for metric in (SegmentationMetric, ClassificationMetric):
+        with pytest.raises(UserError, match="num_classes must be a positive integer"):
+            metric(num_classes)
+
+
+@pytest.mark.parametrize("top_k", [(), (0,), (1, -1)])
+def test_top_k_must_be_positive(top_k):
+    with pytest.raises(UserError, match="top_k must be positive"):
+        ClassificationMetric(3, top_k)
+    assert ClassificationMetric(1, (1,)).top_k == (1,)
+
+
+def test_counts_are_exact_integers():
+    metric = SegmentationMetric(num_classes=2)
+    metric.update(torch.tensor([[0, 1, 1]]), torch.tensor([[0, 1, 0]]))
+    for name in ("area_intersect", "area_union", "area_pred", "area_label"):
+        assert getattr(metric, name).dtype == torch.int64, name
+    assert metric.area_union.tolist() == [2, 2] and metric.area_intersect.tolist() == [1, 1]
+    classification = ClassificationMetric(2, (1,))
+    classification.update(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    assert classification.confusion_matrix.dtype == torch.int64 and classification.correct_top_k.dtype == torch.int64
+
+
+def test_table_and_csv_exact_text(tmp_path):
+    metric = SegmentationMetric(num_classes=3)
+    metric.update(torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0, 1, 1, 1]]))  # class 2 absent everywhere
+    result = metric.compute()
+    assert format_per_class_table(result, ["sky", "road", "a"]).splitlines() == [
+        "class      IoU      Acc     Dice",
+        "sky      50.00   100.00    66.67",
+        "road     66.67    66.67    80.00",
+        "a          nan      nan      nan",
+    ]
+    path = tmp_path / "per_class.csv"
+    write_per_class_csv(result, ["sky", "road", "a"], path)
+    assert path.read_text().splitlines() == [
+        "class,IoU,Acc,Dice", "sky,50.0000,100.0000,66.6667", "road,66.6667,66.6667,80.0000", "a,nan,nan,nan"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_class.csv"]  # no temporary left behind
