@@ -146,7 +146,7 @@ def pair_ratios(mine: list[float], theirs: list[float]) -> list[float]:
 
 
 def parity_section(variants, shapes, repeats, device, sync) -> tuple[list[dict], list[list]]:
-    from dinov3ds.backbones import load_backbone
+    from dinov3ds.models.backbones import load_backbone
 
     rows, table = [], []
     for name in variants:
@@ -186,7 +186,7 @@ def parity_section(variants, shapes, repeats, device, sync) -> tuple[list[dict],
 def hf_mapping_check() -> dict:
     """The mapping proven on weights where every block matters: random init has layer scales of 1e-5, so
     random-weight outputs barely depend on the blocks; the fixture's gammas are U(0.1, 1)."""
-    from dinov3ds.backbones import load_backbone
+    from dinov3ds.models.backbones import load_backbone
 
     inputs = torch.load(FIXTURE_INPUTS, map_location="cpu", weights_only=True)
     backbone = load_backbone("vits16", FIXTURE_WEIGHTS, depth=2)
@@ -201,7 +201,7 @@ def hf_mapping_check() -> dict:
 
 
 def cosine_on_fixture() -> dict:
-    from dinov3ds.backbones import load_backbone
+    from dinov3ds.models.backbones import load_backbone
 
     inputs = torch.load(FIXTURE_INPUTS, map_location="cpu", weights_only=True)["input.b2_224x224"]
     fp32 = load_backbone("vits16", FIXTURE_WEIGHTS, depth=2)
@@ -222,7 +222,7 @@ def cosine_on_fixture() -> dict:
 
 
 def dtype_and_compile_section(repeats, device, sync, compile_model: bool) -> dict:
-    from dinov3ds.backbones import load_backbone
+    from dinov3ds.models.backbones import load_backbone
 
     images = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     fp32 = load_backbone("vits16", "random", device=device)
@@ -295,7 +295,7 @@ def main() -> None:
 
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="backbone dtype")  # the emulated-bf16 warning: the verdict says it
-    from dinov3ds.hardware import CPU_NATIVE_FLAGS, native_support
+    from dinov3ds.models.hardware import CPU_NATIVE_FLAGS, native_support
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

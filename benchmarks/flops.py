@@ -82,7 +82,7 @@ def forward_flops(backbone, size: int, device: torch.device) -> int:
 
 
 def measure_row(name: str, size: int, batch: int, dtype_name: str, device: torch.device, peak: dict) -> dict:
-    from dinov3ds.backbones import load_backbone
+    from dinov3ds.models.backbones import load_backbone
 
     backbone = load_backbone(name, "random", device=device, dtype=DTYPES[dtype_name])
     flops_per_image = forward_flops(backbone, size, device)
@@ -117,7 +117,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
-    from dinov3ds.hardware import native_support
+    from dinov3ds.models.hardware import native_support
 
     device = torch.device(args.device)
     rows_wanted = args.rows or (GPU_ROWS if device.type == "cuda" else CPU_ROWS)

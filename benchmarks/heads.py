@@ -59,7 +59,7 @@ def child(head: str, size: int, batch: int, iters: int, device_name: str, classe
     import torch
 
     from dinov3ds.config import config_from_dict
-    from dinov3ds.models import Segmenter, backbone_from_config
+    from dinov3ds.models.tasks import Segmenter, backbone_from_config
 
     warnings.filterwarnings("ignore")
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
@@ -146,8 +146,8 @@ def child(head: str, size: int, batch: int, iters: int, device_name: str, classe
 def fapm_counts() -> list[dict]:
     import logging
 
-    from dinov3ds.backbones import get_spec
     from dinov3ds.heads import HEADS, build_head
+    from dinov3ds.models.backbones import get_spec
 
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
     if "fapm" not in HEADS:

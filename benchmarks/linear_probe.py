@@ -1,4 +1,4 @@
-"""Linear probe: per-epoch time of cached versus uncached training, through `dinov3ds.engine.train`.
+"""Linear probe: per-epoch time of cached versus uncached training, through `dinov3ds.training.trainer.train`.
 
 Both runs use the library's own path on the same generated data: task classification, `data.augment: false`,
 full-size `vits16` with random weights at 224, only `cache_features` differs. With the cache, the frozen
@@ -67,8 +67,8 @@ def run(data_root: Path, output: Path, *, cached: bool, epochs: int, batch_size:
     """One `engine.train` run; returns epoch times and the feature-extraction (or cache-load) time."""
     import lightning.pytorch as L
 
-    from dinov3ds import engine
     from dinov3ds.config import config_from_dict
+    from dinov3ds.training import trainer as engine
 
     config = config_from_dict({
         "task": "classification",

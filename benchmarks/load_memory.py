@@ -32,7 +32,7 @@ LIMIT = 1.2  # peak - baseline must stay within this multiple of the file size (
 CHILD = r"""
 import gc, json, resource, sys, time
 import torch
-import dinov3ds.backbones as backbones
+import dinov3ds.models.backbones as backbones
 
 def status():
     fields = {}

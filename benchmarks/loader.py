@@ -46,10 +46,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="accepted for run_all; the default is already quick")
     args = parser.parse_args()
 
-    from dinov3ds.backbones import load_backbone
     from dinov3ds.config import load_config
     from dinov3ds.data.build import build_datasets
-    from dinov3ds.engine import _loader
+    from dinov3ds.models.backbones import load_backbone
+    from dinov3ds.training.trainer import _loader
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "data"

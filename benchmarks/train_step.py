@@ -1,7 +1,7 @@
 """Whole training step per segmentation head on vits16, next to the frozen backbone's forward alone.
 
-One training step here is what `engine.TaskModule` does per batch, without Lightning's bookkeeping: take the
-next batch from the library's own training `DataLoader` (`engine._loader` over `build_datasets`, with the
+One training step here is what `training.module.TaskModule` does per batch, without Lightning's bookkeeping: take the
+next batch from the library's own training `DataLoader` (`training.trainer._loader` over `build_datasets`, with the
 training transform: random scale, crop, flip, colour jitter), backbone under `no_grad`, head forward,
 the configured loss (ce), backward, AdamW step, zero_grad. Per step it records the loader wait, the
 backbone part and the rest (head forward + loss + backward + optimizer).
@@ -58,12 +58,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
 
-    from dinov3ds import engine
     from dinov3ds.config import config_from_dict
     from dinov3ds.data.build import build_datasets
     from dinov3ds.data.synthetic import make_segmentation_folder
     from dinov3ds.heads import HEADS
-    from dinov3ds.models import backbone_from_config
+    from dinov3ds.models.tasks import backbone_from_config, input_multiple
+    from dinov3ds.training import trainer as engine
+    from dinov3ds.training.module import TaskModule
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -87,9 +88,9 @@ def main() -> None:
             })  # fmt: skip
             if backbone is None:  # one frozen backbone serves every head
                 backbone = backbone_from_config(config, device)
-            splits = build_datasets(config, backbone.mean, backbone.std, engine._input_multiple(config, backbone))
+            splits = build_datasets(config, backbone.mean, backbone.std, input_multiple(config, backbone))
             model = engine.build_model(config, splits.class_names, backbone).to(device)
-            module = engine.TaskModule(model, config, splits.class_names).to(device)
+            module = TaskModule(model, config, splits.class_names).to(device)
             module.train()
             optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                           lr=config.optim.lr, weight_decay=config.optim.weight_decay)  # fmt: skip

@@ -67,10 +67,10 @@ def reset_peak():
 path, threads, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 from dinov3ds.config import config_from_dict
-from dinov3ds.data.medical import SlicePreprocessing
-from dinov3ds.models import Segmenter, backbone_from_config
-from dinov3ds.predict import _slice_predictor
-from dinov3ds.volumes import predict_volume
+from dinov3ds.config import SlicePreprocessing
+from dinov3ds.models.tasks import Segmenter, backbone_from_config
+from dinov3ds.commands.predict import _slice_predictor
+from dinov3ds.models.volume_inference import predict_volume
 
 config = config_from_dict({
     "task": "segmentation",
@@ -123,7 +123,7 @@ def _env(malloc: str, threads: int) -> dict[str, str]:
 
 def write_volume(folder: Path, size: int, depth: int) -> Path:
     """A head phantom of size x size x depth as a float32 .npy (made here, so the child has no transients)."""
-    from dinov3ds.volumes import make_head_phantom
+    from dinov3ds.data.synthetic import make_head_phantom
 
     image, _ = make_head_phantom((size, size, depth), seed=depth, spacing=(1.0, 1.0, 1.0))
     path = folder / f"phantom_{size}x{size}x{depth}.npy"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dinov3ds.backbones import Backbone, BackboneSpec, get_spec, load_backbone
+from dinov3ds.models.backbones import Backbone, BackboneSpec, get_spec, load_backbone
 
 ROPE_BASE = 100.0
 # Variants whose official checkpoints carry an extra, eval-unused `local_cls_norm` (README: untie_global_and_local_cls_norm).
@@ -138,7 +138,7 @@ def _convnext_to_official(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def sha256_file(path: Path) -> str:
-    """Plain SHA-256, independent of dinov3ds.weights so the name check tests the library, not itself."""
+    """Plain SHA-256, independent of dinov3ds.models.weights so the name check tests the library, not itself."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 22):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinov3ds.backbones import load_backbone
+from dinov3ds.models.backbones import load_backbone
 from tests.conftest import reference_dir
 
 FIXTURES = {

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinov3ds.checkpoints import (
+from dinov3ds.errors import UserError
+from dinov3ds.models.checkpoints import (
     FORMAT_VERSION,
     AtomicCheckpointIO,
     atomic_torch_save,
@@ -20,7 +21,6 @@ from dinov3ds.checkpoints import (
     read_checkpoint,
     resolve_backbone_weights,
 )
-from dinov3ds.errors import UserError
 from tests.checkpoints import sha256_file
 
 

@@ -541,8 +541,8 @@ def test_checkpoint_that_is_not_dinov3ds(error_cases: ErrorCases) -> None:
 
 
 def test_malicious_pickle_is_refused_not_run(error_cases: ErrorCases) -> None:
-    from dinov3ds.checkpoints import load_checkpoint_file
     from dinov3ds.errors import UserError
+    from dinov3ds.models.checkpoints import load_checkpoint_file
 
     line = _case(error_cases, "malicious_checkpoint")
     assert "refused to load" in line and "evil.ckpt" in line

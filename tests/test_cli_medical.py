@@ -28,7 +28,8 @@ import pytest
 import torch
 
 from dinov3ds.cli import main
-from dinov3ds.volumes import dice_and_iou, make_head_phantom
+from dinov3ds.data.synthetic import make_head_phantom
+from dinov3ds.metrics import dice_and_iou
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "segmentation_mri_head.yaml"
 SHAPE = (48, 48, 24)  # 48 x 48 slices along axis 2 (3 x 3 patches), 24 slices per volume

@@ -18,7 +18,6 @@ from dinov3ds.data.segmentation import (
     ADE20K_PALETTE,
     SegmentationFolderDataset,
     ade20k_dataset,
-    default_palette,
 )
 from dinov3ds.data.synthetic import make_classification_folder, make_segmentation_folder
 from dinov3ds.data.transforms import (
@@ -29,6 +28,7 @@ from dinov3ds.data.transforms import (
     denormalize,
 )
 from dinov3ds.errors import UserError
+from dinov3ds.viz import default_palette
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from dinov3ds.checkpoints import read_checkpoint
 from dinov3ds.data.synthetic import make_classification_folder
+from dinov3ds.models.checkpoints import read_checkpoint
 
 COMMON = [
     "backbone.weights=random", "backbone.overrides={depth: 1}", "data.image_size=32", "data.num_workers=0",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dinov3ds.checkpoints import atomic_torch_save, read_checkpoint
 from dinov3ds.config import load_config
 from dinov3ds.data.synthetic import make_classification_folder
-from dinov3ds.engine import train, warmup_cosine
 from dinov3ds.errors import UserError
-from dinov3ds.models import Classifier, Segmenter
+from dinov3ds.models.checkpoints import atomic_torch_save, read_checkpoint
+from dinov3ds.models.tasks import Classifier, Segmenter
+from dinov3ds.training.module import warmup_cosine
+from dinov3ds.training.trainer import train
 
 TINY = ["backbone.weights=random", "backbone.overrides={depth: 1}", "data.num_workers=0", "trainer.progress_bar=false",
         "data.image_size=32", "data.augment=false"]  # fmt: skip
@@ -96,7 +97,7 @@ def test_training_reads_device_values_only_at_logging_intervals(tmp_path, monkey
 
     import lightning.pytorch as L
 
-    import dinov3ds.engine as engine
+    import dinov3ds.training.trainer as engine
 
     state = {"in_batch": False, "steps": 0, "reads": 0}
 

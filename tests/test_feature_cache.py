@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov3ds.backbones import load_backbone
 from dinov3ds.config import load_config
 from dinov3ds.data.build import build_datasets
 from dinov3ds.data.synthetic import make_classification_folder
-from dinov3ds.feature_cache import cached_features, extract_features
-from dinov3ds.models import Classifier
+from dinov3ds.models.backbones import load_backbone
+from dinov3ds.models.tasks import Classifier
+from dinov3ds.training.feature_cache import cached_features, extract_features
 
 TINY = ["backbone.weights=random", "backbone.overrides={depth: 2}", "data.num_workers=0",
         "trainer.progress_bar=false", "data.image_size=32", "data.augment=false"]  # fmt: skip

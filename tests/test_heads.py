@@ -38,9 +38,9 @@ def seeded_single_thread():
 
 
 def skip_unsupported(name: str, size: tuple[int, int]) -> None:
-    # FAPM's adapter works on a stride-32 grid, so it promises only sizes that are multiples of 32.
-    if name == "fapm" and any(side % 32 for side in size):
-        pytest.skip("fapm needs sides that are multiples of 32")
+    multiple = HEADS[name].input_multiple  # a head promises only sizes that are multiples of this
+    if any(side % multiple for side in size):
+        pytest.skip(f"{name} needs sides that are multiples of {multiple}")
 
 
 def make_inputs(

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from dinov3ds.errors import UserError
-from dinov3ds.inference import InferenceOptions, predict_slide, predict_tta, predict_whole, run_inference
+from dinov3ds.models.inference import (
+    InferenceOptions,
+    predict_slide,
+    predict_tta,
+    predict_whole,
+    run_inference,
+)
 
 NUM_CLASSES = 4
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dinov3ds.errors import UserError
-from dinov3ds.losses import build_loss, logits_to_labels, logits_to_probabilities
+from dinov3ds.training.losses import build_loss, logits_to_labels, logits_to_probabilities
 
 IGNORE = 255
 

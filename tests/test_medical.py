@@ -12,16 +12,13 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from dinov3ds.data.medical import (
-    SlicePreprocessing,
-    load_mri_slice,
-    load_volume,
-    prepare_volumes,
-    preprocess_slice,
-    volume_to_uint16,
-)
+from dinov3ds.config import SlicePreprocessing
+from dinov3ds.data.medical import load_mri_slice, prepare_volumes, preprocess_slice
+from dinov3ds.data.synthetic import make_head_phantom
+from dinov3ds.data.volumes import load_volume, save_like, volume_to_uint16
 from dinov3ds.errors import UserError
-from dinov3ds.volumes import dice_and_iou, iter_volume_files, make_head_phantom, predict_volume, save_like
+from dinov3ds.metrics import dice_and_iou
+from dinov3ds.models.volume_inference import predict_volume
 
 SHAPE = (24, 32, 20)
 
@@ -370,17 +367,3 @@ def test_phantom_is_seeded_with_anisotropic_affine() -> None:
     mask = np.asanyarray(label.dataobj)
     assert set(np.unique(mask)) == {0, 1} and image.shape == label.shape == SHAPE
     assert np.asanyarray(image.dataobj)[mask == 1].mean() > 3 * np.asanyarray(image.dataobj)[mask == 0].mean()
-
-
-def test_iter_volume_files(tmp_path: Path) -> None:
-    image, _ = make_head_phantom(SHAPE)
-    for name in ("b.nii.gz", "a.nii"):
-        nib.save(image, tmp_path / name)
-    (tmp_path / "notes.txt").write_text("x")
-    assert [p.name for p in iter_volume_files(tmp_path)] == ["a.nii", "b.nii.gz"]
-    assert iter_volume_files(tmp_path / "b.nii.gz") == [tmp_path / "b.nii.gz"]
-    with pytest.raises(UserError, match=r"notes\.txt: not a \.nii"):
-        iter_volume_files(tmp_path / "notes.txt")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"empty: no \.nii/\.nii\.gz volumes"):
-        iter_volume_files(tmp_path / "empty")

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch._utils import ExceptionWrapper
 
-import dinov3ds.checkpoints
+import dinov3ds.models.checkpoints
 from dinov3ds import cli
 from dinov3ds.cli import main
 from dinov3ds.config import load_config
@@ -356,7 +356,7 @@ def test_huge_image_slide_predict_keeps_memory_bounded(monkeypatch):
     """3000x2000 (6 MP; 10000x8000 takes ~25 s on 2 cores, measured once for docs/reliability.md): the windows
     go through the model at most `window_batch` at a time, and the extra peak memory (RSS high-water mark) stays
     within 96 bytes per pixel for 3 classes (about 65 measured: the float image, the logit sum, the softmax)."""
-    from dinov3ds.models import Segmenter, backbone_from_config
+    from dinov3ds.models.tasks import Segmenter, backbone_from_config
 
     config = load_config(
         None, [*TINY, *SEG, "data.image_size=128", "inference.stride=128", "inference.window_batch=16"]
@@ -427,7 +427,7 @@ def test_checkpoint_from_a_newer_format_is_refused(trained: Trained, tmp_path, c
     newer = _edited_checkpoint(
         trained.checkpoint,
         tmp_path / "newer.ckpt",
-        lambda c: c["dinov3ds"].update(format_version=dinov3ds.checkpoints.FORMAT_VERSION + 1),
+        lambda c: c["dinov3ds"].update(format_version=dinov3ds.models.checkpoints.FORMAT_VERSION + 1),
     )
     for command in (
         ["predict", "--checkpoint", newer, trained.odd[0], "--out", tmp_path / "p"],
@@ -513,7 +513,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_is_one_line(tmp_path, capsy
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, handle, *args, **kwargs)
 
-    monkeypatch.setattr(dinov3ds.checkpoints.torch, "save", save_until_full)
+    monkeypatch.setattr(dinov3ds.models.checkpoints.torch, "save", save_until_full)
     args = ["train", *TINY, f"data.root={root}", "trainer.max_epochs=3", f"output_dir={tmp_path / 'run'}"]
     line = one_error_line(*run(args, capsys)[::2])
     assert re.search(

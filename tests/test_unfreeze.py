@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dinov3ds.checkpoints import read_checkpoint
 from dinov3ds.config import load_config
 from dinov3ds.data.synthetic import make_classification_folder
-from dinov3ds.engine import TaskModule, build_model, train
-from dinov3ds.models import Classifier, backbone_from_config
+from dinov3ds.models.checkpoints import read_checkpoint
+from dinov3ds.models.tasks import Classifier, backbone_from_config
+from dinov3ds.training.module import TaskModule
+from dinov3ds.training.trainer import build_model, train
 
 TINY = ["backbone.weights=random", "backbone.overrides={depth: 3}", "data.num_workers=0", "trainer.progress_bar=false",
         "data.image_size=32", "data.augment=false"]  # fmt: skip

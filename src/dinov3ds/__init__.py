@@ -12,14 +12,14 @@ __version__ = "0.1.0"
 
 # Imported on first use: `import dinov3ds` stays fast and the CLI pays only for what a command needs.
 _EXPORTS = {
-    "load_backbone": "dinov3ds.backbones",
-    "Backbone": "dinov3ds.backbones",
-    "VARIANTS": "dinov3ds.backbones",
-    "Classifier": "dinov3ds.models",
-    "Segmenter": "dinov3ds.models",
-    "load_model": "dinov3ds.models",
-    "train": "dinov3ds.engine",
-    "evaluate": "dinov3ds.evaluate",
+    "load_backbone": "dinov3ds.models.backbones",
+    "Backbone": "dinov3ds.models.backbones",
+    "VARIANTS": "dinov3ds.models.backbones",
+    "Classifier": "dinov3ds.models.tasks",
+    "Segmenter": "dinov3ds.models.tasks",
+    "load_model": "dinov3ds.models.tasks",
+    "train": "dinov3ds.training.trainer",
+    "evaluate": "dinov3ds.commands.evaluate",
     "load_config": "dinov3ds.config",
     "Config": "dinov3ds.config",
     "UserError": "dinov3ds.errors",

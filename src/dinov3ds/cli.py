@@ -19,7 +19,7 @@ def _train(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.overrides)  # a config typo fails before torch/Lightning load
 
-    from dinov3ds.engine import train
+    from dinov3ds.training.trainer import train
 
     result = train(config, resume=args.resume)
     if not result.is_global_zero:
@@ -30,13 +30,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from dinov3ds.evaluate import evaluate
+    from dinov3ds.commands.evaluate import evaluate
 
     evaluate(args.checkpoint, args.overrides, output_dir=args.out)
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from dinov3ds.predict import predict
+    from dinov3ds.commands.predict import predict
 
     predict(args.checkpoint, args.paths, args.out, topk=args.topk, mode=args.mode, labels=args.labels,
             overrides=args.overrides, probabilities=args.probabilities)  # fmt: skip
@@ -50,7 +50,7 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _backbones(args: argparse.Namespace) -> None:
-    from dinov3ds.backbones import VARIANTS, find_weight_file
+    from dinov3ds.models.backbones import VARIANTS, find_weight_file
 
     header = f"{'name':<18}{'family':<9}{'dim':>6}{'depth':>6}  {'taps':<16}{'data':<10}{'weights':<8} file"
     print(header)
@@ -62,7 +62,7 @@ def _backbones(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from dinov3ds.demo import run_demo
+    from dinov3ds.commands.demo import run_demo
 
     run_demo(Path(args.out), backbone=args.backbone, quick=args.quick)
 
@@ -79,20 +79,20 @@ def _prepare_volumes(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from dinov3ds.export import export
+    from dinov3ds.commands.export import export
 
     export(args.checkpoint, args.out, args.format, args.height, args.width, args.dynamic_batch)
 
 
 def _backbone_from_args(args: argparse.Namespace):
-    from dinov3ds.backbones import load_backbone
-    from dinov3ds.models import TORCH_DTYPES
+    from dinov3ds.models.backbones import load_backbone
+    from dinov3ds.models.tasks import TORCH_DTYPES
 
     return load_backbone(args.backbone, args.weights, dtype=TORCH_DTYPES[args.dtype])
 
 
 def _features(args: argparse.Namespace) -> None:
-    from dinov3ds.features import extract_to_npz
+    from dinov3ds.commands.features import extract_to_npz
 
     arrays = extract_to_npz(_backbone_from_args(args), args.paths, Path(args.out), image_size=args.image_size,
                             batch_size=args.batch_size, patches=not args.no_patches)  # fmt: skip
@@ -101,14 +101,14 @@ def _features(args: argparse.Namespace) -> None:
 
 
 def _pca(args: argparse.Namespace) -> None:
-    from dinov3ds.features import pca_pictures
+    from dinov3ds.commands.features import pca_pictures
 
     for path in pca_pictures(_backbone_from_args(args), args.paths, Path(args.out), image_size=args.image_size):
         print(f"wrote {path}")
 
 
 def _knn(args: argparse.Namespace) -> None:
-    from dinov3ds.features import knn_evaluate
+    from dinov3ds.commands.features import knn_evaluate
 
     result = knn_evaluate(args.backbone, args.root, weights=args.weights, image_size=args.image_size, k=args.k,
                           temperature=args.temperature, pooling=args.pooling, dtype=args.dtype)  # fmt: skip
@@ -116,7 +116,7 @@ def _knn(args: argparse.Namespace) -> None:
 
 
 def _check_data(args: argparse.Namespace) -> None:
-    from dinov3ds.check_data import check_dataset, printable
+    from dinov3ds.commands.check_data import check_dataset, printable
     from dinov3ds.config import load_config
 
     report = check_dataset(load_config(args.config, args.overrides), workers=args.workers)

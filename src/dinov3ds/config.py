@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dinov3ds.data.medical import SlicePreprocessing
 from dinov3ds.errors import UserError
 
 
@@ -20,6 +19,24 @@ class Section(BaseModel):
     """Strict by default: a typo in a key is an error, never a silently ignored setting."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SlicePreprocessing(BaseModel):
+    """How a 2D MRI slice becomes a uint8 image ; the same options at training and inference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zscore: bool = True  # standardise each slice to mean 0, std 1 (a constant slice becomes all zeros)
+    clip: float | None = Field(2.0, gt=0)  # clip z-scores to [-clip, clip]; None keeps the full range
+    gamma: float | None = Field(0.75, gt=0)  # out = 255 * (x / 255) ** gamma; < 1 lifts low intensities
+    channels: int = Field(3, ge=1)  # gray value repeated to this many channels (3 for RGB backbones)
+
+    @model_validator(mode="after")
+    def _clip_needs_zscore(self) -> SlicePreprocessing:
+        # `clip` is measured in standard deviations; on raw intensities it would flatten the image.
+        if self.clip is not None and not self.zscore:
+            raise ValueError("clip is in standard deviations and needs zscore: true; set clip: null")
+        return self
 
 
 class BackboneConfig(Section):

@@ -15,6 +15,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 
@@ -196,3 +197,15 @@ class ClassificationMetric(Metric):
         result["mean_class_accuracy"] = torch.nanmean(per_class).item()
         result["confusion_matrix"] = matrix.clone()
         return result
+
+
+def dice_and_iou(prediction: np.ndarray, label: np.ndarray, foreground: int = 1) -> dict[str, float]:
+    """Dice and IoU of one foreground id. Both masks empty counts as a perfect 1.0 (nothing to find, none found)."""
+    if prediction.shape != label.shape:
+        raise ValueError(f"prediction shape {prediction.shape} != label shape {label.shape}")
+    predicted, actual = prediction == foreground, label == foreground
+    intersection = int(np.count_nonzero(predicted & actual))
+    total = int(np.count_nonzero(predicted)) + int(np.count_nonzero(actual))
+    if total == 0:
+        return {"dice": 1.0, "iou": 1.0}
+    return {"dice": 2 * intersection / total, "iou": intersection / (total - intersection)}

@@ -33,21 +33,21 @@ BUGS = [
                "            pass\n        picture = self.normalize(picture)\n        if self.jitter is not None:\n"
                "            picture = self.jitter(picture)\n",
                ("tests/test_data.py::test_photometric_jitter_runs_before_normalisation",)),
-    PlantedBug("cache-key-without-size", "feature_cache.py", "stat.st_size, stat.st_mtime_ns", "stat.st_mtime_ns",
+    PlantedBug("cache-key-without-size", "training/feature_cache.py", "stat.st_size, stat.st_mtime_ns", "stat.st_mtime_ns",
                ("tests/test_feature_cache.py::test_edited_image_with_restored_mtime_is_recomputed_by_its_size",)),
-    PlantedBug("cache-key-without-mtime", "feature_cache.py", "stat.st_size, stat.st_mtime_ns", "stat.st_size",
+    PlantedBug("cache-key-without-mtime", "training/feature_cache.py", "stat.st_size, stat.st_mtime_ns", "stat.st_size",
                ("tests/test_feature_cache.py::test_edited_image_of_the_same_size_is_recomputed_by_its_mtime",)),
-    PlantedBug("cache-key-without-transform", "feature_cache.py",
+    PlantedBug("cache-key-without-transform", "training/feature_cache.py",
                '        "transform": repr(getattr(dataset, "transform", None)),\n', "",
                ("tests/test_feature_cache.py::test_changed_crop_is_recomputed",)),
-    PlantedBug("cache-key-without-layers", "feature_cache.py", '        "layers": model.layers,\n', "",
+    PlantedBug("cache-key-without-layers", "training/feature_cache.py", '        "layers": model.layers,\n', "",
                ("tests/test_feature_cache.py::test_changed_last_blocks_is_recomputed",)),
-    PlantedBug("slide-width-stride-unchecked", "inference.py", "if stride_h > crop_h or stride_w > crop_w:",
+    PlantedBug("slide-width-stride-unchecked", "models/inference.py", "if stride_h > crop_h or stride_w > crop_w:",
                "if stride_h > crop_h:", ("tests/test_inference.py::test_slide_rejects_bad_settings",)),
-    PlantedBug("slide-default-width-stride-from-height", "inference.py",
+    PlantedBug("slide-default-width-stride-from-height", "models/inference.py",
                "max(crop_w * 2 // 3, 1))", "max(crop_h * 2 // 3, 1))",
                ("tests/test_inference.py::test_run_inference_default_stride_follows_each_side_of_a_non_square_crop",)),
-    PlantedBug("tta-softmax-before-resize", "inference.py",
+    PlantedBug("tta-softmax-before-resize", "models/inference.py",
                "view_probs = _resize(logits, (height, width)).softmax(dim=1)",
                "view_probs = _resize(logits.softmax(dim=1), (height, width))",
                ("tests/test_inference.py::test_multi_scale_tta_resizes_logits_then_takes_the_softmax",)),
@@ -64,15 +64,15 @@ BUGS = [
                'F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)',
                'F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=True)',
                ("tests/test_heads.py::test_segdino_output_by_hand",)),
-    PlantedBug("dice-without-fp32", "losses.py", "        logits = logits.float()  # pixel sums", "        # pixel sums",
+    PlantedBug("dice-without-fp32", "training/losses.py", "        logits = logits.float()  # pixel sums", "        # pixel sums",
                ("tests/test_losses.py::test_dice_in_bf16_is_computed_in_float32",)),
-    PlantedBug("teacher-prefix-kept", "weights.py", '{k.removeprefix("backbone."): v for k, v', "{k: v for k, v",
+    PlantedBug("teacher-prefix-kept", "models/weights.py", '{k.removeprefix("backbone."): v for k, v', "{k: v for k, v",
                ("tests/test_backbones.py::test_training_checkpoint_teacher_layout_loads_like_the_plain_file",)),
-    PlantedBug("non-tensor-values-accepted", "weights.py",
+    PlantedBug("non-tensor-values-accepted", "models/weights.py",
                "if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):",
                "if not isinstance(state, dict):",
                ("tests/test_backbones.py::test_state_dict_with_a_non_tensor_value_is_refused",)),
-    PlantedBug("task-check-skipped", "checkpoints.py", "if expected_task and meta", "if False and meta",
+    PlantedBug("task-check-skipped", "models/checkpoints.py", "if expected_task and meta", "if False and meta",
                ("tests/test_engine.py::test_learning_rate_grid_keeps_the_best_head",)),
 ]  # fmt: skip
 
@@ -98,7 +98,7 @@ def main(names: list[str]) -> int:
     for bug in chosen:
         verdict = "caught" if caught(bug) else "SURVIVES"
         survivors += verdict == "SURVIVES"
-        print(f"{bug.name:<42} {bug.file:<22} {verdict:<9} {' '.join(t.split('::')[1] for t in bug.tests)}", flush=True)
+        print(f"{bug.name:<42} {bug.file:<28} {verdict:<9} {' '.join(t.split('::')[1] for t in bug.tests)}", flush=True)
     print(f"{len(chosen) - survivors} of {len(chosen)} planted bugs caught")
     return 1 if survivors else 0
 

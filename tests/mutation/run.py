@@ -28,14 +28,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # module name → (file under src/dinov3ds, test files that exercise it)
 MODULES: dict[str, tuple[str, list[str]]] = {
     "metrics": ("metrics.py", ["tests/test_metrics.py"]),
-    "inference": ("inference.py", ["tests/test_inference.py"]),
-    "checkpoints": ("checkpoints.py", ["tests/test_checkpoints.py", "tests/test_engine.py"]),
-    "weights": ("weights.py", ["tests/test_backbones.py"]),
-    "feature_cache": ("feature_cache.py", ["tests/test_feature_cache.py"]),
+    "inference": ("models/inference.py", ["tests/test_inference.py"]),
+    "checkpoints": ("models/checkpoints.py", ["tests/test_checkpoints.py", "tests/test_engine.py"]),
+    "weights": ("models/weights.py", ["tests/test_backbones.py"]),
+    "feature_cache": ("training/feature_cache.py", ["tests/test_feature_cache.py"]),
     "transforms": ("data/transforms.py", ["tests/test_data.py"]),
-    "losses": ("losses.py", ["tests/test_losses.py"]),
+    "losses": ("training/losses.py", ["tests/test_losses.py"]),
     "heads": ("heads/*.py", ["tests/test_heads.py", "tests/test_fapm.py"]),
-    "volumes": ("volumes.py", ["tests/test_medical.py"]),
+    "volumes": ("data/volumes.py", ["tests/test_medical.py"]),
 }
 
 

@@ -1,7 +1,7 @@
-"""Medical slices: one intensity preprocessing for training and volume inference, and NIfTI → slice folders.
+"""Medical slices: the one MRI intensity preprocessing, and NIfTI volumes cut into slice folders.
 
 `preprocess_slice` is the only place where MRI intensities become network input. Training reads slices
-through `load_mri_slice` and volume inference (`dinov3ds.volumes.predict_volume`) calls the same function on
+through `load_mri_slice` and volume inference (`dinov3ds.models.volume_inference.predict_volume`) calls the same function on
 the same uint16 quantisation, so a model never sees different arrays at training and inference time.
 
 `prepare_volumes` turns NIfTI image/label pairs into the segmentation-folder layout
@@ -14,36 +14,14 @@ import json
 import os
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dinov3ds.config import SlicePreprocessing
+from dinov3ds.data.volumes import load_volume, pair_volumes, volume_stem, volume_to_uint16
 from dinov3ds.errors import UserError
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# A label volume matches an image volume with the same stem, optionally followed by one of these.
-LABEL_SUFFIXES = ("", "_seg", "_label", "_mask")
 SPLITS = ("train", "val", "test")
-UINT16_MAX = 65535
-
-
-class SlicePreprocessing(BaseModel):
-    """How a 2D MRI slice becomes a uint8 image (DESIGN §6); the same options at training and inference."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    zscore: bool = True  # standardise each slice to mean 0, std 1 (a constant slice becomes all zeros)
-    clip: float | None = Field(2.0, gt=0)  # clip z-scores to [-clip, clip]; None keeps the full range
-    gamma: float | None = Field(0.75, gt=0)  # out = 255 * (x / 255) ** gamma; < 1 lifts low intensities
-    channels: int = Field(3, ge=1)  # gray value repeated to this many channels (3 for RGB backbones)
-
-    @model_validator(mode="after")
-    def _clip_needs_zscore(self) -> SlicePreprocessing:
-        # `clip` is measured in standard deviations; on raw intensities it would flatten the image.
-        if self.clip is not None and not self.zscore:
-            raise ValueError("clip is in standard deviations and needs zscore: true; set clip: null")
-        return self
 
 
 def preprocess_slice(
@@ -90,119 +68,6 @@ def load_mri_slice(path: Path, options: SlicePreprocessing) -> np.ndarray:
             f"{path}: cannot read the image ({error}); re-create it with prepare-volumes"
         ) from error
     return preprocess_slice(pixels, options, source=str(path))
-
-
-def volume_stem(path: Path) -> str:
-    """File name without .nii / .nii.gz."""
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def load_volume(path: Path, *, expect_3d: bool = True) -> nib.Nifti1Image:
-    """Load a NIfTI image with its data in memory, checked: 3D (a trailing 4th dim of 1 is squeezed), finite.
-
-    The data is read once here (the NaN check needs it) and kept, so callers do not read the file twice.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found; check the path")
-    try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as error:
-        raise UserError(
-            f"{path}: not a readable NIfTI file ({error}); convert it to .nii/.nii.gz (e.g. with dcm2niix)"
-        ) from error
-    if expect_3d:
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        if data.ndim != 3:
-            raise UserError(
-                f"{path}: expected a 3D volume, got shape {data.shape}; "
-                "pass one 3D volume per file (split 4D series into single volumes)"
-            )
-    if np.issubdtype(data.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(data)))
-        if bad:
-            raise UserError(
-                f"{path}: contains {bad} NaN/Inf voxels; fix the scan or replace them (e.g. with 0) before use"
-            )
-    return type(image)(data, image.affine, image.header)
-
-
-def uint16_range(volume: np.ndarray, *, source: str = "volume") -> tuple[float, float]:
-    """The (min, max) that `to_uint16` maps to 0..65535; computed without copying the volume."""
-    low, high = float(np.min(volume)), float(np.max(volume))
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise UserError(f"{source}: volume contains NaN/Inf voxels; fix the scan before use")
-    return low, high
-
-
-def to_uint16(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] linearly to 0..65535; the one formula used for slice PNGs and volume inference."""
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint16)
-    scaled = (np.asarray(values, dtype=np.float64) - low) * (UINT16_MAX / (high - low))
-    return np.clip(np.rint(scaled), 0, UINT16_MAX).astype(np.uint16)
-
-
-def volume_to_uint16(volume: np.ndarray, *, source: str = "volume") -> np.ndarray:
-    """Per-volume min-max map to uint16.
-
-    Slice PNGs are 16-bit, so this keeps 65,536 levels (more than MRI scanners resolve). The map is
-    affine, and per-slice z-scoring in `preprocess_slice` cancels any affine map, so the choice of range
-    does not change what the model sees beyond rounding.
-    """
-    return to_uint16(volume, *uint16_range(volume, source=source))
-
-
-def iter_nifti(folder: Path) -> list[Path]:
-    """The .nii/.nii.gz files directly inside `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
-
-
-def pair_volumes(images_dir: Path, labels_dir: Path) -> list[tuple[Path, Path]]:
-    """Match each image volume to its label volume by name (see LABEL_SUFFIXES).
-
-    Images and labels may share one folder (BraTS style `case.nii.gz` + `case_seg.nii.gz`): a file that is
-    another file's label is not itself an image.
-    """
-    for folder in (images_dir, labels_dir):
-        if not folder.is_dir():
-            raise UserError(f"{folder}: folder not found; pass the folder holding the .nii/.nii.gz volumes")
-    images = iter_nifti(images_dir)
-    if not images:
-        raise UserError(f"{images_dir}: no .nii/.nii.gz volumes found; point images_dir at the scans")
-    labels = {p.name: p for p in iter_nifti(labels_dir)}
-    matches: dict[Path, Path] = {}
-    for image in images:
-        stem = volume_stem(image)
-        candidates = [
-            labels[stem + suffix + ext]
-            for suffix in LABEL_SUFFIXES
-            for ext in NIFTI_SUFFIXES
-            if stem + suffix + ext in labels and labels[stem + suffix + ext] != image
-        ]
-        if len(candidates) > 1:
-            names = ", ".join(p.name for p in candidates)
-            raise UserError(f"{image}: several label volumes match ({names}); keep exactly one")
-        if candidates:
-            matches[image] = candidates[0]
-    used_as_labels = set(matches.values())
-    images = [p for p in images if p not in used_as_labels]
-    stems = [volume_stem(p) for p in images]
-    for image, stem in zip(images, stems, strict=True):
-        if stems.count(stem) > 1:
-            raise UserError(f"{image}: another volume in {images_dir} has the name {stem!r}; rename one")
-        if image not in matches:
-            tried = ", ".join(stem + s + ".nii[.gz]" for s in LABEL_SUFFIXES)
-            raise UserError(
-                f"{image}: no label volume in {labels_dir} (looked for {tried}); add or rename it"
-            )
-    return [(image, matches[image]) for image in images]
 
 
 def split_volumes(

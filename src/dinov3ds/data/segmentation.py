@@ -81,22 +81,6 @@ ADE20K_PALETTE: np.ndarray = np.array(
 _SHOWN = 5  # file names quoted in a one-line error before "and N more"
 
 
-def default_palette(num_classes: int) -> np.ndarray:
-    """Distinct colours for any number of classes: the Pascal VOC bit-interleaved colour map.
-
-    Class 0 is black (background in a binary task); ids below 2**24 never share a colour.
-    """
-    palette = np.zeros((num_classes, 3), dtype=np.uint8)
-    for index in range(num_classes):
-        code, colour = index, [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                colour[channel] |= ((code >> channel) & 1) << (7 - bit)
-            code >>= 3
-        palette[index] = colour
-    return palette
-
-
 def _listing(paths: Sequence[Path]) -> str:
     shown = ", ".join(str(p) for p in paths[:_SHOWN])
     return shown + (f" and {len(paths) - _SHOWN} more" if len(paths) > _SHOWN else "")

@@ -11,6 +11,7 @@ import colorsys
 from pathlib import Path
 from typing import Literal
 
+import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -169,3 +170,52 @@ def make_segmentation_folder(
             Image.fromarray(pixels).save(image_dir / f"{stem}{image_ext}", quality=95)
             Image.fromarray((mask + offset).astype(np.uint8)).save(mask_dir / f"{stem}.png")
     return base
+
+
+def make_head_phantom(
+    shape: tuple[int, int, int] = (40, 48, 32),
+    *,
+    seed: int = 0,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 2.5),
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """A synthetic T1-like head and its mask (1 = head, 0 = background), for tests, the demo and benchmarks.
+
+    Layers of an ellipsoid in millimetres (scalp, skull, CSF, brain) with ventricles and deep nuclei of
+    other intensities, a smooth multiplicative bias field and Rician noise; size and position jitter with
+    `seed`. The head never reaches the first or last slice along any axis, so those slices are empty.
+    """
+    rng = np.random.default_rng(seed)
+    extent = (np.asarray(shape) - 1) * np.asarray(spacing, dtype=np.float64)
+    centre = extent * (0.5 + rng.uniform(-0.04, 0.04, 3))
+    radii = extent * 0.36 * rng.uniform(0.92, 1.0, 3)
+    grids = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing, strict=True)), indexing="ij")
+    offsets = [(g - c) / r for g, c, r in zip(grids, centre, radii, strict=True)]
+    radius = np.sqrt(sum(o**2 for o in offsets))
+
+    def blob(centre_fraction: tuple[float, float, float], size: float) -> np.ndarray:
+        # An inner ellipsoid in units of the head's radii, so it scales with the head.
+        return sum(((o - c) / size) ** 2 for o, c in zip(offsets, centre_fraction, strict=True)) <= 1
+
+    signal = np.zeros(shape, dtype=np.float64)
+    signal[radius <= 1.0] = 0.9  # scalp fat: bright on T1
+    signal[radius <= 0.92] = 0.15  # skull: dark
+    signal[radius <= 0.86] = 0.3  # CSF
+    signal[radius <= 0.8] = 0.65  # brain
+    signal[blob((0.15, 0.0, 0.05), 0.18) | blob((-0.15, 0.0, 0.05), 0.18)] = 0.25  # ventricles
+    signal[blob((0.3, -0.2, -0.15), 0.12) | blob((-0.3, -0.2, -0.15), 0.12)] = 0.8  # deep grey nuclei
+    gradient = rng.uniform(-0.25, 0.25, 3)
+    bias = np.exp(
+        sum(g * (o / 2) for g, o in zip(gradient, offsets, strict=True)) + 0.1 * offsets[0] * offsets[1]
+    )
+    sigma = 0.03
+    real = signal * bias + rng.normal(0, sigma, shape)
+    imaginary = rng.normal(0, sigma, shape)
+    intensity = (1000 * np.sqrt(real**2 + imaginary**2)).astype(np.float32)
+
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -extent / 2 + np.array([3.7, -12.2, 20.5])
+    image = nib.Nifti1Image(intensity, affine)
+    label = nib.Nifti1Image((radius <= 1.0).astype(np.uint8), affine)
+    for item in (image, label):
+        item.header.set_xyzt_units("mm")
+    return image, label

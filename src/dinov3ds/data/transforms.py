@@ -48,6 +48,12 @@ def classification_eval_transform(
     )
 
 
+def round_to_multiple(size: float, multiple_of: int) -> int:
+    """The nearest multiple of `multiple_of` (at least one); ties round up, unlike Python's round(), which
+    would send 40 to 32 but 56 to 64 (half to even). Every resize to a patch multiple uses this one rule."""
+    return max(multiple_of, int(size / multiple_of + 0.5) * multiple_of)
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
@@ -163,8 +169,7 @@ class SegmentationEvalTransform:
         if self.size is not None:
             scale = self.size / min(height, width)
             height, width = height * scale, width * scale
-        step = self.multiple_of
-        return max(step, round(height / step) * step), max(step, round(width / step) * step)
+        return round_to_multiple(height, self.multiple_of), round_to_multiple(width, self.multiple_of)
 
     def __call__(
         self, image: Image.Image | np.ndarray, mask: np.ndarray | None = None

@@ -10,6 +10,7 @@ import logging
 from dinov3ds.errors import UserError
 from dinov3ds.heads.base import SegmentationHead
 from dinov3ds.heads.dpt import DPTHead
+from dinov3ds.heads.fapm import FAPMHead
 from dinov3ds.heads.linear import LinearHead
 from dinov3ds.heads.segdino import SegDINOHead
 from dinov3ds.heads.unet import UNetHead
@@ -19,24 +20,24 @@ HEADS: dict[str, type[SegmentationHead]] = {
     "segdino": SegDINOHead,
     "dpt": DPTHead,
     "unet": UNetHead,
+    "fapm": FAPMHead,
 }
-
-try:
-    from dinov3ds.heads.fapm import FAPMHead
-except ModuleNotFoundError as error:  # fapm.py is being written in parallel; the lead drops this guard
-    if error.name != "dinov3ds.heads.fapm":
-        raise
-else:
-    HEADS["fapm"] = FAPMHead
 
 logger = logging.getLogger("dinov3ds")
 
-__all__ = ["HEADS", "SegmentationHead", "build_head", "head_options"]
+__all__ = ["HEADS", "SegmentationHead", "build_head", "head_class", "head_options"]
+
+
+def head_class(name: str) -> type[SegmentationHead]:
+    """The registered head class called `name`, or a one-line error listing the valid names."""
+    if name not in HEADS:
+        raise UserError(f"head '{name}' is unknown: choose one of {', '.join(sorted(HEADS))}")
+    return HEADS[name]
 
 
 def head_options(name: str) -> list[str]:
     """The option names a head accepts: its keyword-only constructor arguments."""
-    parameters = inspect.signature(HEADS[name].__init__).parameters.values()
+    parameters = inspect.signature(head_class(name).__init__).parameters.values()
     return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
@@ -44,8 +45,6 @@ def build_head(
     name: str, in_channels: list[int], strides: list[int], num_classes: int, **options
 ) -> SegmentationHead:
     """Build the head called `name` for the given taps and log how many parameters it will train."""
-    if name not in HEADS:
-        raise UserError(f"head '{name}' is unknown: choose one of {', '.join(sorted(HEADS))}")
     valid = head_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -53,6 +52,6 @@ def build_head(
             f"head option(s) {', '.join(unknown)} unknown to head '{name}': "
             f"valid options are {', '.join(valid) or 'none'}"
         )
-    head = HEADS[name](in_channels, strides, num_classes, **options)
+    head = head_class(name)(in_channels, strides, num_classes, **options)
     logger.info("head %s: %s trainable parameters", name, f"{head.trainable_parameters():,}")
     return head

@@ -11,7 +11,9 @@ class SegmentationHead(nn.Module, ABC):
     """Turns backbone feature maps into per-pixel logits at the input resolution.
 
     Subclasses declare their options as keyword-only arguments with defaults; `build_head` reads them
-    from the signature to validate a config, so a head never needs its own option parsing.
+    from the signature to validate a config, so a head never needs its own option parsing. A head whose
+    layers need the image side to be a multiple of more than the backbone's patch size says so in
+    `input_multiple` (as segmentation_models.pytorch encoders declare their divisibility).
 
     Args:
         in_channels: channels of each tapped feature map, shallowest first.
@@ -19,6 +21,8 @@ class SegmentationHead(nn.Module, ABC):
         num_classes: number of output channels (1 for binary segmentation with a sigmoid).
         **options: must be empty once a subclass has taken its own; anything left is a typo.
     """
+
+    input_multiple: int = 1  # image sides must be multiples of this (and of the backbone's patch size)
 
     def __init__(self, in_channels: list[int], strides: list[int], num_classes: int, **options) -> None:
         super().__init__()

@@ -261,6 +261,8 @@ class FAPMHead(SegmentationHead):
         ffn_ratio: ConvFFN hidden width relative to `adapter_dim`.
     """
 
+    input_multiple = 32  # the adapter's deepest map is at stride 32
+
     def __init__(
         self,
         in_channels: list[int],
@@ -307,7 +309,8 @@ class FAPMHead(SegmentationHead):
     def forward(self, features: list[Tensor], image: Tensor) -> Tensor:
         height, width = image.shape[-2:]
         # Larger than 32x32 too: InstanceNorm cannot normalise a 1x1 stride-32 map while training.
-        if height % 32 or width % 32 or height * width < 2 * 32 * 32:
+        step = self.input_multiple
+        if height % step or width % step or height * width < 2 * step * step:
             raise UserError(
                 f"the fapm head needs sides that are multiples of 32 and an input larger than 32x32, "
                 f"got {height}x{width}: resize or pad the input (e.g. crop_size 512)"

@@ -11,8 +11,8 @@ from tqdm import tqdm
 
 from dinov3ds.data.build import build_datasets
 from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
-from dinov3ds.models import Classifier, Segmenter, load_model
-from dinov3ds.reports import write_metrics
+from dinov3ds.models.tasks import Classifier, Segmenter, load_model
+from dinov3ds.training.reports import write_metrics
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinov3ds.data.transforms import round_to_multiple
 from dinov3ds.errors import UserError
 
 LogitsFn = Callable[[Tensor], Tensor]
@@ -33,9 +34,12 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def _round_to_multiple(size: float, multiple_of: int) -> int:
-    # Ties round up; Python's round() would send 40 to 32 but 56 to 64 (half to even).
-    return max(multiple_of, int(size / multiple_of + 0.5) * multiple_of)
+def labels_at_size(probabilities: Tensor, size: tuple[int, int]) -> Tensor:
+    """Class probabilities [B,K,h,w] → labels [B,H,W] at `size`: resized as probabilities (bilinear), then
+    argmax, so a label boundary falls where the interpolated scores cross, not on the coarse grid."""
+    if tuple(probabilities.shape[-2:]) != tuple(size):
+        probabilities = F.interpolate(probabilities.float(), size=size, mode="bilinear", align_corners=False)
+    return probabilities.argmax(dim=1)
 
 
 @torch.no_grad()
@@ -47,7 +51,7 @@ def predict_whole(logits_fn: LogitsFn, images: Tensor, *, multiple_of: int = 16)
     the model's view, while a resize of at most half a patch keeps the whole field of view natural.
     """
     height, width = images.shape[-2:]
-    size = (_round_to_multiple(height, multiple_of), _round_to_multiple(width, multiple_of))
+    size = (round_to_multiple(height, multiple_of), round_to_multiple(width, multiple_of))
     return _resize(logits_fn(_resize(images, size)), (height, width))
 
 
@@ -147,8 +151,8 @@ def predict_tta(
         size = (height, width)
         if scale != 1.0:
             size = (
-                _round_to_multiple(height * scale, multiple_of),
-                _round_to_multiple(width * scale, multiple_of),
+                round_to_multiple(height * scale, multiple_of),
+                round_to_multiple(width * scale, multiple_of),
             )
         scaled = _resize(images, size)
         views = [(scaled, False), (scaled.flip(-1), True)] if flip else [(scaled, False)]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.models import Classifier, Segmenter, load_model
+from dinov3ds.models.tasks import Classifier, Segmenter, load_model
 
 logger = logging.getLogger("dinov3ds")
 

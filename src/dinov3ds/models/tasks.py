@@ -11,6 +11,7 @@ Both can be rebuilt from a head-only checkpoint (`from_checkpoint`) and used fro
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,15 +20,15 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from dinov3ds.backbones import Backbone, load_backbone
-from dinov3ds.checkpoints import HeadCheckpoint, read_checkpoint, resolve_backbone_weights
 from dinov3ds.config import Config, with_overrides
 from dinov3ds.data.io import load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform
 from dinov3ds.errors import UserError
-from dinov3ds.hardware import native_support
-from dinov3ds.heads import build_head
-from dinov3ds.inference import InferenceOptions, run_inference
+from dinov3ds.heads import build_head, head_class
+from dinov3ds.models.backbones import Backbone, load_backbone
+from dinov3ds.models.checkpoints import HeadCheckpoint, read_checkpoint, resolve_backbone_weights
+from dinov3ds.models.hardware import native_support
+from dinov3ds.models.inference import InferenceOptions, labels_at_size, run_inference
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -53,6 +54,13 @@ def backbone_from_config(config: Config, device: str | torch.device = "cpu") -> 
     return load_backbone(
         section.name, section.weights, dtype=backbone_dtype(config, device), device=device, **section.overrides
     )
+
+
+def input_multiple(config: Config, backbone: Backbone) -> int:
+    """The side length every input must be a multiple of: the backbone's patch size, and the head's own."""
+    if config.task == "segmentation":
+        return math.lcm(backbone.input_multiple, head_class(config.head.name).input_multiple)
+    return backbone.input_multiple
 
 
 def load_finetuned_blocks(backbone: Backbone, state_dict: dict[str, Tensor]) -> None:
@@ -92,7 +100,24 @@ class LinearClassificationHead(nn.Module):
         return self.linear(self.norm(features))
 
 
-class Classifier(nn.Module):
+class _HeadOnDevice:
+    """What both models share: where the trained head lives, and the input multiple."""
+
+    head: nn.Module
+    backbone: Backbone
+    config: Config
+
+    @property
+    def device(self) -> torch.device:
+        """The head's device (the backbone is on the same one); inputs go there."""
+        return next(self.head.parameters()).device
+
+    @property
+    def input_multiple(self) -> int:
+        return input_multiple(self.config, self.backbone)
+
+
+class Classifier(_HeadOnDevice, nn.Module):
     """Frozen backbone → pooled tokens (cls, patch average, or both; last N blocks) → linear head."""
 
     def __init__(self, backbone: Backbone, num_classes: int, config: Config, class_names: list[str]):
@@ -135,7 +160,7 @@ class Classifier(nn.Module):
         if not isinstance(images, (list, tuple)):
             images = [images]
         transform = classification_eval_transform(self.config.data.image_size, self.backbone.mean, self.backbone.std)
-        device = next(self.head.parameters()).device
+        device = self.device
         topk = min(topk, len(self.class_names))
         results = []
         for start in range(0, len(images), batch_size):
@@ -153,7 +178,7 @@ class Classifier(nn.Module):
         return results
 
 
-class Segmenter(nn.Module):
+class Segmenter(_HeadOnDevice, nn.Module):
     """Frozen backbone → multi-layer feature maps → segmentation head → logits at the input size."""
 
     def __init__(self, backbone: Backbone, num_classes: int, config: Config, class_names: list[str]):
@@ -179,10 +204,6 @@ class Segmenter(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(images), images)
 
-    @property
-    def input_multiple(self) -> int:
-        return 32 if self.config.head.name == "fapm" else self.backbone.input_multiple
-
     def inference_options(self, **overrides) -> InferenceOptions:
         section = self.config.inference
         crop = section.crop or self.config.data.image_size
@@ -204,6 +225,11 @@ class Segmenter(nn.Module):
         return run_inference(self, images, options, self.num_classes)
 
     @torch.inference_mode()
+    def predict_labels(self, images: Tensor, size: tuple[int, int], **overrides) -> Tensor:
+        """Label maps [B,H,W] at `size` (the masks' or the original images' size) for a normalised batch."""
+        return labels_at_size(self.predict_probabilities(images.to(self.device), **overrides), size)
+
+    @torch.inference_mode()
     def predict(
         self, image: ImageInput, mode: str | None = None, return_probabilities: bool = False, **overrides
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -213,13 +239,13 @@ class Segmenter(nn.Module):
             self.config.data.eval_size, self.backbone.mean, self.backbone.std, multiple_of=self.input_multiple
         )
         tensor, _ = transform(pil)  # no dummy mask: it would hold 8 bytes per pixel for nothing
-        device = next(self.head.parameters()).device
-        output = self.predict_probabilities(tensor[None].to(device), mode=mode, **overrides)
-        same = tuple(output.shape[-2:]) == (pil.height, pil.width)  # no full-size copy of a huge image's output
-        probabilities = output.float() if same else nn.functional.interpolate(output.float(), size=(pil.height, pil.width), mode="bilinear")
-        labels = probabilities.argmax(dim=1)[0].cpu().numpy().astype(np.int64, copy=False)
+        output = self.predict_probabilities(tensor[None].to(self.device), mode=mode, **overrides)
+        size = (pil.height, pil.width)
+        labels = labels_at_size(output, size)[0].cpu().numpy().astype(np.int64, copy=False)
         if return_probabilities:
-            return labels, probabilities[0].cpu().numpy()
+            same = tuple(output.shape[-2:]) == size  # no full-size copy of a huge image's output
+            probabilities = output if same else nn.functional.interpolate(output.float(), size=size, mode="bilinear")
+            return labels, probabilities[0].float().cpu().numpy()
         return labels
 
     @classmethod

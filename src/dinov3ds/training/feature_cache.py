@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
-from dinov3ds.checkpoints import atomic_torch_save
 from dinov3ds.config import Config
-from dinov3ds.weights import cache_dir
+from dinov3ds.models.checkpoints import atomic_torch_save
+from dinov3ds.models.weights import cache_dir
 
 logger = logging.getLogger("dinov3ds")
 
@@ -51,10 +51,9 @@ def extract_features(model, dataset: Dataset, config: Config) -> tuple[torch.Ten
     """One pass of the frozen backbone over `dataset`: pooled feature vectors and labels."""
     loader = DataLoader(dataset, batch_size=config.data.eval_batch_size or config.data.batch_size,
                         num_workers=config.data.num_workers, shuffle=False, pin_memory=torch.cuda.is_available())  # fmt: skip
-    device = next(model.head.parameters()).device
     features, labels = [], []
     for images, target in tqdm(loader, desc="caching features", disable=not config.trainer.progress_bar):
-        features.append(model.features(images.to(device, non_blocking=True)).float().cpu())
+        features.append(model.features(images.to(model.device, non_blocking=True)).float().cpu())
         labels.append(target)
     return torch.cat(features), torch.cat(labels)
 

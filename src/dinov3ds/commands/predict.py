@@ -12,18 +12,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image
-from dinov3ds.data.medical import load_volume
-from dinov3ds.data.transforms import SegmentationEvalTransform
+from dinov3ds.data.transforms import SegmentationEvalTransform, round_to_multiple
+from dinov3ds.data.volumes import (
+    LABEL_SUFFIXES,
+    NIFTI_SUFFIXES,
+    is_nifti,
+    load_volume,
+    save_like,
+    volume_stem,
+)
 from dinov3ds.errors import UserError
-from dinov3ds.models import Classifier, Segmenter, load_model
+from dinov3ds.metrics import dice_and_iou
+from dinov3ds.models.tasks import Classifier, Segmenter, load_model
+from dinov3ds.models.volume_inference import predict_volume
 from dinov3ds.viz import default_palette, save_color_png, save_label_png
-from dinov3ds.volumes import dice_and_iou, predict_volume, save_like
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def collect_inputs(paths: list[str]) -> tuple[list[Path], list[Path]]:
@@ -91,11 +93,8 @@ def predict_segmentation(model: Segmenter, images: list[Path], out: Path, mode: 
     loader = DataLoader(_ImageFiles(images, transform), batch_size=1, num_workers=min(4, model.config.data.num_workers))
     palette = default_palette(model.num_classes)
     out.mkdir(parents=True, exist_ok=True)
-    device = next(model.head.parameters()).device
     for tensor, size, index in loader:
-        probabilities = model.predict_probabilities(tensor.to(device), mode=mode)
-        probabilities = F.interpolate(probabilities.float(), size=tuple(size[0].tolist()), mode="bilinear")
-        labels = probabilities.argmax(dim=1)[0].cpu().numpy()
+        labels = model.predict_labels(tensor, tuple(size[0].tolist()), mode=mode)[0].cpu().numpy()
         path = images[int(index)]
         save_label_png(labels, out / f"{path.stem}.png", num_classes=model.num_classes)
         save_color_png(labels, out / f"{path.stem}_overlay.png", palette, image=np.asarray(load_image(path)))
@@ -112,10 +111,9 @@ def _slice_predictor(model: Segmenter):
     def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255
         height, width = images.shape[-2:]
-        size = (max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple))
+        size = (round_to_multiple(height, multiple), round_to_multiple(width, multiple))
         images = F.interpolate(images, size=size, mode="bilinear", antialias=True) if size != (height, width) else images
-        device = next(model.head.parameters()).device
-        probabilities = model.predict_probabilities(((images - mean) / std).to(device))
+        probabilities = model.predict_probabilities(((images - mean) / std).to(model.device))
         probabilities = F.interpolate(probabilities.float(), size=(height, width), mode="bilinear").cpu()
         foreground = probabilities[:, 1] if probabilities.shape[1] > 1 else probabilities[:, 0]
         return probabilities.argmax(dim=1).numpy(), foreground.numpy()
@@ -128,8 +126,8 @@ def _matching_label(volume: Path, labels: Path | None) -> Path | None:
         return None
     if labels.is_file():
         return labels
-    stem = volume.name.removesuffix(".gz").removesuffix(".nii")
-    for suffix in ("", "_seg", "_label", "_mask"):
+    stem = volume_stem(volume)
+    for suffix in LABEL_SUFFIXES:
         for extension in NIFTI_SUFFIXES:
             candidate = labels / f"{stem}{suffix}{extension}"
             if candidate.is_file():

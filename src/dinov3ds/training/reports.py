@@ -45,19 +45,17 @@ def write_metrics(result: dict, class_names: list[str], task: str, output_dir: P
 @torch.inference_mode()
 def write_prediction_grid(model, dataset, output_path: Path, count: int = 6) -> None:
     """Validation images next to predicted and ground-truth overlays."""
-    device = next(model.head.parameters()).device
     images, predictions, targets = [], [], []
     for index in range(min(count, len(dataset))):
         image, target = dataset[index]
-        probabilities = model.predict_probabilities(image[None].to(device))
-        probabilities = F.interpolate(probabilities.float(), size=target.shape[-2:], mode="bilinear")
+        labels = model.predict_labels(image[None], tuple(target.shape[-2:]))
         picture = denormalize(image, model.backbone.mean, model.backbone.std)
         picture = np.asarray(
             F.interpolate(torch.from_numpy(picture).permute(2, 0, 1)[None].float(), size=target.shape[-2:])[0]
             .permute(1, 2, 0).byte()
         )  # fmt: skip
         images.append(picture)
-        predictions.append(probabilities.argmax(1)[0].cpu().numpy())
+        predictions.append(labels[0].cpu().numpy())
         targets.append(target.numpy())
     prediction_grid(images, predictions, targets, default_palette(model.num_classes), output_path)
 

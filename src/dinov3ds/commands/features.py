@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dinov3ds.backbones import Backbone
 from dinov3ds.config import load_config
 from dinov3ds.data.build import build_datasets
 from dinov3ds.data.io import find_images, load_image
 from dinov3ds.data.transforms import classification_eval_transform
 from dinov3ds.errors import UserError
-from dinov3ds.feature_cache import cached_features
-from dinov3ds.models import Classifier, backbone_from_config
+from dinov3ds.models.backbones import Backbone
+from dinov3ds.models.tasks import Classifier, backbone_from_config
+from dinov3ds.training.feature_cache import cached_features
 from dinov3ds.viz import save_pca_image
 
 

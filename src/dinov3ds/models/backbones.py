@@ -23,8 +23,8 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.hardware import slow_dtype_message
-from dinov3ds.weights import WeightFile, inspect_state_dict, load_state_dict_file, verify_hash
+from dinov3ds.models.hardware import slow_dtype_message
+from dinov3ds.models.weights import WeightFile, inspect_state_dict, load_state_dict_file, verify_hash
 
 logger = logging.getLogger("dinov3ds")
 

@@ -1,0 +1,236 @@
+"""The LightningModule: one training step, validation, optimizer and checkpoint contents for any task.
+
+What differs by task (loss, metric, monitored value, what validation predicts) comes from a task object
+(`training.tasks`); the learning-rate grid of a linear probe is its own small module. Devices, precision,
+logging and resuming are Lightning's.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dinov3ds import __version__
+from dinov3ds.config import Config
+from dinov3ds.errors import UserError
+from dinov3ds.metrics import ClassificationMetric
+from dinov3ds.models.checkpoints import FORMAT_VERSION
+from dinov3ds.models.tasks import Classifier, LinearClassificationHead, Segmenter
+from dinov3ds.training.tasks import task_for
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float, cosine: bool) -> float:
+    """Learning-rate multiplier: linear warm-up from 0, then cosine decay to `min_ratio` (or constant)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _rng_state() -> dict:
+    """Generator states as tensors and ints only, so the checkpoint still loads with weights_only=True."""
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": [version, torch.tensor(python_state, dtype=torch.int64), gauss],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state.tolist()), gauss))
+
+
+class LearningRateGrid(nn.Module):
+    """DINOv3's linear evaluation: one linear head per learning rate, trained at once on the same features.
+
+    After each validation the best head is copied into the model's own head, so a checkpoint is an
+    ordinary single-head checkpoint.
+    """
+
+    def __init__(self, model: Classifier, learning_rates: list[float], num_classes: int, batchnorm: bool) -> None:
+        super().__init__()
+        self.learning_rates = list(learning_rates)
+        self.heads = nn.ModuleList(LinearClassificationHead(model.feature_dim, num_classes, batchnorm)
+                                   for _ in learning_rates)  # fmt: skip
+        self.metrics = nn.ModuleList(ClassificationMetric(num_classes, top_k=(1, min(5, num_classes))) for _ in self.heads)
+
+    def logits(self, features: Tensor) -> list[Tensor]:
+        return [head(features) for head in self.heads]
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": head.parameters(), "lr": lr} for head, lr in zip(self.heads, self.learning_rates)]
+
+    def update(self, features: Tensor, target: Tensor) -> None:
+        for metric, logits in zip(self.metrics, self.logits(features)):
+            metric.update(logits, target)
+
+    def select_best(self, target_head: nn.Module) -> tuple[int, list[dict]]:
+        """Index of the head with the best top-1 and every head's result; copies the best into `target_head`."""
+        results = [metric.compute() for metric in self.metrics]
+        for metric in self.metrics:
+            metric.reset()
+        best = max(range(len(results)), key=lambda i: results[i]["top1"])
+        target_head.load_state_dict(self.heads[best].state_dict())
+        return best, results
+
+
+class TaskModule(L.LightningModule):
+    """Loss, metrics, optimizer and checkpoint contents for a Classifier or a Segmenter."""
+
+    def __init__(self, model: Classifier | Segmenter, config: Config, class_names: list[str], from_features: bool = False):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.class_names = class_names
+        self.from_features = from_features  # batches are cached feature vectors, not images
+        self.strict_loading = False  # checkpoints hold the head only; the backbone comes from its weight file
+        self.num_classes = len(class_names)
+        self.task = task_for(config, self.num_classes)
+        self.criterion = self.task.criterion  # a submodule, so class weights follow the device
+        self.val_metric = self.task.new_metric()
+        self.monitor = self.task.monitor
+        self.grid = self._build_grid(config, model)
+        self.last_validation: dict = {}
+        self.shown_loss: float | None = None  # the loss read at the last logging interval
+        self.register_buffer("nonfinite_loss", torch.zeros((), dtype=torch.bool), persistent=False)
+
+    def _build_grid(self, config: Config, model) -> LearningRateGrid | None:
+        if not config.optim.lr_grid:
+            return None
+        if not isinstance(model, Classifier):
+            raise UserError("optim.lr_grid is for classification linear probes; remove it for segmentation")
+        model.head.requires_grad_(False)  # trained through the grid; holds a copy of the best head
+        return LearningRateGrid(model, config.optim.lr_grid, self.num_classes, config.head.batchnorm)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.model.head(inputs) if self.from_features else self.model(inputs)
+
+    def _features(self, inputs: Tensor) -> Tensor:
+        return inputs if self.from_features else self.model.features(inputs)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_index: int) -> Tensor:
+        inputs, target = batch
+        if self.grid is not None:
+            loss = sum(self.criterion(logits, target) for logits in self.grid.logits(self._features(inputs)))
+        else:
+            loss = self.criterion(self(inputs), target)
+        # Accumulate the check on the device and read it (and the loss shown in the progress bar) once per
+        # logging interval: a per-step read is a host-device sync that stalls the GPU pipeline.
+        self.nonfinite_loss |= ~torch.isfinite(loss.detach())
+        if batch_index % self.config.trainer.log_every_n_steps == 0:
+            self._stop_if_nonfinite()
+            self.shown_loss = float(loss.detach())
+        # Not prog_bar=True: Lightning converts progress-bar metrics to Python numbers after every batch.
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def _stop_if_nonfinite(self) -> None:
+        if bool(self.nonfinite_loss):
+            raise UserError(
+                f"training loss became NaN/Inf at step {self.global_step}; lower optim.lr or use precision 32 "
+                f"(the last good checkpoint in {self.config.output_dir}/checkpoints is kept)"
+            )
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_index: int) -> None:
+        inputs, target = batch
+        if self.grid is not None:
+            self.grid.update(self._features(inputs), target)
+            return
+        output = self.task.validation_output(self, inputs, target)
+        loss = self.task.validation_loss(output, target)
+        if loss is not None:
+            self.log("val/loss", loss, on_epoch=True, sync_dist=True)
+        self.val_metric.update(output, target)
+
+    def on_validation_epoch_start(self) -> None:
+        self._stop_if_nonfinite()  # before ModelCheckpoint could save a broken head
+
+    def on_validation_epoch_end(self) -> None:
+        if self.grid is not None:
+            best, results = self.grid.select_best(self.model.head)
+            for lr, grid_result in zip(self.grid.learning_rates, results):
+                self.log(f"val/top1_lr{lr:g}", float(grid_result["top1"]))
+            self.log("val/best_lr", float(self.grid.learning_rates[best]))
+            result = results[best]
+        else:
+            result = self.val_metric.compute()
+            self.val_metric.reset()
+        for key in self.task.reported:
+            if key in result and not (isinstance(result[key], float) and math.isnan(result[key])):
+                self.log(f"val/{key}", float(result[key]), prog_bar=key == self.task.reported[0])
+        self.last_validation = result
+
+    def configure_optimizers(self):
+        optim = self.config.optim
+        parameters = self.grid.parameter_groups() if self.grid is not None else self._parameter_groups()
+        if optim.optimizer == "sgd":
+            optimizer = torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, total, optim.warmup_steps, optim.min_lr_ratio, optim.scheduler == "cosine"),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _parameter_groups(self) -> list[dict]:
+        """The head at `lr`; unfrozen backbone blocks at `backbone_lr`, decayed by `layer_decay` per block
+        towards the input (earlier layers hold more general features and should move less)."""
+        optim = self.config.optim
+        backbone_ids = {id(p) for p in self.model.backbone.parameters()}
+        groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids],
+                   "lr": optim.lr}]  # fmt: skip
+        top_lr = optim.backbone_lr if optim.backbone_lr is not None else optim.lr / 10
+        grouped: set[int] = set()
+        for depth_from_top, block in enumerate(reversed(self.model.backbone.blocks)):
+            trainable = [p for p in block.parameters() if p.requires_grad]
+            if trainable:
+                groups.append({"params": trainable, "lr": top_lr * optim.layer_decay**depth_from_top})
+                grouped |= {id(p) for p in trainable}
+        rest = [p for p in self.model.backbone.parameters() if p.requires_grad and id(p) not in grouped]
+        if rest:  # the final norm trains with the last block
+            groups.append({"params": rest, "lr": top_lr})
+        return groups
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the head, drop the frozen backbone, and record what is needed to rebuild and resume."""
+        if any(not torch.isfinite(p).all() for p in self.parameters() if p.requires_grad):
+            raise UserError(
+                f"the head's weights became NaN/Inf at step {self.global_step}; lower optim.lr or use precision 32 "
+                f"(the last good checkpoint in {self.config.output_dir}/checkpoints is kept)"
+            )
+        frozen = {name for name, p in self.model.backbone.named_parameters(prefix="model.backbone") if not p.requires_grad}
+        frozen |= {name for name, _ in self.model.backbone.named_buffers(prefix="model.backbone")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["dinov3ds"] = {
+            "format_version": FORMAT_VERSION,
+            "dinov3ds_version": __version__,
+            "task": self.config.task,
+            "config": self.config.model_dump(mode="json"),
+            "class_names": list(self.class_names),
+            "num_classes": self.num_classes,
+            "backbone": self.model.backbone.identity,
+        }
+        checkpoint["rng_states"] = _rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Restored now, not in on_train_start: FitLoop.setup_data creates the resumed epoch's train-loader
+        # iterator (which draws its seeds from the global RNG) before on_train_start, and nothing between here
+        # and there draws random numbers. So a resumed run draws the same shuffles and augmentations as an
+        # uninterrupted one (tests/test_cli_classification.py: resume after SIGKILL).
+        if checkpoint.get("rng_states") is not None:
+            _set_rng_state(checkpoint["rng_states"])

@@ -1,0 +1,64 @@
+"""What differs between classification and segmentation training: loss, metric, monitor, what a batch is.
+
+The LightningModule (`training.module.TaskModule`) is one class for both tasks; it asks its task object
+these questions instead of branching on the task name.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from dinov3ds.config import Config
+from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
+from dinov3ds.training.losses import build_loss
+
+
+class ClassificationTask:
+    """Cross-entropy on class indices; top-1 / top-5 over the whole validation set."""
+
+    monitor = "val/top1"
+    reported = ("top1", "top5", "mean_class_accuracy")  # shown in the progress bar: the first one
+
+    def __init__(self, config: Config, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.loss.label_smoothing)
+
+    def new_metric(self) -> ClassificationMetric:
+        return ClassificationMetric(self.num_classes, top_k=(1, min(5, self.num_classes)))
+
+    def validation_output(self, module: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+        """Logits [B, K]: what the metric and the validation loss both take."""
+        return module(inputs)
+
+    def validation_loss(self, output: Tensor, target: Tensor) -> Tensor | None:
+        return self.criterion(output, target)
+
+
+class SegmentationTask:
+    """The configured segmentation loss on label maps; mIoU over the whole validation set."""
+
+    monitor = "val/mIoU"
+    reported = ("mIoU", "aAcc", "mAcc", "mDice")
+
+    def __init__(self, config: Config, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = config.data.ignore_index
+        loss = config.loss
+        self.criterion = build_loss(
+            loss.name, num_classes=num_classes, ignore_index=self.ignore_index, ce_weight=loss.ce_weight,
+            dice_weight=loss.dice_weight, class_weights=loss.class_weights,
+        )  # fmt: skip
+
+    def new_metric(self) -> SegmentationMetric:
+        return SegmentationMetric(self.num_classes, ignore_index=self.ignore_index)
+
+    def validation_output(self, module: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+        """Label maps at the masks' own size, by the configured inference strategy (whole / slide / TTA)."""
+        return module.model.predict_labels(inputs, tuple(target.shape[-2:]))
+
+    def validation_loss(self, output: Tensor, target: Tensor) -> Tensor | None:
+        return None  # the prediction is a label map here; the loss needs logits at the crop size
+
+
+def task_for(config: Config, num_classes: int) -> ClassificationTask | SegmentationTask:
+    return (ClassificationTask if config.task == "classification" else SegmentationTask)(config, num_classes)
