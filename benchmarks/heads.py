@@ -147,7 +147,7 @@ def fapm_counts() -> list[dict]:
     import logging
 
     from dinov3ds.heads import HEADS, build_head
-    from dinov3ds.models.backbones import get_spec
+    from dinov3ds.models.variants import get_spec
 
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
     if "fapm" not in HEADS:

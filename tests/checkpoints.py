@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dinov3ds.models.backbones import Backbone, BackboneSpec, get_spec, load_backbone
+from dinov3ds.models.backbones import Backbone, load_backbone
+from dinov3ds.models.variants import BackboneSpec, get_spec
 
 ROPE_BASE = 100.0
 # Variants whose official checkpoints carry an extra, eval-unused `local_cls_norm` (README: untie_global_and_local_cls_norm).

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 import dinov3ds.models.weights
 from dinov3ds.errors import UserError
-from dinov3ds.models.backbones import VARIANTS, Backbone, get_spec, load_backbone
+from dinov3ds.models.backbones import Backbone, load_backbone
+from dinov3ds.models.variants import VARIANTS, get_spec
 from tests.checkpoints import source_backbone, timm_to_official, write_official_checkpoint
 from tests.conftest import reference_dir
 

@@ -162,3 +162,38 @@ def test_backbone_weights_are_found_by_hash_and_a_different_file_refused(tmp_pat
 def test_random_backbone_needs_no_file(tmp_path):
     checkpoint = read_checkpoint(write(tmp_path, raw_checkpoint(weights="random")))
     assert resolve_backbone_weights(checkpoint, "head.ckpt", "/nowhere.pth") == "random"
+
+
+def test_atomic_save_creates_nested_folders_and_writes_beside_the_target(tmp_path, monkeypatch):
+    """The temporary lies in the target's own folder (a rename across file systems is not atomic), hidden and
+    named after the target, so a crash leaves nothing that looks like a checkpoint."""
+    path = tmp_path / "a" / "b" / "last.ckpt"
+    seen = []
+    real_save = torch.save
+
+    def watching_save(obj, handle):
+        seen.extend(p.name for p in path.parent.iterdir())
+        real_save(obj, handle)
+
+    monkeypatch.setattr(torch, "save", watching_save)
+    atomic_torch_save({"a": torch.ones(1)}, path)
+    assert len(seen) == 1 and seen[0].startswith(".last.ckpt.") and seen[0].endswith(".tmp")
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_a_checkpoint_without_a_format_version_is_version_0(tmp_path):
+    raw = raw_checkpoint()
+    del raw["dinov3ds"]["format_version"]
+    assert read_checkpoint(write(tmp_path, raw)).format_version == 0
+
+
+def test_recorded_random_weights_never_name_a_file(tmp_path, monkeypatch):
+    """backbone.weights=random on a head trained on real weights: a file called `random` is not a candidate."""
+    weights = tmp_path / "weights" / "dinov3_vits16_pretrain_lvd1689m-12345678.pth"
+    weights.parent.mkdir()
+    torch.save({"w": torch.ones(3)}, weights)
+    checkpoint = read_checkpoint(write(tmp_path, raw_checkpoint(weights=weights.name, sha256=sha256_file(weights))))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "random").write_bytes(b"not the weights")
+    monkeypatch.setenv("DINOV3DS_CHECKPOINTS", str(weights.parent))
+    assert resolve_backbone_weights(checkpoint, "head.ckpt", "random") == str(weights)

@@ -26,6 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
+from dinov3ds.cli import main
 from dinov3ds.data.classification import IMAGENETTE_CLASSES
 from dinov3ds.data.download import DATASETS
 from dinov3ds.data.synthetic import make_classification_folder
@@ -229,6 +230,18 @@ def test_eval_prints_and_writes_metrics(classification_run: ClassificationRun) -
     for name in CLASS_NAMES:
         assert name in run.eval.stdout  # the per-class table
     assert _is_png(run.eval_out / "eval_confusion_matrix.png")
+
+
+@pytest.mark.slow
+def test_eval_needs_only_the_validation_split(classification_run: ClassificationRun, tmp_path: Path) -> None:
+    """Evaluating on a machine that holds only the validation images: no training folder is read."""
+    only_val = tmp_path / "data"
+    shutil.copytree(classification_run.data / "val", only_val / "val")
+    best = classification_run.output / "checkpoints" / "best.ckpt"
+    code = main(["eval", "--checkpoint", str(best), "--out", str(tmp_path / "eval"), f"data.root={only_val}"])
+    assert code == 0
+    ours = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert ours["top1"] == json.loads((classification_run.eval_out / "eval_metrics.json").read_text())["top1"]
 
 
 def _predictions(run: ClassificationRun) -> list[dict]:

@@ -174,9 +174,11 @@ def test_train_eval_predict_ade20k_layout_with_slide_inference(tmp_path, capsys)
 
     images = sorted((root / "images" / "validation").glob("*.jpg"))
     masks = [root / "annotations" / "validation" / f"{p.stem}.png" for p in images]
+    # Overrides as key=value like every other command; the deprecated --set still works and says so.
     result = run_cli_process("predict", "--checkpoint", best, *images, "--out", tmp_path / "pred", "--mode", "slide",
-                             "--set", "inference.crop=32", "--set", "inference.stride=16", cwd=tmp_path)  # fmt: skip
+                             "inference.crop=32", "--set", "inference.stride=16", cwd=tmp_path)  # fmt: skip
     assert f"for {len(images)} images" in result.stdout
+    assert "predict --set is deprecated" in result.stderr
     # Stored ADE ids are shifted by one (0 = "other"); predictions are 0-based ADE20K class indices.
     accuracy = check_predictions(tmp_path / "pred", images, masks, 150, id_offset=1)
     assert accuracy >= 0.8, f"predicted label maps match the masks on {accuracy:.1%} of pixels"

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as torchvision_v2
 
+from dinov3ds.data import transforms as transforms_module
 from dinov3ds.data.classification import IMAGENETTE_CLASSES, ImageFolderDataset
 from dinov3ds.data.io import find_images, load_image, load_mask
+from dinov3ds.data.layout import MaskLabels, SegmentationLayout
 from dinov3ds.data.segmentation import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
@@ -286,6 +289,87 @@ def test_denormalize_round_trip():
     np.testing.assert_array_equal(denormalize(tensor, MEAN, STD), pixels[:, 4:16])
 
 
+def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_downscaling_is_antialiased_like_pil():
+    """Shrinking without antialiasing samples a few source pixels and aliases fine texture; every resize here
+    must average like PIL's reducing filter does."""
+    image = noise_image(256, 256)
+    expected = np.asarray(image.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float64)
+
+    def close_to_pil(tensor: torch.Tensor) -> None:
+        ours = denormalize(tensor, MEAN, STD).astype(np.float64)
+        assert np.abs(ours - expected).mean() < 2.0, np.abs(ours - expected).mean()
+
+    close_to_pil(classification_eval_transform(64, MEAN, STD, crop_ratio=1.0)(image))
+    close_to_pil(SegmentationEvalTransform(64, MEAN, STD)(image)[0])
+    train = SegmentationTrainTransform(64, MEAN, STD, scale_range=(1.0, 1.0), photometric=False, hflip=False)
+    close_to_pil(train(image, np.zeros((256, 256), dtype=np.uint8))[0])
+
+
+def test_random_resized_crop_is_antialiased():
+    """Same seed, same crops: ours varies as little as an antialiased crop, far less than an aliased one."""
+    image = noise_image(256, 256)
+    tensor = torchvision_v2.functional.to_image(image)
+
+    def spread(antialias: bool | None) -> float:
+        torch.manual_seed(0)
+        if antialias is None:
+            crops = [classification_train_transform(32, MEAN, STD)(image) for _ in range(8)]
+        else:
+            crop = torchvision_v2.RandomResizedCrop(32, antialias=antialias)
+            crops = [crop(tensor).float() for _ in range(8)]
+        return float(torch.stack([c.std() for c in crops]).mean())
+
+    assert spread(None) * 0.226 * 255 < 0.7 * spread(False)  # normalised std back to pixel levels
+
+
+def test_train_resize_scales_the_base_size_by_the_ratio():
+    """ratio 2 on base 16: a 16x16 image becomes 32x32 (valid labels) inside a 64x64 crop (the rest ignored)."""
+    transform = SegmentationTrainTransform(64, MEAN, STD, scale_range=(2.0, 2.0), base_size=16, photometric=False,
+                                           hflip=False)  # fmt: skip
+    _, labels = transform(Image.new("RGB", (16, 16)), np.zeros((16, 16), dtype=np.uint8))
+    assert int((labels == 0).sum()) == 32 * 32 and labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("height, width", [(4, 400), (400, 4)])
+def test_train_resize_keeps_a_one_pixel_side(height, width):
+    """Base 1 on a 4x400 strip: the short side becomes exactly one pixel, never rounded up to two."""
+    transform = SegmentationTrainTransform((8, 128), MEAN, STD, scale_range=(1.0, 1.0), base_size=1, photometric=False,
+                                           hflip=False) if height < width else SegmentationTrainTransform(
+        (128, 8), MEAN, STD, scale_range=(1.0, 1.0), base_size=1, photometric=False, hflip=False)  # fmt: skip
+    _, labels = transform(Image.new("RGB", (width, height)), np.zeros((height, width), dtype=np.uint8))
+    assert int((labels == 0).sum()) == 100
+
+
+def test_scale_ratios_are_drawn_across_the_whole_range():
+    torch.manual_seed(0)
+    draws = [transforms_module._uniform(0.5, 2.0) for _ in range(400)]
+    assert 0.5 <= min(draws) < 0.6 and 1.9 < max(draws) <= 2.0
+    assert 1.1 < sum(draws) / len(draws) < 1.4  # uniform: mean 1.25
+
+
+def test_photometric_distortion_is_on_by_default_with_mmseg_like_ranges():
+    jitter = SegmentationTrainTransform(32, MEAN, STD).jitter
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.75, 1.25), (0.5, 1.5), (0.5, 1.5), (-0.1, 0.1))
+    assert SegmentationTrainTransform(32, MEAN, STD, photometric=False).jitter is None
+
+
+def test_eval_masks_come_back_as_int64_whatever_their_stored_type():
+    mask = np.full((20, 30), 7, dtype=np.uint8)
+    _, labels = SegmentationEvalTransform(None, MEAN, STD)(Image.new("RGB", (30, 20)), mask)
+    assert labels.dtype == torch.int64 and int(labels[0, 0]) == 7
+
+
+def test_denormalize_clamps_out_of_range_values_to_uint8():
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    tensor = torch.tensor([-4.0, -2.0, 0.0, 2.0, 6.0]).view(1, 1, 5).expand(3, 1, 5)  # pixels -0.5, 0, .5, 1, 2
+    out = denormalize(tensor, mean, std)
+    assert out.dtype == np.uint8 and out[0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
 # ----------------------------------------------------------------------------------------- datasets
 
 
@@ -349,7 +433,7 @@ def segmentation_root(tmp_path) -> Path:
 
 def test_segmentation_folder_dataset_pairs_and_transforms(segmentation_root):
     dataset = SegmentationFolderDataset(
-        segmentation_root, "train", SegmentationEvalTransform(None, MEAN, STD)
+        SegmentationLayout(segmentation_root), "train", SegmentationEvalTransform(None, MEAN, STD)
     )
     assert len(dataset) == 4
     image, mask = dataset[0]
@@ -363,7 +447,8 @@ def test_segmentation_folder_dataset_nested_folders_and_array_loader(segmentatio
         nested.mkdir()
         (segmentation_root / kind / "train" / "img_00000000.png").rename(nested / "img_00000000.png")
     dataset = SegmentationFolderDataset(
-        segmentation_root, "train", identity_pair, image_loader=lambda path: np.asarray(load_image(path))
+        SegmentationLayout(segmentation_root), "train", identity_pair,
+        image_loader=lambda path: np.asarray(load_image(path)),
     )
     assert len(dataset) == 4 and dataset.samples[-1][1].parent.name == "patient_1"
     image, mask = dataset[3]
@@ -374,17 +459,18 @@ def test_segmentation_folder_dataset_missing_files(segmentation_root):
     (segmentation_root / "annotations" / "train" / "img_00000001.png").unlink()
     (segmentation_root / "images" / "train" / "img_00000002.png").unlink()
     with pytest.raises(UserError) as error:
-        SegmentationFolderDataset(segmentation_root, "train", identity_pair)
+        SegmentationFolderDataset(SegmentationLayout(segmentation_root), "train", identity_pair)
     message = str(error.value)
     assert "img_00000001.png" in message and "img_00000002.png" in message and "\n" not in message
     with pytest.warns(UserWarning, match="skipping"):
-        dataset = SegmentationFolderDataset(segmentation_root, "train", identity_pair, on_bad_sample="warn")
+        dataset = SegmentationFolderDataset(SegmentationLayout(segmentation_root), "train", identity_pair,
+                                            on_bad_sample="warn")
     assert [image.name for image, _ in dataset.samples] == ["img_00000000.png", "img_00000003.png"]
 
 
 def test_segmentation_folder_dataset_size_mismatch(segmentation_root):
     Image.new("L", (5, 5)).save(segmentation_root / "annotations" / "val" / "img_00000001.png")
-    dataset = SegmentationFolderDataset(segmentation_root, "val", identity_pair)
+    dataset = SegmentationFolderDataset(SegmentationLayout(segmentation_root), "val", identity_pair)
     dataset[0]
     with pytest.raises(UserError, match="img_00000001.png.*images/val/img_00000001.png"):
         dataset[1]
@@ -396,15 +482,16 @@ def test_label_map_reduce_zero_label_and_range_check(tmp_path):
         Image.fromarray(np.array([[0, 255, 0, 255]], dtype=np.uint8)),
         tmp_path / "masks" / "train" / "a_seg.png",
     )
-    common = {"annotations_dir": "masks", "mask_suffix": "_seg.png"}
-    binary = SegmentationFolderDataset(tmp_path, "train", identity_pair, label_map={255: 1}, **common)
+    def dataset(labels: MaskLabels) -> SegmentationFolderDataset:
+        layout = SegmentationLayout(tmp_path, annotations_dir="masks", mask_suffix="_seg.png", labels=labels)
+        return SegmentationFolderDataset(layout, "train", identity_pair)
+
+    binary = dataset(MaskLabels(label_map={255: 1}))
     assert binary[0][1].tolist() == [[0, 1, 0, 1]]
-    reduced = SegmentationFolderDataset(tmp_path, "train", identity_pair, reduce_zero_label=True, **common)
+    reduced = dataset(MaskLabels(reduce_zero_label=True))
     raw = np.array([[0, 1, 2, 255]])
-    assert reduced.prepare_mask(raw, Path("x.png")).tolist() == [[255, 0, 1, 255]]
-    checked = SegmentationFolderDataset(
-        tmp_path, "train", identity_pair, num_classes=2, ignore_index=254, **common
-    )
+    assert reduced.labels.prepare(raw, Path("x.png")).tolist() == [[255, 0, 1, 255]]
+    checked = dataset(MaskLabels(num_classes=2, ignore_index=254))
     with pytest.raises(UserError, match=r"a_seg\.png.*\[255\]"):
         checked[0]
 
@@ -413,9 +500,8 @@ def test_masks_beside_images_in_one_folder(tmp_path):
     for name in ("a", "b"):
         save(Image.new("RGB", (3, 2)), tmp_path / "data" / "train" / f"{name}.jpg")
         save(Image.new("L", (3, 2), 1), tmp_path / "data" / "train" / f"{name}_mask.png")
-    dataset = SegmentationFolderDataset(
-        tmp_path, "train", identity_pair, images_dir="data", annotations_dir="data", mask_suffix="_mask.png"
-    )
+    layout = SegmentationLayout(tmp_path, images_dir="data", annotations_dir="data", mask_suffix="_mask.png")
+    dataset = SegmentationFolderDataset(layout, "train", identity_pair)
     assert [(image.name, mask.name) for image, mask in dataset.samples] == [
         ("a.jpg", "a_mask.png"),
         ("b.jpg", "b_mask.png"),
@@ -428,14 +514,15 @@ def test_ade20k_layout_reduce_zero_label_recovers_classes(tmp_path):
     assert ade == tmp_path / "a" / "ADEChallengeData2016"
     assert (ade / "images" / "validation" / "ADE_val_00000001.jpg").is_file()
     assert (ade / "annotations" / "training" / "ADE_train_00000003.png").is_file()
-    plain = SegmentationFolderDataset(folder, "val", identity_pair)
+    plain = SegmentationFolderDataset(SegmentationLayout(folder), "val", identity_pair)
     for root in (ade, tmp_path / "a"):
         dataset = ade20k_dataset(root, "validation", identity_pair)
         assert len(dataset) == 2
         for index in range(2):
             assert torch.equal(dataset[index][1], plain[index][1])
-    with pytest.raises(UserError, match="validation"):
-        ade20k_dataset(tmp_path / "a", "val", identity_pair)
+    assert ade20k_dataset(tmp_path / "a", "val", identity_pair).samples == dataset.samples  # the usual alias
+    with pytest.raises(UserError, match="ADE20K split 'test' does not exist; use 'training' or 'validation'"):
+        ade20k_dataset(tmp_path / "a", "test", identity_pair)
 
 
 def test_ade20k_metadata_and_default_palette():

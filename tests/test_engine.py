@@ -12,9 +12,9 @@ from dinov3ds.models.checkpoints import atomic_torch_save, read_checkpoint
 from dinov3ds.models.tasks import Classifier, Segmenter
 from dinov3ds.training.module import warmup_cosine
 from dinov3ds.training.trainer import train
+from tests.conftest import tiny
 
-TINY = ["backbone.weights=random", "backbone.overrides={depth: 1}", "data.num_workers=0", "trainer.progress_bar=false",
-        "data.image_size=32", "data.augment=false"]  # fmt: skip
+TINY = tiny("data.augment=false")
 
 
 def test_warmup_then_cosine_schedule():

@@ -16,9 +16,9 @@ from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.tasks import load_model
 from dinov3ds.models.weights import cache_dir
 from dinov3ds.training.trainer import train
+from tests.conftest import tiny
 
-TINY = ["backbone.weights=random", "backbone.overrides={depth: 1}", "data.num_workers=0", "trainer.progress_bar=false",
-        "trainer.max_epochs=1", "data.image_size=32"]  # fmt: skip
+TINY = tiny("trainer.max_epochs=1")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ and checks that the cached features are recomputed and equal a fresh extraction.
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -19,9 +20,9 @@ from dinov3ds.data.synthetic import make_classification_folder
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.tasks import Classifier
 from dinov3ds.training.feature_cache import cached_features, extract_features
+from tests.conftest import tiny
 
-TINY = ["backbone.weights=random", "backbone.overrides={depth: 2}", "data.num_workers=0",
-        "trainer.progress_bar=false", "data.image_size=32", "data.augment=false"]  # fmt: skip
+TINY = tiny("data.augment=false", depth=2)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,48 @@ def test_changed_pooling_is_recomputed(backbone, root):
     model, dataset, config = classifier_and_train_split(backbone, root, "head.pooling=avg")
     avg = assert_fresh(model, dataset, config)
     assert cls.shape == avg.shape and not torch.equal(cls, avg)
+
+
+class CountingFeatures:
+    """Wraps `model.features` to count backbone passes: a cache hit makes none."""
+
+    def __init__(self, model) -> None:
+        self.calls, self.wrapped = 0, model.features
+        model.features = self
+
+    def __call__(self, images):
+        self.calls += 1
+        return self.wrapped(images)
+
+
+def test_a_hit_returns_exactly_what_the_miss_stored_without_the_backbone(backbone, root, monkeypatch, tmp_path):
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    model, dataset, config = classifier_and_train_split(backbone, root)
+    counter = CountingFeatures(model)
+    features, labels = cached_features(model, dataset, config).tensors
+    passes = counter.calls
+    assert passes > 0 and len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 1
+    again, again_labels = cached_features(model, dataset, config).tensors
+    assert counter.calls == passes  # served from disk
+    assert torch.equal(again, features) and torch.equal(again_labels, labels)
+    assert labels.tolist() == [label for _, label in dataset.samples]
+
+
+def test_moved_or_relabelled_data_is_recomputed(backbone, root, tmp_path):
+    model, dataset, config = classifier_and_train_split(backbone, root)
+    assert_fresh(model, dataset, config)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)  # copy2: same sizes and mtimes, another place
+    moved_model, moved, moved_config = classifier_and_train_split(backbone, copy)
+    counter = CountingFeatures(moved_model)
+    cached_features(moved_model, moved, moved_config)
+    assert counter.calls > 0
+    dataset.samples = [(path, 1 - label) for path, label in dataset.samples]  # the class folders were swapped
+    _, labels = cached_features(model, dataset, config).tensors
+    assert labels.tolist() == [label for _, label in dataset.samples]
+
+
+def test_a_dataset_without_a_file_list_cannot_be_cached(backbone, root):
+    model, dataset, config = classifier_and_train_split(backbone, root)
+    with pytest.raises(TypeError, match="TensorDataset has no 'samples' list to fingerprint"):
+        cached_features(model, torch.utils.data.TensorDataset(torch.zeros(2, 3, 32, 32), torch.zeros(2)), config)

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from dinov3ds.errors import UserError
+from dinov3ds.models import inference
 from dinov3ds.models.inference import (
     InferenceOptions,
+    labels_at_size,
     predict_slide,
     predict_tta,
     predict_whole,
@@ -166,10 +168,13 @@ def test_windows_are_processed_in_bounded_batches(batch, window_batch):
 
 
 def test_slide_accumulates_on_the_requested_device():
-    result = predict_slide(
-        ConvLogits(), images(1, 64, 64), crop=48, stride=32, num_classes=NUM_CLASSES, accumulate_device="cpu"
-    )
-    assert result.device.type == "cpu"
+    """The sum buffers live where asked ("cpu" for a huge image on a GPU); the meta device shows it here."""
+    x = images(1, 64, 64)
+    assert predict_slide(ConvLogits(), x, crop=48, stride=32, num_classes=NUM_CLASSES).device.type == "cpu"
+    result = predict_slide(ConvLogits(), x, crop=48, stride=32, num_classes=NUM_CLASSES, accumulate_device="meta")
+    assert result.device.type == "meta"
+    options = InferenceOptions(mode="slide", crop=48, stride=32, accumulate_device="meta")
+    assert run_inference(ConvLogits(), x, options, NUM_CLASSES).device.type == "meta"
 
 
 @pytest.mark.parametrize(
@@ -266,3 +271,38 @@ def test_multi_scale_tta_resizes_logits_then_takes_the_softmax(scale):
 def test_inference_options_reject_bad_values(kwargs):
     with pytest.raises(UserError):
         InferenceOptions(**kwargs)
+
+
+def test_run_inference_uses_the_configured_stride_flip_and_scales():
+    x = images(1, 48, 96)
+    fn = ConvLogits()
+    run_inference(fn, x, InferenceOptions(mode="slide", crop=48, stride=16, window_batch=1), NUM_CLASSES)
+    assert len(fn.batch_sizes) == 4  # columns start at 0, 16, 32, 48 (the default stride 32 gives 3)
+    options = InferenceOptions(flip=True, scales=(0.5, 1.0))
+    expected = predict_tta(partial(predict_whole, ConvLogits()), x, flip=True, scales=(0.5, 1.0))
+    torch.testing.assert_close(run_inference(ConvLogits(), x, options, NUM_CLASSES), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("crop, message", [(0, r"crop=0 must be a positive int"), ((48, 48, 48), r"crop=\(48, 48, 48\)"),
+                                           (48.0, r"crop=48.0 must be")])  # fmt: skip
+def test_bad_crop_is_named(crop, message):
+    with pytest.raises(UserError, match=message):
+        run_inference(ConvLogits(), images(1, 48, 48), InferenceOptions(mode="slide", crop=crop), NUM_CLASSES)
+
+
+def test_a_one_pixel_window_side_is_valid():
+    assert inference._pair(1, "crop") == (1, 1) and inference._pair((1, 3), "stride") == (1, 3)
+
+
+def test_labels_at_size_resizes_probabilities_bilinearly_then_takes_the_argmax():
+    """Two classes whose probabilities cross between the coarse pixels: the label boundary follows the
+    interpolated scores (align_corners=False), at a finer place than nearest-neighbour labels would put it."""
+    foreground = torch.tensor([0.0, 0.2, 0.55, 1.0], dtype=torch.float64).view(1, 1, 1, 4)
+    probabilities = torch.cat([1 - foreground, foreground], dim=1)
+    labels = labels_at_size(probabilities, (2, 16))
+    expected = F.interpolate(probabilities, size=(2, 16), mode="bilinear", align_corners=False).argmax(1)
+    assert torch.equal(labels, expected) and labels.shape == (1, 2, 16)
+    # p crosses 0.5 at 6/7 of the way from 0.2 to 0.55: output pixel 9 (nearest labels: 8; align_corners: 10).
+    assert labels[0, 0].tolist() == [0] * 9 + [1] * 7
+    same = torch.tensor([[[[0.1, 0.7]], [[0.6, 0.2]], [[0.3, 0.1]]]])  # [1, 3, 1, 2]: no resize, argmax over classes
+    assert labels_at_size(same, (1, 2)).tolist() == [[[1, 0]]]

@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from dinov3ds.errors import UserError
-from dinov3ds.training.losses import build_loss, logits_to_labels, logits_to_probabilities
+from dinov3ds.training.losses import (
+    CrossEntropyLoss,
+    DiceLoss,
+    build_loss,
+    logits_to_labels,
+    logits_to_probabilities,
+)
 
 IGNORE = 255
 
@@ -136,3 +142,61 @@ def test_dice_in_bf16_is_computed_in_float32():
     assert result.dtype == torch.float32
     # Only the bf16 rounding of the logits themselves remains (about 4e-3 relative per value, averaged out).
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-3)
+
+
+def test_shape_errors_name_both_shapes():
+    loss = build_loss("ce+dice", num_classes=3)
+    for logits, target in [(torch.zeros(2, 3, 4, 5), torch.zeros(2, 4, 6, dtype=torch.long)),
+                           (torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))]:  # fmt: skip
+        with pytest.raises(ValueError, match=r"logits \[B,K,H,W\] and target \[B,H,W\], got torch.Size"):
+            loss(logits, target)
+
+
+def test_binary_tasks_take_two_class_weights():
+    """A binary task has two classes whether the head has one channel (sigmoid) or two (softmax)."""
+    for num_classes in (1, 2):
+        assert build_loss("ce", num_classes=num_classes, class_weights=[1.0, 3.0]) is not None
+        with pytest.raises(UserError, match="class_weights has 3 entries but there are 2 classes"):
+            build_loss("ce", num_classes=num_classes, class_weights=[1.0, 2.0, 3.0])
+
+
+def test_terms_are_named_for_logging_and_weights_are_not_saved():
+    loss = build_loss("ce+dice", num_classes=2, class_weights=[1.0, 2.0])
+    assert list(loss.terms) == ["ce", "dice"]
+    assert loss.state_dict() == {}  # class weights come from the config, never from a checkpoint
+
+
+def test_default_ignore_index_is_255():
+    logits, target = make_batch(num_classes=3)
+    kept = target != IGNORE
+    torch.testing.assert_close(CrossEntropyLoss()(logits, target), F.cross_entropy(logits, target, ignore_index=255))
+    # Dice: the logits of pixels labelled 255 change nothing.
+    dice = DiceLoss()
+    moved = torch.where(kept.unsqueeze(1), logits, logits + 5 * torch.arange(3.0).view(1, 3, 1, 1))
+    torch.testing.assert_close(dice(moved, target), dice(logits, target))
+
+
+def test_one_channel_labels_and_probabilities_at_any_height():
+    logits = torch.tensor([[[[-1.0, 0.0], [2.0, -0.5], [0.25, -3.0]]]])  # [1, 1, 3, 2]
+    assert logits_to_labels(logits).tolist() == [[[0, 0], [1, 0], [1, 0]]]  # p = 0.5 is not foreground
+    assert logits_to_probabilities(logits).shape == (1, 2, 3, 2)
+    wide = torch.randn(2, 3, 1, 4)  # one row, three classes: still a softmax over the class axis
+    assert torch.equal(logits_to_labels(wide), wide.argmax(1))
+    torch.testing.assert_close(logits_to_probabilities(wide), wide.softmax(1))
+
+
+def test_dice_by_hand_for_one_channel_and_a_one_pixel_class():
+    # One channel: p = sigmoid(logit) against the 0/1 target; smooth 1.
+    logits = torch.tensor([[[[0.0, 2.0], [-1.0, 1.0]]]])
+    target = torch.tensor([[[1, 1], [0, 0]]])
+    p = torch.sigmoid(logits)[0, 0]
+    intersection = p[0, 0] + p[0, 1]
+    expected = 1 - (2 * intersection + 1) / (p.sum() + 2 + 1)
+    torch.testing.assert_close(build_loss("dice", num_classes=1)(logits, target), expected)
+    # Three classes, class 2 on exactly one pixel: it is present and counts in the mean.
+    logits = torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([[[0, 0], [1, 2]]])
+    probabilities = logits.softmax(1)[0]
+    one_hot = F.one_hot(target[0], 3).permute(2, 0, 1).float()
+    dice = (2 * (probabilities * one_hot).sum((1, 2)) + 1) / (probabilities.sum((1, 2)) + one_hot.sum((1, 2)) + 1)
+    torch.testing.assert_close(build_loss("dice", num_classes=3)(logits, target), 1 - dice.mean())

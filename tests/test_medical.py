@@ -343,19 +343,6 @@ def test_save_like_keeps_grid_and_values(tmp_path: Path) -> None:
         save_like(mask, reference, tmp_path / "mask.png", np.uint8)
 
 
-def test_dice_and_iou_known_values() -> None:
-    prediction = np.array([[1, 1, 0, 0], [0, 2, 0, 0]])
-    label = np.array([[1, 0, 0, 0], [1, 2, 2, 0]])
-    assert dice_and_iou(prediction, label) == {"dice": pytest.approx(2 * 1 / 4), "iou": pytest.approx(1 / 3)}
-    assert dice_and_iou(prediction, label, foreground=2) == {
-        "dice": pytest.approx(2 / 3),
-        "iou": pytest.approx(1 / 2),
-    }
-    empty = np.zeros((3, 3), np.uint8)
-    assert dice_and_iou(empty, empty) == {"dice": 1.0, "iou": 1.0}
-    assert dice_and_iou(empty, np.ones_like(empty)) == {"dice": 0.0, "iou": 0.0}
-
-
 def test_phantom_is_seeded_with_anisotropic_affine() -> None:
     image, label = make_head_phantom(SHAPE, seed=1, spacing=(1.0, 1.0, 2.5))
     again, _ = make_head_phantom(SHAPE, seed=1, spacing=(1.0, 1.0, 2.5))

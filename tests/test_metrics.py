@@ -11,6 +11,7 @@ from dinov3ds.errors import UserError
 from dinov3ds.metrics import (
     ClassificationMetric,
     SegmentationMetric,
+    dice_and_iou,
     format_per_class_table,
     write_per_class_csv,
 )
@@ -284,3 +285,30 @@ def test_table_and_csv_exact_text(tmp_path):
     assert path.read_text().splitlines() == [
         "class,IoU,Acc,Dice", "sky,50.0000,100.0000,66.6667", "road,66.6667,66.6667,80.0000", "a,nan,nan,nan"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["per_class.csv"]  # no temporary left behind
+
+
+def test_dice_and_iou_known_values() -> None:
+    prediction = np.array([[1, 1, 0, 0], [0, 2, 0, 0]])
+    label = np.array([[1, 0, 0, 0], [1, 2, 2, 0]])
+    assert dice_and_iou(prediction, label) == {"dice": pytest.approx(2 * 1 / 4), "iou": pytest.approx(1 / 3)}
+    assert dice_and_iou(prediction, label, foreground=2) == {
+        "dice": pytest.approx(2 / 3),
+        "iou": pytest.approx(1 / 2),
+    }
+    empty = np.zeros((3, 3), np.uint8)
+    assert dice_and_iou(empty, empty) == {"dice": 1.0, "iou": 1.0}
+    assert dice_and_iou(empty, np.ones_like(empty)) == {"dice": 0.0, "iou": 0.0}
+    with pytest.raises(ValueError, match=r"prediction shape \(3, 3\) != label shape \(2, 4\)"):
+        dice_and_iou(empty, label)
+
+
+def test_range_errors_name_the_value_and_the_fix():
+    """The one-line errors a user sees: what is out of range, the valid range, and what to change."""
+    segmentation = SegmentationMetric(num_classes=3)
+    with pytest.raises(UserError, match=r"^mask value 7 is outside 0\.\.2; fix the mask values or set num_classes / ignore_index in the config$"):
+        segmentation.update(torch.tensor([[0, 1]]), torch.tensor([[0, 7]]))
+    with pytest.raises(UserError, match=r"^predicted label value 3 is outside 0\.\.2; the model's num_classes must match the data$"):
+        segmentation.update(torch.tensor([[0, 3]]), torch.tensor([[0, 1]]))
+    classification = ClassificationMetric(num_classes=3)
+    with pytest.raises(UserError, match=r"^class label value 4 is outside 0\.\.2; fix the labels or num_classes in the config$"):
+        classification.update(torch.zeros(1, 3), torch.tensor([4]))

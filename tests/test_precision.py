@@ -20,10 +20,9 @@ from dinov3ds.models.tasks import Classifier, backbone_dtype, backbone_from_conf
 from dinov3ds.models.weights import cache_dir
 from dinov3ds.training.feature_cache import cached_features
 from dinov3ds.training.trainer import train
-from tests.conftest import reference_dir
+from tests.conftest import reference_dir, tiny
 
-TINY = ["backbone.weights=random", "backbone.overrides={depth: 1}", "data.num_workers=0", "trainer.progress_bar=false",
-        "data.image_size=32", "data.augment=false"]  # fmt: skip
+TINY = tiny("data.augment=false")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +91,7 @@ def test_predict_runs_the_backbone_in_bf16_when_asked(classification_run, tmp_pa
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
         assert main(["predict", "--checkpoint", str(checkpoint), str(root / "val"), "--out", str(out),
-                     "--set", f"backbone.dtype={dtype}"]) == 0  # fmt: skip
+                     f"backbone.dtype={dtype}"]) == 0  # fmt: skip
         rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         top1[dtype] = [row["labels"][0] for row in rows]
         assert len(rows) == 6

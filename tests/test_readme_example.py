@@ -8,8 +8,9 @@ import torch
 import dinov3ds
 from dinov3ds.data.io import load_image
 from dinov3ds.data.synthetic import make_classification_folder, make_segmentation_folder
+from tests.conftest import tiny
 
-TINY = ["backbone.weights=random", "backbone.overrides={depth: 1}", "data.num_workers=0", "trainer.progress_bar=false"]
+TINY = tiny()
 
 
 def test_python_api_classification_and_segmentation(tmp_path):

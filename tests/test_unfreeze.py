@@ -11,9 +11,9 @@ from dinov3ds.models.checkpoints import read_checkpoint
 from dinov3ds.models.tasks import Classifier, backbone_from_config
 from dinov3ds.training.module import TaskModule
 from dinov3ds.training.trainer import build_model, train
+from tests.conftest import tiny
 
-TINY = ["backbone.weights=random", "backbone.overrides={depth: 3}", "data.num_workers=0", "trainer.progress_bar=false",
-        "data.image_size=32", "data.augment=false"]  # fmt: skip
+TINY = tiny("data.augment=false", depth=3)
 
 
 def test_layer_wise_learning_rates():

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_backbone": "dinov3ds.models.backbones",
     "Backbone": "dinov3ds.models.backbones",
-    "VARIANTS": "dinov3ds.models.backbones",
+    "VARIANTS": "dinov3ds.models.variants",
     "Classifier": "dinov3ds.models.tasks",
     "Segmenter": "dinov3ds.models.tasks",
     "load_model": "dinov3ds.models.tasks",

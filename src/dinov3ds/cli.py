@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -35,11 +36,30 @@ def _eval(args: argparse.Namespace) -> None:
     evaluate(args.checkpoint, args.overrides, output_dir=args.out)
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value, as every command takes it
+
+
+def split_overrides(values: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line words → (paths, `section.key=value` overrides). A word that names an existing file is a
+    path even if it looks like an override, so no file is ever mistaken for a setting."""
+    paths, overrides = [], []
+    for value in values:
+        (overrides if OVERRIDE.match(value) and not Path(value).exists() else paths).append(value)
+    return paths, overrides
+
+
 def _predict(args: argparse.Namespace) -> None:
     from dinov3ds.commands.predict import predict
 
-    predict(args.checkpoint, args.paths, args.out, topk=args.topk, mode=args.mode, labels=args.labels,
-            overrides=args.overrides, probabilities=args.probabilities)  # fmt: skip
+    paths, overrides = split_overrides(args.paths)
+    if args.set:
+        logging.getLogger("dinov3ds").warning(
+            "predict --set is deprecated: write overrides as key=value after the inputs, as for train and eval"
+        )
+    if not paths:
+        raise UserError("predict needs at least one image, folder or .nii/.nii.gz volume after the overrides")
+    predict(args.checkpoint, paths, args.out, topk=args.topk, mode=args.mode, labels=args.labels,
+            overrides=[*args.set, *overrides], probabilities=args.probabilities)  # fmt: skip
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -50,7 +70,7 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _backbones(args: argparse.Namespace) -> None:
-    from dinov3ds.models.backbones import VARIANTS, find_weight_file
+    from dinov3ds.models.variants import VARIANTS, find_weight_file
 
     header = f"{'name':<18}{'family':<9}{'dim':>6}{'depth':>6}  {'taps':<16}{'data':<10}{'weights':<8} file"
     print(header)
@@ -144,24 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=False, help="YAML config, e.g. configs/classification_imagenette.yaml")
     train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/last.ckpt")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_epochs=5")
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_train, trailing="overrides")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its configured validation split")
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--out", default=None, help="where to write metrics (default: next to the checkpoint's run)")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=... inference.mode=slide")
-    evaluate.set_defaults(handler=_eval)
+    evaluate.set_defaults(handler=_eval, trailing="overrides")
 
     predict = commands.add_parser("predict", help="run a checkpoint on images, folders or NIfTI volumes")
     predict.add_argument("--checkpoint", required=True)
-    predict.add_argument("paths", nargs="+", help="images, folders, .nii/.nii.gz volumes")
+    predict.add_argument("paths", nargs="+", metavar="input",
+                         help="images, folders, .nii/.nii.gz volumes, and dotted overrides, e.g. inference.flip=true")
     predict.add_argument("--out", default="predictions", help="output folder")
     predict.add_argument("--topk", type=int, default=5, help="classification: labels per image")
     predict.add_argument("--mode", choices=["whole", "slide"], default=None, help="segmentation strategy")
     predict.add_argument("--labels", default=None, help="NIfTI: label volume (or folder) to report Dice against")
     predict.add_argument("--probabilities", action="store_true", help="NIfTI: also write a probability volume")
-    predict.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
-    predict.set_defaults(handler=_predict)
+    predict.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: key=value
+    predict.set_defaults(handler=_predict, trailing="paths")
 
     download = commands.add_parser("download", help="download and extract a dataset")
     download.add_argument("name", help="imagenette2, imagenette2-320, imagenette2-160 or ade20k")
@@ -224,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=False, help="the YAML config training would use")
     check.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count, at most 8)")
     check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=...")
-    check.set_defaults(handler=_check_data)
+    check.set_defaults(handler=_check_data, trailing="overrides")
     return parser
 
 
@@ -251,8 +272,21 @@ def _one_line(error: UserError) -> str:
     return " ".join(message.splitlines())
 
 
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """argparse takes a positional list only in one place; words after the options (`eval --checkpoint c
+    --out o key=value`) join the command's list of inputs or overrides instead of being refused."""
+    parser = build_parser()
+    args, leftover = parser.parse_known_args(argv)
+    trailing = getattr(args, "trailing", None)
+    if leftover and (trailing is None or any(word.startswith("-") for word in leftover)):
+        parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+    if leftover:
+        getattr(args, trailing).extend(leftover)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if not args.verbose:
         _quiet_libraries()

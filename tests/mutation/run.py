@@ -7,8 +7,10 @@
 Each module runs in its own scratch copy of the repository (`--work`, default /tmp/dinov3ds-mutation/<name>)
 with a `[tool.mutmut]` section written for it: mutate that one file, run only its test files. mutmut
 records which tests reach each function and runs only those per mutant. The summary (killed, survived,
-kill rate, the surviving mutants' names) is printed and written to tests/mutation/results/<name>.json;
-`mutmut show <mutant>` inside the scratch copy prints a survivor's diff.
+kill rate, each survivor's original and mutated line) is printed and written to
+tests/mutation/results/<name>.json. A survivor that cannot change behaviour is listed, with the reason, in
+tests/mutation/equivalent.json (matched by its mutated line) and left out of the kill rate;
+`--summarise` recomputes a summary from the scratch copy after that file changes, without rerunning.
 """
 
 from __future__ import annotations
@@ -24,18 +26,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
+EQUIVALENT = Path(__file__).resolve().parent / "equivalent.json"  # per module: mutants that cannot change behaviour
 
 # module name → (file under src/dinov3ds, test files that exercise it)
 MODULES: dict[str, tuple[str, list[str]]] = {
     "metrics": ("metrics.py", ["tests/test_metrics.py"]),
     "inference": ("models/inference.py", ["tests/test_inference.py"]),
     "checkpoints": ("models/checkpoints.py", ["tests/test_checkpoints.py", "tests/test_engine.py"]),
-    "weights": ("models/weights.py", ["tests/test_backbones.py"]),
+    "weights": ("models/weights.py", ["tests/test_weights.py", "tests/test_backbones.py"]),
     "feature_cache": ("training/feature_cache.py", ["tests/test_feature_cache.py"]),
     "transforms": ("data/transforms.py", ["tests/test_data.py"]),
     "losses": ("training/losses.py", ["tests/test_losses.py"]),
     "heads": ("heads/*.py", ["tests/test_heads.py", "tests/test_fapm.py"]),
-    "volumes": ("data/volumes.py", ["tests/test_medical.py"]),
+    "volumes": ("data/volumes.py", ["tests/test_volumes.py", "tests/test_medical.py"]),
 }
 
 
@@ -71,6 +74,21 @@ def prepare(name: str, work: Path) -> Path:
     return folder
 
 
+def mutant_diff(name: str, folder: Path, environment: dict[str, str]) -> tuple[str, str]:
+    """The original and mutated source line of a mutant (`mutmut show`), stripped."""
+    shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=folder, capture_output=True,
+                           text=True, env=environment).stdout  # fmt: skip
+    removed = [line[1:].strip() for line in shown.splitlines() if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:].strip() for line in shown.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    return " / ".join(removed), " / ".join(added)
+
+
+def equivalents(name: str) -> dict[str, str]:
+    """Mutated line → why that mutant cannot change behaviour; keyed by text, not by mutmut's numbering,
+    which shifts whenever the module changes."""
+    return {entry["mutated"]: entry["reason"] for entry in json.loads(EQUIVALENT.read_text()).get(name, [])}
+
+
 def summarise(name: str, folder: Path, environment: dict[str, str]) -> dict:
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=folder,
                              capture_output=True, text=True, env=environment).stdout  # fmt: skip
@@ -80,31 +98,52 @@ def summarise(name: str, folder: Path, environment: dict[str, str]) -> dict:
         if match:
             verdicts[match.group(1)] = match.group(2).strip()
     killed = sum(v in ("killed", "timeout", "caught by type check") for v in verdicts.values())
-    survived = sorted(k for k, v in verdicts.items() if v == "survived")
-    other = {k: v for k, v in verdicts.items() if v not in ("killed", "timeout", "survived", "caught by type check")}
-    tested = killed + len(survived)
+    known = equivalents(name)
+    survivors, equivalent = [], []
+    for mutant in sorted(k for k, v in verdicts.items() if v in ("survived", "no tests")):
+        original, mutated = mutant_diff(mutant, folder, environment)
+        row = {"mutant": mutant, "verdict": verdicts[mutant], "original": original, "mutated": mutated}
+        if mutated in known:
+            equivalent.append({**row, "reason": known[mutated]})
+        else:
+            survivors.append(row)
+    counted = killed + len(survivors)  # every mutant that is not equivalent: killed or not
     return {
         "module": MODULES[name][0],
         "tests": MODULES[name][1],
         "mutants": len(verdicts),
         "killed": killed,
-        "survived": len(survived),
-        "not_tested": other,
-        "kill_rate": round(killed / tested, 4) if tested else None,
-        "survivors": survived,
+        "survived": len(survivors),
+        "equivalent": len(equivalent),
+        "kill_rate": round(killed / counted, 4) if counted else None,
+        "survivors": survivors,
+        "equivalent_mutants": equivalent,
     }
 
 
-def run(name: str, work: Path, children: int) -> dict:
-    folder = prepare(name, work)
+def run(name: str, work: Path, children: int, mutate: bool = True) -> dict:
+    folder = prepare(name, work) if mutate else work / name
     environment = {**os.environ, "PYTHONPATH": str(folder)}  # `tests.` imports resolve inside the copy
-    with open(folder / "mutmut.log", "w") as log:  # mutmut redraws a progress line per mutant
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=folder,
-                       env=environment, stdout=log, stderr=subprocess.STDOUT, check=False)  # fmt: skip
+    if mutate:
+        with open(folder / "mutmut.log", "w") as log:  # mutmut redraws a progress line per mutant
+            subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=folder,
+                           env=environment, stdout=log, stderr=subprocess.STDOUT, check=False)  # fmt: skip
     summary = summarise(name, folder, environment)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def results_table() -> str:
+    """The committed summaries as the table docs/testing.md shows (tests/test_docs.py keeps them equal)."""
+    rows = ["| module | file | mutants | killed | survived | equivalent | kill rate |", "|---|---|---|---|---|---|---|"]
+    for name in MODULES:
+        path = RESULTS / f"{name}.json"
+        if path.is_file():
+            r = json.loads(path.read_text())
+            rows.append(f"| {name} | `{r['module']}` | {r['mutants']} | {r['killed']} | {r['survived']} | "
+                        f"{r['equivalent']} | {100 * r['kill_rate']:.1f} % |")  # fmt: skip
+    return "\n".join(rows)
 
 
 def main() -> int:
@@ -113,7 +152,12 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/dinov3ds-mutation"), help="scratch folder")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="parallel mutant runs")
     parser.add_argument("--list", action="store_true", help="list the modules and their tests")
+    parser.add_argument("--summarise", action="store_true", help="summarise the last run again, mutating nothing")
+    parser.add_argument("--table", action="store_true", help="print the committed results as a Markdown table")
     args = parser.parse_args()
+    if args.table:
+        print(results_table())
+        return 0
     if args.list or not args.modules:
         for name, (source, tests) in MODULES.items():
             print(f"{name:<14} src/dinov3ds/{source:<20} {' '.join(tests)}")
@@ -122,9 +166,11 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
     for name in args.modules:
-        summary = run(name, args.work, args.children)
-        print(f"{name}: {summary['killed']} killed, {summary['survived']} survived of {summary['mutants']} "
-              f"(kill rate {summary['kill_rate']}); survivors: {', '.join(summary['survivors']) or 'none'}")  # fmt: skip
+        summary = run(name, args.work, args.children, mutate=not args.summarise)
+        print(f"{name}: {summary['mutants']} mutants, {summary['killed']} killed, {summary['survived']} survived, "
+              f"{summary['equivalent']} equivalent: kill rate {summary['kill_rate']}")  # fmt: skip
+        for row in summary["survivors"]:
+            print(f"  survived {row['mutant']}: {row['original']}  →  {row['mutated']}")
     return 0
 
 

@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from dinov3ds.config import Config
-from dinov3ds.data.build import image_loader, segmentation_class_names
+from dinov3ds.data.build import image_loader, segmentation_layout
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image, load_mask
-from dinov3ds.data.segmentation import ADE20K_CLASSES, SegmentationFolderDataset
+from dinov3ds.data.layout import Pairing
 from dinov3ds.errors import UserError
 
 
@@ -104,63 +103,27 @@ def _split_key(config: Config, split: str) -> str:
     return "train_split" if split == config.data.train_split else "val_split"
 
 
-def _segmentation_layout(config: Config) -> dict:
-    """Where masks are and how labels are read, as `data.build` sets up the datasets."""
-    data = config.data
-    if data.dataset == "ade20k":
-        root = Path(data.root)
-        if (root / "ADEChallengeData2016").is_dir():
-            root = root / "ADEChallengeData2016"
-        splits = (data.train_split, data.val_split)
-        return {
-            "root": root,
-            "splits": ("training", "validation") if splits == ("train", "val") else splits,
-            "images_dir": "images", "annotations_dir": "annotations", "mask_suffix": ".png",
-            "labels": SimpleNamespace(label_map={}, reduce_zero_label=True, ignore_index=255,
-                                      num_classes=len(ADE20K_CLASSES)),
-        }  # fmt: skip
-    return {
-        "root": Path(data.root),
-        "splits": (data.train_split, data.val_split),
-        "images_dir": data.images_dir, "annotations_dir": data.annotations_dir, "mask_suffix": data.mask_suffix,
-        "labels": SimpleNamespace(label_map=dict(data.label_map or {}), reduce_zero_label=data.reduce_zero_label,
-                                  ignore_index=data.ignore_index, num_classes=len(segmentation_class_names(config))),
-    }  # fmt: skip
-
-
-def _pairs(image_root: Path, mask_root: Path, suffix: str, report: DataReport) -> list[tuple[Path, Path]]:
-    """Pair images with masks by relative path (as the dataset does); every orphan is a problem."""
-    images = find_images(image_root)
-    if image_root == mask_root:
-        images = [path for path in images if not path.name.endswith(suffix)]
-    pairs, used = [], set()
-    for image in images:
-        relative = image.relative_to(image_root)
-        mask = mask_root / relative.parent / (relative.stem + suffix)
-        if mask.is_file():
-            pairs.append((image, mask))
-            used.add(mask)
-        else:
-            report.problems.append(
-                f"image {image} has no mask (expected {mask}); add the mask or remove the image "
-                "(data.on_bad_sample=warn skips it)"
-            )
-    for mask in sorted(mask_root.rglob(f"*{suffix}")):
-        hidden = any(part.startswith(".") for part in mask.relative_to(mask_root).parts)
-        if mask.is_file() and mask not in used and not hidden:
-            report.problems.append(
-                f"mask {mask} has no image (expected {image_root / mask.relative_to(mask_root).parent}/"
-                f"{mask.name.removesuffix(suffix)}.<{'|'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}>); "
-                "add the image or remove the mask (data.on_bad_sample=warn skips it)"
-            )
-    return pairs
+def _orphans(pairing: Pairing, image_root: Path, mask_root: Path, suffix: str) -> list[str]:
+    """One line per image without its mask and per mask without its image."""
+    problems = [
+        f"image {image} has no mask (expected {mask}); add the mask or remove the image "
+        "(data.on_bad_sample=warn skips it)"
+        for image, mask in pairing.images_without_mask
+    ]
+    extensions = "|".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+    problems += [
+        f"mask {mask} has no image (expected {image_root / mask.relative_to(mask_root).parent}/"
+        f"{mask.name.removesuffix(suffix)}.<{extensions}>); add the image or remove the mask "
+        "(data.on_bad_sample=warn skips it)"
+        for mask in pairing.masks_without_image
+    ]
+    return problems
 
 
 def _check_segmentation(config: Config, report: DataReport, workers: int) -> None:
-    layout = _segmentation_layout(config)
-    report.root = layout["root"]
+    layout, splits = segmentation_layout(config)
+    report.root = layout.root
     loader = image_loader(config)
-    labels = layout["labels"]
 
     def check_pair(pair: tuple[Path, Path]) -> list[str]:
         image_path, mask_path = pair
@@ -181,21 +144,22 @@ def _check_segmentation(config: Config, report: DataReport, workers: int) -> Non
                 "masks must match their image's size"
             )
         try:  # the dataset's own label processing and range check
-            SegmentationFolderDataset.prepare_mask(labels, mask, mask_path)
+            layout.labels.prepare(mask, mask_path)
         except UserError as error:
             problems.append(str(error))
         return problems
 
-    for split in dict.fromkeys(layout["splits"]):
-        image_root = layout["root"] / layout["images_dir"] / split
-        mask_root = layout["root"] / layout["annotations_dir"] / split
+    for split in dict.fromkeys(splits):
+        image_root, mask_root = layout.image_folder(split), layout.mask_folder(split)
         missing = [folder for folder in (image_root, mask_root) if not folder.is_dir()]
         for folder in missing:
             report.problems.append(f"split folder {folder} not found; create it or fix data.root / data.images_dir / "
                                    "data.annotations_dir / the split names")  # fmt: skip
         if missing:
             continue
-        pairs = _pairs(image_root, mask_root, layout["mask_suffix"], report)
+        pairing = layout.pair(split)
+        report.problems += _orphans(pairing, image_root, mask_root, layout.mask_suffix)
+        pairs = pairing.pairs
         if not pairs:
             report.problems.append(f"split {split} is empty: no image/mask pairs under {image_root} and {mask_root}; "
                                    "add data or check data.mask_suffix")  # fmt: skip

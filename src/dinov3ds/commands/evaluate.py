@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dinov3ds.data.build import build_datasets
+from dinov3ds.data.build import build_validation_dataset
 from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
-from dinov3ds.models.tasks import Classifier, Segmenter, load_model
+from dinov3ds.models.tasks import Classifier, load_model
 from dinov3ds.training.reports import write_metrics
 
 
@@ -20,8 +19,7 @@ def evaluate(checkpoint_path: str | Path, overrides: list[str] | None = None, ou
     """Evaluate, print the per-class table and scalars, write them under `output_dir` (default: the run's)."""
     model = load_model(checkpoint_path, overrides=overrides)
     config = model.config
-    multiple = model.input_multiple if isinstance(model, Segmenter) else model.backbone.input_multiple
-    val = build_datasets(config, model.backbone.mean, model.backbone.std, multiple).val
+    val = build_validation_dataset(config, model.backbone.mean, model.backbone.std, model.input_multiple)
     if isinstance(model, Classifier):
         metric = ClassificationMetric(len(model.class_names), top_k=(1, min(5, len(model.class_names))))
         loader = DataLoader(val, batch_size=config.data.eval_batch_size or config.data.batch_size,
@@ -32,9 +30,7 @@ def evaluate(checkpoint_path: str | Path, overrides: list[str] | None = None, ou
         metric = SegmentationMetric(model.num_classes, ignore_index=config.data.ignore_index)
         loader = DataLoader(val, batch_size=config.data.eval_batch_size or 1, num_workers=config.data.num_workers)
         for images, target in tqdm(loader, desc="eval", disable=not config.trainer.progress_bar):
-            probabilities = model.predict_probabilities(images)
-            probabilities = F.interpolate(probabilities.float(), size=target.shape[-2:], mode="bilinear")
-            metric.update(probabilities.argmax(dim=1), target)
+            metric.update(model.predict_labels(images, tuple(target.shape[-2:])), target)
     result = metric.compute()
     out = Path(output_dir) if output_dir else Path(config.output_dir)
     print(write_metrics(result, model.class_names, config.task, out, prefix="eval"))

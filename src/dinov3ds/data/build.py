@@ -11,8 +11,9 @@ from torch.utils.data import Dataset
 from dinov3ds.config import Config
 from dinov3ds.data.classification import IMAGENETTE_CLASSES, ImageFolderDataset
 from dinov3ds.data.io import load_image
+from dinov3ds.data.layout import MaskLabels, SegmentationLayout, ade20k_layout, ade20k_split
 from dinov3ds.data.medical import load_mri_slice
-from dinov3ds.data.segmentation import ADE20K_CLASSES, SegmentationFolderDataset, ade20k_dataset
+from dinov3ds.data.segmentation import ADE20K_CLASSES, SegmentationFolderDataset
 from dinov3ds.data.transforms import (
     SegmentationEvalTransform,
     SegmentationTrainTransform,
@@ -31,15 +32,19 @@ class DataSplits:
     class_names: list[str]
 
 
+def _classification_split(config: Config, split: str, mean: Stats, std: Stats, train: bool) -> ImageFolderDataset:
+    data = config.data
+    transform = (classification_train_transform if train and data.augment else classification_eval_transform)(
+        data.image_size, mean, std
+    )
+    mapping = IMAGENETTE_CLASSES if data.dataset == "imagenette" else None
+    return ImageFolderDataset(data.root, split, transform, class_names=mapping, on_bad_sample=data.on_bad_sample)
+
+
 def _classification(config: Config, mean: Stats, std: Stats) -> DataSplits:
     data = config.data
-    size = data.image_size
-    evaluation = classification_eval_transform(size, mean, std)
-    training = classification_train_transform(size, mean, std) if data.augment else evaluation
-    mapping = IMAGENETTE_CLASSES if data.dataset == "imagenette" else None
-    options = {"class_names": mapping, "on_bad_sample": data.on_bad_sample}
-    train = ImageFolderDataset(data.root, data.train_split, training, **options)
-    val = ImageFolderDataset(data.root, data.val_split, evaluation, **options)
+    train = _classification_split(config, data.train_split, mean, std, train=True)
+    val = _classification_split(config, data.val_split, mean, std, train=False)
     if train.classes != val.classes:
         raise UserError(
             f"{data.root}: train and val class folders differ ({sorted(set(train.classes) ^ set(val.classes))}); "
@@ -66,52 +71,59 @@ def image_loader(config: Config):
     return load_image
 
 
-def _segmentation(config: Config, mean: Stats, std: Stats, input_multiple: int) -> DataSplits:
+def segmentation_layout(config: Config) -> tuple[SegmentationLayout, tuple[str, str]]:
+    """The config's segmentation dataset: where its files are, how its masks are read, its (train, val) splits."""
     data = config.data
-    names = segmentation_class_names(config)
-    training = SegmentationTrainTransform(
-        data.image_size,
-        mean,
-        std,
-        scale_range=tuple(data.scale_range) if data.augment else (1.0, 1.0),
-        base_size=data.base_size,
-        ignore_index=data.ignore_index,
-        photometric=data.photometric and data.augment,
-        hflip=data.augment,
-    )
-    evaluation = SegmentationEvalTransform(data.eval_size, mean, std, multiple_of=input_multiple)
     if data.dataset == "ade20k":
-        splits = (data.train_split, data.val_split)
-        if splits == ("train", "val"):
-            splits = ("training", "validation")
-        return DataSplits(
-            ade20k_dataset(data.root, splits[0], training, on_bad_sample=data.on_bad_sample),
-            ade20k_dataset(data.root, splits[1], evaluation, on_bad_sample=data.on_bad_sample),
-            names,
+        layout = ade20k_layout(data.root, len(ADE20K_CLASSES))
+        return layout, (ade20k_split(data.train_split), ade20k_split(data.val_split))
+    labels = MaskLabels(data.ignore_index, dict(data.label_map or {}), data.reduce_zero_label,
+                        len(segmentation_class_names(config)))  # fmt: skip
+    layout = SegmentationLayout(Path(data.root), data.images_dir, data.annotations_dir, data.mask_suffix, labels)
+    return layout, (data.train_split, data.val_split)
+
+
+def _segmentation_split(config: Config, split: str, mean: Stats, std: Stats, input_multiple: int) -> Dataset:
+    data = config.data
+    if split == "train":
+        transform = SegmentationTrainTransform(
+            data.image_size,
+            mean,
+            std,
+            scale_range=tuple(data.scale_range) if data.augment else (1.0, 1.0),
+            base_size=data.base_size,
+            ignore_index=data.ignore_index,
+            photometric=data.photometric and data.augment,
+            hflip=data.augment,
         )
-    options = {
-        "images_dir": data.images_dir,
-        "annotations_dir": data.annotations_dir,
-        "mask_suffix": data.mask_suffix,
-        "ignore_index": data.ignore_index,
-        "label_map": data.label_map,
-        "reduce_zero_label": data.reduce_zero_label,
-        "num_classes": len(names),
-        "image_loader": image_loader(config),
-        "on_bad_sample": data.on_bad_sample,
-    }
-    train = SegmentationFolderDataset(data.root, data.train_split, training, **options)
-    val = SegmentationFolderDataset(data.root, data.val_split, evaluation, **options)
-    return DataSplits(train, val, names)
+    else:
+        transform = SegmentationEvalTransform(data.eval_size, mean, std, multiple_of=input_multiple)
+    layout, (train_split, val_split) = segmentation_layout(config)
+    return SegmentationFolderDataset(layout, train_split if split == "train" else val_split, transform,
+                                     image_loader=image_loader(config), on_bad_sample=data.on_bad_sample)  # fmt: skip
 
 
-def build_datasets(config: Config, mean: Stats, std: Stats, input_multiple: int = 16) -> DataSplits:
-    """Datasets for the config's task; `mean`/`std` come from the backbone's preset."""
+def _check_root(config: Config) -> None:
     if not Path(config.data.root).exists():
         raise UserError(
             f"data.root {config.data.root} does not exist; download a dataset (dinov3ds download ...) "
             "or point data.root at your folder"
         )
+
+
+def build_datasets(config: Config, mean: Stats, std: Stats, input_multiple: int = 16) -> DataSplits:
+    """Train and val datasets for the config's task; `mean`/`std` come from the backbone's preset."""
+    _check_root(config)
     if config.task == "classification":
         return _classification(config, mean, std)
-    return _segmentation(config, mean, std, input_multiple)
+    train = _segmentation_split(config, "train", mean, std, input_multiple)
+    val = _segmentation_split(config, "val", mean, std, input_multiple)
+    return DataSplits(train, val, segmentation_class_names(config))
+
+
+def build_validation_dataset(config: Config, mean: Stats, std: Stats, input_multiple: int = 16) -> Dataset:
+    """The validation split alone (evaluation): the training split need not exist."""
+    _check_root(config)
+    if config.task == "classification":
+        return _classification_split(config, config.data.val_split, mean, std, train=False)
+    return _segmentation_split(config, "val", mean, std, input_multiple)

@@ -1,8 +1,4 @@
-"""Semantic-segmentation folders (images + id masks at the same relative path) and ADE20K.
-
-Layout: `root/<images_dir>/<split>/**/<name>.<ext>` with its mask at
-`root/<annotations_dir>/<split>/**/<name><mask_suffix>`.
-"""
+"""Segmentation datasets: image/mask pairs of a folder layout (see `data.layout`), and ADE20K's classes."""
 
 from __future__ import annotations
 
@@ -17,7 +13,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dinov3ds.data.bad_samples import read_sample
-from dinov3ds.data.io import find_images, load_image, load_mask
+from dinov3ds.data.io import load_image, load_mask
+from dinov3ds.data.layout import SegmentationLayout, ade20k_layout, ade20k_split
 from dinov3ds.errors import DataWarning, UserError
 
 ImageLoader = Callable[[Path], "Image.Image | np.ndarray"]
@@ -87,15 +84,10 @@ def _listing(paths: Sequence[Path]) -> str:
 
 
 class SegmentationFolderDataset(Dataset):
-    """Image/mask pairs from a folder tree, with the label fixes real datasets need.
-
-    Label processing, in order: `label_map` remaps stored values (e.g. {255: 1} for 0/255 binary masks),
-    then `reduce_zero_label` turns 0 into ignore_index and shifts every other id down by one (ignore stays
-    ignore). With `num_classes` set, any other value outside [0, num_classes) is reported as a user error
-    naming the mask, instead of failing later inside the loss.
+    """Image/mask pairs of one split of a `SegmentationLayout`, masks turned into class ids by its labels.
 
     Args:
-        root: dataset root holding `images_dir` and `annotations_dir`.
+        layout: where images and masks are and how mask values become class ids.
         split: subfolder of both, e.g. "train" or "validation".
         transform: called as transform(image, mask) -> (image tensor, int64 mask tensor).
         image_loader: reads one image (a PIL image or HxWx3 uint8 array); the medical module plugs in here.
@@ -105,91 +97,49 @@ class SegmentationFolderDataset(Dataset):
 
     def __init__(
         self,
-        root: str | Path,
+        layout: SegmentationLayout,
         split: str,
         transform: PairTransform,
         *,
-        images_dir: str = "images",
-        annotations_dir: str = "annotations",
-        mask_suffix: str = ".png",
-        ignore_index: int = 255,
-        label_map: dict[int, int] | None = None,
-        reduce_zero_label: bool = False,
-        num_classes: int | None = None,
         image_loader: ImageLoader = load_image,
         on_bad_sample: Literal["error", "warn"] = "error",
     ) -> None:
-        image_root = Path(root) / images_dir / split
-        mask_root = Path(root) / annotations_dir / split
+        mask_root = layout.mask_folder(split)
         if not mask_root.is_dir():
             raise UserError(
                 f"annotation folder {mask_root} not found; put the masks there or set annotations_dir"
             )
         self.transform = transform
-        self.ignore_index = ignore_index
-        self.label_map = dict(label_map or {})
-        self.reduce_zero_label = reduce_zero_label
-        self.num_classes = num_classes
+        self.labels = layout.labels
         self.image_loader = image_loader
-        self.samples = self._pair(image_root, mask_root, mask_suffix, on_bad_sample)
+        self.samples = self._checked_pairs(layout, split, on_bad_sample)
         self.on_bad_sample = on_bad_sample
 
     @staticmethod
-    def _pair(image_root: Path, mask_root: Path, suffix: str, on_bad_sample: str) -> list[tuple[Path, Path]]:
-        """Match each image to its mask by relative path; report both kinds of orphan."""
-        pairs, orphans = [], []
-        images = find_images(image_root)
-        if image_root == mask_root:  # masks stored beside their images, e.g. a.jpg + a_mask.png
-            images = [path for path in images if not path.name.endswith(suffix)]
-        for image in images:
-            relative = image.relative_to(image_root)
-            mask = mask_root / relative.parent / (relative.stem + suffix)
-            (pairs if mask.is_file() else orphans).append((image, mask))
-        used = {mask for _, mask in pairs}
-        stray = sorted(
-            path
-            for path in mask_root.rglob(f"*{suffix}")
-            if path.is_file()
-            and path not in used
-            and not any(p.startswith(".") for p in path.relative_to(mask_root).parts)
-        )
+    def _checked_pairs(layout: SegmentationLayout, split: str, on_bad_sample: str) -> list[tuple[Path, Path]]:
+        pairing = layout.pair(split)
         problems = []
-        if orphans:
-            problems.append(f"{len(orphans)} images without a mask ({_listing([i for i, _ in orphans])})")
-        if stray:
-            problems.append(f"{len(stray)} masks without an image ({_listing(stray)})")
+        if pairing.images_without_mask:
+            orphans = [image for image, _ in pairing.images_without_mask]
+            problems.append(f"{len(orphans)} images without a mask ({_listing(orphans)})")
+        if pairing.masks_without_image:
+            problems.append(
+                f"{len(pairing.masks_without_image)} masks without an image ({_listing(pairing.masks_without_image)})"
+            )
         if problems:
-            message = f"{'; '.join(problems)} in {image_root.parent.parent}"
+            message = f"{'; '.join(problems)} in {layout.root}"
             if on_bad_sample == "error":
                 raise UserError(f"{message}; add the missing files, or set data.on_bad_sample=warn to skip them")
             warnings.warn(f"{message}; skipping them", DataWarning, stacklevel=3)
-        if not pairs:
+        if not pairing.pairs:
             raise UserError(
-                f"no image/mask pairs under {image_root} and {mask_root}; check root, split and mask_suffix"
+                f"no image/mask pairs under {layout.image_folder(split)} and {layout.mask_folder(split)}; "
+                "check root, split and mask_suffix"
             )
-        return pairs
+        return pairing.pairs
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def prepare_mask(self, mask: np.ndarray, path: Path) -> np.ndarray:
-        """Apply label_map and reduce_zero_label to a mask as stored in `path`."""
-        out = mask.copy()
-        for stored, target in self.label_map.items():
-            out[mask == stored] = target
-        if self.reduce_zero_label:
-            ignored = (out == 0) | (out == self.ignore_index)
-            out = out - 1
-            out[ignored] = self.ignore_index
-        if self.num_classes is not None:
-            bad = (out != self.ignore_index) & ((out < 0) | (out >= self.num_classes))
-            if bad.any():
-                values = sorted(set(np.unique(out[bad]).tolist()))[:_SHOWN]
-                raise UserError(
-                    f"mask {path} has label values {values} outside 0..{self.num_classes - 1} and ignore "
-                    f"{self.ignore_index}; fix num_classes or set label_map / reduce_zero_label"
-                )
-        return out
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return read_sample(self._read, index, len(self.samples), self.on_bad_sample)
@@ -204,19 +154,12 @@ class SegmentationFolderDataset(Dataset):
                 f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
                 f"{width}x{height}; masks must match their image's size"
             )
-        return self.transform(image, self.prepare_mask(mask, mask_path))
+        return self.transform(image, self.labels.prepare(mask, mask_path))
 
 
 def ade20k_dataset(
-    root: str | Path, split: Literal["training", "validation"], transform: PairTransform,
-    on_bad_sample: Literal["error", "warn"] = "error",
+    root: str | Path, split: str, transform: PairTransform, on_bad_sample: Literal["error", "warn"] = "error"
 ) -> SegmentationFolderDataset:
     """ADE20K SceneParsing (ADEChallengeData2016); `root` may be that folder or the folder holding it."""
-    if split not in ("training", "validation"):
-        raise UserError(f"ADE20K split {split!r} does not exist; use 'training' or 'validation'")
-    root = Path(root)
-    if (root / "ADEChallengeData2016").is_dir():
-        root = root / "ADEChallengeData2016"
-    return SegmentationFolderDataset(
-        root, split, transform, reduce_zero_label=True, num_classes=len(ADE20K_CLASSES), on_bad_sample=on_bad_sample
-    )
+    layout = ade20k_layout(root, len(ADE20K_CLASSES))
+    return SegmentationFolderDataset(layout, ade20k_split(split), transform, on_bad_sample=on_bad_sample)

@@ -20,6 +20,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dinov3ds.errors import UserError
+from dinov3ds.models.variants import checkpoint_dirs
 from dinov3ds.models.weights import pickle_refusal_reason
 
 FORMAT_VERSION = 1
@@ -117,7 +118,6 @@ def resolve_backbone_weights(checkpoint: HeadCheckpoint, checkpoint_path: str | 
 
     `recorded` (the config's backbone.weights, possibly overridden) is tried first, then checkpoints/.
     """
-    from dinov3ds.models.backbones import checkpoint_dirs  # local: backbones imports heavy timm modules
     from dinov3ds.models.weights import sha256_of
 
     identity = checkpoint.backbone

@@ -22,7 +22,7 @@ LogitsFn = Callable[[Tensor], Tensor]
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     if len(pair) != 2 or any(not isinstance(v, int) or v <= 0 for v in pair):
         raise UserError(f"{name}={value!r} must be a positive int or a pair of positive ints (height, width)")
     return pair

@@ -100,12 +100,16 @@ class LinearClassificationHead(nn.Module):
         return self.linear(self.norm(features))
 
 
-class _HeadOnDevice:
-    """What both models share: where the trained head lives, and the input multiple."""
+class _TaskModel(nn.Module):
+    """What both models share: a backbone, the config they were built from, class names, the head's device."""
 
     head: nn.Module
-    backbone: Backbone
-    config: Config
+
+    def __init__(self, backbone: Backbone, config: Config, class_names: list[str]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.class_names = list(class_names)
 
     @property
     def device(self) -> torch.device:
@@ -117,14 +121,11 @@ class _HeadOnDevice:
         return input_multiple(self.config, self.backbone)
 
 
-class Classifier(_HeadOnDevice, nn.Module):
+class Classifier(_TaskModel):
     """Frozen backbone → pooled tokens (cls, patch average, or both; last N blocks) → linear head."""
 
     def __init__(self, backbone: Backbone, num_classes: int, config: Config, class_names: list[str]):
-        super().__init__()
-        self.backbone = backbone
-        self.config = config
-        self.class_names = list(class_names)
+        super().__init__(backbone, config, class_names)
         head = config.head
         self.pooling = head.pooling
         self.layers = list(range(backbone.depth - head.last_blocks, backbone.depth))
@@ -178,14 +179,11 @@ class Classifier(_HeadOnDevice, nn.Module):
         return results
 
 
-class Segmenter(_HeadOnDevice, nn.Module):
+class Segmenter(_TaskModel):
     """Frozen backbone → multi-layer feature maps → segmentation head → logits at the input size."""
 
     def __init__(self, backbone: Backbone, num_classes: int, config: Config, class_names: list[str]):
-        super().__init__()
-        self.backbone = backbone
-        self.config = config
-        self.class_names = list(class_names)
+        super().__init__(backbone, config, class_names)
         self.num_classes = num_classes
         self.layers = backbone.resolve_layers(config.backbone.layers)
         self.head = build_head(

@@ -1,0 +1,1 @@
+"""Models: the DINOv3 variants and their weights, frozen backbones, Classifier / Segmenter, checkpoints, inference."""

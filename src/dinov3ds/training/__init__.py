@@ -1,0 +1,1 @@
+"""Training: the Lightning module and trainer, losses, the feature cache, reports and interrupt handling."""

@@ -1,0 +1,77 @@
+"""Weight-file utilities: where caches live, the SHA-256 cache, what a state dict holds, pickle refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from dinov3ds.models.weights import cache_dir, inspect_state_dict, pickle_refusal_reason, sha256_of
+
+
+def test_cache_dir_is_the_environment_variable_or_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("DINOV3DS_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "dinov3ds"
+
+
+def test_hash_cache_is_created_in_a_missing_nested_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "a" / "b" / "c"))
+    data = tmp_path / "file.bin"
+    data.write_bytes(bytes(range(256)) * 40_000)  # 10 MB: several read chunks
+    digest = sha256_of(data)
+    assert digest == hashlib.sha256(data.read_bytes()).hexdigest()
+    cached = json.loads((tmp_path / "a" / "b" / "c" / "sha256.json").read_text())
+    assert list(cached.values()) == [digest]
+
+
+def vit_state(depth: int, swiglu: bool) -> dict[str, torch.Tensor]:
+    state = {"cls_token": torch.zeros(1, 1, 24), "storage_tokens": torch.zeros(1, 4, 24)}
+    for block in range(depth):
+        names = ("w1", "w2", "w3") if swiglu else ("fc1", "fc2")
+        state |= {f"blocks.{block}.mlp.{name}.weight": torch.zeros(2, 2) for name in names}
+    return state
+
+
+@pytest.mark.parametrize("depth, swiglu, ffn", [(3, False, "MLP"), (7, True, "SwiGLU")])
+def test_inspect_describes_a_vit(depth, swiglu, ffn):
+    assert inspect_state_dict(vit_state(depth, swiglu)) == {
+        "family": "vit", "embed_dim": 24, "depth": depth,
+        "summary": f"a DINOv3 ViT of width 24, depth {depth}, {ffn} FFN",
+    }  # fmt: skip
+
+
+def test_inspect_describes_a_convnext_by_its_last_stage():
+    state = {"downsample_layers.0.0.weight": torch.zeros(8, 3, 4, 4)}
+    state |= {f"downsample_layers.{i}.1.weight": torch.zeros(width, 1, 2, 2) for i, width in [(1, 16), (2, 32), (3, 64)]}
+    assert inspect_state_dict(state) == {
+        "family": "convnext", "embed_dim": 64, "summary": "a DINOv3 ConvNeXt with last width 64",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("keys", [["cls_token"], ["storage_tokens"], ["head.weight"]])
+def test_inspect_names_files_that_hold_no_dinov3_backbone(keys):
+    assert inspect_state_dict({key: torch.zeros(1, 1, 4) for key in keys}) == {
+        "family": None, "summary": "no DINOv3 backbone weights",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        ("Weights only load failed.\nUnsupported global: GLOBAL os.system was not an allowed global\nAdvice",
+         "Unsupported global: GLOBAL os.system was not an allowed global"),
+        ("Weights only load failed.\n  Trying to load unsupported global builtins.eval  \nMore", "Trying to load unsupported global builtins.eval"),
+        ("\n  first line only  \nsecond", "first line only"),
+        ("", "not a tensor-only file"),
+        ("GLOBAL " + "x" * 300, "GLOBAL " + "x" * 153),
+    ],
+    ids=["upper-case GLOBAL", "lower-case global", "no global named", "empty", "cut to 160"],
+)  # fmt: skip
+def test_pickle_refusal_reason_keeps_the_line_naming_the_global(message, reason):
+    assert pickle_refusal_reason(RuntimeError(message)) == reason
+
