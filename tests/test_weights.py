@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from dinov3ds.models.weights import cache_dir, inspect_state_dict, pickle_refusal_reason, sha256_of
+from dinov3ds.models.weight_formats import describe
+from dinov3ds.models.weights import cache_dir, pickle_refusal_reason, sha256_of
 
 
 def test_cache_dir_is_the_environment_variable_or_the_users_cache(monkeypatch, tmp_path):
@@ -39,24 +40,25 @@ def vit_state(depth: int, swiglu: bool) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("depth, swiglu, ffn", [(3, False, "MLP"), (7, True, "SwiGLU")])
 def test_inspect_describes_a_vit(depth, swiglu, ffn):
-    assert inspect_state_dict(vit_state(depth, swiglu)) == {
-        "family": "vit", "embed_dim": 24, "depth": depth,
-        "summary": f"a DINOv3 ViT of width 24, depth {depth}, {ffn} FFN",
+    assert describe(vit_state(depth, swiglu)) == {
+        "format": "meta", "family": "vit", "embed_dim": 24, "depth": depth,
+        "summary": f"a DINOv3 ViT of width 24, depth {depth}, {ffn} FFN (meta format)",
     }  # fmt: skip
 
 
 def test_inspect_describes_a_convnext_by_its_last_stage():
     state = {"downsample_layers.0.0.weight": torch.zeros(8, 3, 4, 4)}
     state |= {f"downsample_layers.{i}.1.weight": torch.zeros(width, 1, 2, 2) for i, width in [(1, 16), (2, 32), (3, 64)]}
-    assert inspect_state_dict(state) == {
-        "family": "convnext", "embed_dim": 64, "summary": "a DINOv3 ConvNeXt with last width 64",
+    assert describe(state) == {
+        "format": "meta", "family": "convnext", "embed_dim": 64,
+        "summary": "a DINOv3 ConvNeXt with last width 64 (meta format)",
     }  # fmt: skip
 
 
 @pytest.mark.parametrize("keys", [["cls_token"], ["storage_tokens"], ["head.weight"]])
 def test_inspect_names_files_that_hold_no_dinov3_backbone(keys):
-    assert inspect_state_dict({key: torch.zeros(1, 1, 4) for key in keys}) == {
-        "family": None, "summary": "no DINOv3 backbone weights",
+    assert describe({key: torch.zeros(1, 1, 4) for key in keys}) == {
+        "format": None, "family": None, "summary": "no DINOv3 backbone weights",
     }  # fmt: skip
 
 

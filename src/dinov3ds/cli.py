@@ -70,15 +70,16 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _backbones(args: argparse.Namespace) -> None:
-    from dinov3ds.models.variants import VARIANTS, find_weight_file
+    from dinov3ds.models.loading import sources_found
+    from dinov3ds.models.variants import VARIANTS
 
-    header = f"{'name':<18}{'family':<9}{'dim':>6}{'depth':>6}  {'taps':<16}{'data':<10}{'weights':<8} file"
-    print(header)
+    print(f"{'name':<18}{'family':<9}{'dim':>6}{'depth':>6}  {'taps':<16}{'data':<10}weights found here")
     for spec in VARIANTS.values():
-        found = find_weight_file(spec)
         taps = ",".join(map(str, spec.default_layers))
-        status = "present" if found else "missing"
-        print(f"{spec.name:<18}{spec.family:<9}{spec.embed_dim:>6}{spec.depth:>6}  {taps:<16}{spec.dataset:<10}{status:<8} {spec.weight_file}")
+        found = " ".join(sources_found(spec)) or "-"
+        print(f"{spec.name:<18}{spec.family:<9}{spec.embed_dim:>6}{spec.depth:>6}  {taps:<16}{spec.dataset:<10}{found}")
+    print("meta: Meta's .pth in checkpoints/; timm / transformers: that repo in the Hugging Face cache. "
+          "backbone.weights also takes a file, a folder or hf-hub:<repo>.")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -149,7 +150,9 @@ def _check_data(args: argparse.Namespace) -> None:
 
 def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) -> None:
     parser.add_argument("--backbone", default="vits16", help="variant name (see `dinov3ds backbones`)")
-    parser.add_argument("--weights", default=None, help="weight file, or 'random' (default: checkpoints/)")
+    parser.add_argument("--weights", default=None,
+                        help="Meta .pth, timm/transformers .safetensors or folder, hf-hub:<repo>, or 'random' "
+                             "(default: checkpoints/, then the Hugging Face cache)")
     parser.add_argument("--image-size", type=int, default=image_size)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="backbone weight/compute dtype (bfloat16: half the memory; faster where native)")  # fmt: skip
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--url", default=None, help="mirror URL of the same archive")
     download.set_defaults(handler=_download)
 
-    backbones = commands.add_parser("backbones", help="list DINOv3 variants and whether their weights are present")
+    backbones = commands.add_parser("backbones", help="list DINOv3 variants and which of their weights are on this machine")
     backbones.set_defaults(handler=_backbones)
 
     demo = commands.add_parser("demo", help="end-to-end demo on generated data")

@@ -1,8 +1,8 @@
-"""DINOv3 backbones: building a frozen model from a variant and its weights, and its feature taps.
+"""DINOv3 backbones: a frozen model of any official variant with its final-norm outputs and feature taps.
 
-Every official DINOv3 variant is built from timm's architecture and loaded from Meta's own `.pth` state
-dict with timm's key converter, so no conversion step is needed. Parity with Meta's implementation is
-proven by `tests/test_backbone_parity.py` against the reference outputs in `shared/fixtures`.
+Every variant is timm's architecture filled from the weights the user has (`models.loading`). Parity with
+Meta's implementation is proven by `tests/test_backbone_parity.py` against the reference outputs in
+`shared/fixtures`, and with timm's and transformers' own forwards by `tests/test_weight_sources.py`.
 """
 
 from __future__ import annotations
@@ -11,20 +11,15 @@ import logging
 import math
 import os
 import warnings
-from pathlib import Path
 from typing import NamedTuple
 
-import timm
 import torch
-from timm.models import convnext as timm_convnext
-from timm.models import eva as timm_eva
-from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
 from dinov3ds.models.hardware import slow_dtype_message
-from dinov3ds.models.variants import BackboneSpec, checkpoint_dirs, find_weight_file, get_spec
-from dinov3ds.models.weights import WeightFile, inspect_state_dict, load_state_dict_file, verify_hash
+from dinov3ds.models.loading import find_source, load_weights, random_model
+from dinov3ds.models.variants import BackboneSpec, get_spec
 
 logger = logging.getLogger("dinov3ds")
 
@@ -202,71 +197,6 @@ class Backbone(nn.Module):
         return [outputs[i] for i in layers]
 
 
-def _create_model(spec: BackboneSpec, overrides: dict) -> nn.Module:
-    kwargs = {**dict(spec.timm_kwargs), **overrides}
-    if spec.family == "convnext" and "depth" in kwargs:
-        depth = kwargs.pop("depth")
-        kwargs["depths"] = tuple(depth) if isinstance(depth, (list, tuple)) else (depth,) * 4
-    try:
-        return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
-    except TypeError as error:
-        raise UserError(f"invalid architecture override for {spec.name}: {error}") from None
-
-
-def _random_weights(spec: BackboneSpec, overrides: dict, seed: int) -> nn.Module:
-    """Deterministic random weights, so a head trained on them can be reloaded with the same backbone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _create_model(spec, overrides)
-
-
-def _convert_official(state_dict: dict[str, Tensor], model: nn.Module, spec: BackboneSpec) -> dict[str, Tensor]:
-    """Meta's key names → timm's, with timm's own converter (drops buffers timm recomputes)."""
-    if spec.family == "vit":
-        return timm_eva.checkpoint_filter_fn(state_dict, model)
-    return timm_convnext.checkpoint_filter_fn(state_dict, model)
-
-
-def _load_official(spec: BackboneSpec, weight_file: WeightFile, overrides: dict, dtype: torch.dtype) -> nn.Module:
-    """Build on the meta device and assign mmap'd tensors: peak memory is about one copy in `dtype`."""
-    with torch.device("meta"):
-        model = _create_model(spec, overrides)
-    state_dict = load_state_dict_file(weight_file.path)
-    found = inspect_state_dict(state_dict)
-    expected = {"family": spec.family, "embed_dim": spec.embed_dim}
-    if found.get("family") != spec.family or (found.get("embed_dim") not in (None, spec.embed_dim) and "embed_dim" not in overrides):
-        raise UserError(
-            f"{weight_file.path} holds {found.get('summary', 'no DINOv3 weights')}, but backbone '{spec.name}' "
-            f"expects a {spec.family} of width {expected['embed_dim']} ({spec.weight_file}); "
-            "set the backbone name that matches the file or use the right file"
-        )
-    converted = _convert_official(state_dict, model, spec)
-    expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [k for k in expected_shapes if k not in converted]
-    problems += [k for k, v in converted.items() if expected_shapes.get(k) != tuple(v.shape)]
-    if problems:
-        raise UserError(
-            f"{weight_file.path} does not fit '{spec.name}' ({found.get('summary', '?')}; first mismatch: "
-            f"{problems[0]}); use the official {spec.weight_file} or the backbone name that matches the file"
-        )
-    converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
-    model.load_state_dict(converted, strict=True, assign=True)
-    _materialize_buffers(model, dtype)
-    return model
-
-
-def _materialize_buffers(model: nn.Module, dtype: torch.dtype) -> None:
-    """Buffers not in the checkpoint (RoPE periods, zero k-bias) are still on the meta device: compute them."""
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer is not None and buffer.is_meta:
-                keep_fp32 = name == "periods"  # timm keeps RoPE periods in float32 for accuracy
-                module._buffers[name] = torch.empty(
-                    buffer.shape, dtype=torch.float32 if keep_fp32 else dtype, device="cpu"
-                )
-    reinit_non_persistent_buffers(model)
-
-
 def _announce(message: str) -> None:
     """Both channels: Python users see the warning, CLI users (warnings filtered) see the log line."""
     warnings.warn(message, stacklevel=3)
@@ -281,13 +211,14 @@ def load_backbone(
     device: str | torch.device = "cpu",
     **arch_overrides,
 ) -> Backbone:
-    """Build a frozen DINOv3 backbone from Meta's official weights.
+    """Build a frozen DINOv3 backbone from whichever official weights the user has.
 
     Args:
         name: variant, e.g. ``vits16`` or ``dinov3_vitl16``; see `VARIANTS`.
-        weights: None looks for the official file in $DINOV3DS_CHECKPOINTS or ./checkpoints; a path loads that
-            file (its SHA-256 prefix is checked when the name carries one); ``"random"`` builds seeded random
-            weights for tests and demos.
+        weights: None: Meta's file in $DINOV3DS_CHECKPOINTS or ./checkpoints, else the variant's timm or
+            transformers repo if it is in the Hugging Face cache; a path: Meta's ``.pth`` (its SHA-256 prefix is
+            checked), a timm or transformers ``.safetensors`` file or model folder; ``"hf-hub:<repo>"``: from the
+            Hub or its cache; ``"random"``: seeded random weights for tests and demos.
         dtype: parameter dtype (bf16 halves the memory of a frozen backbone).
         device: where the model lives.
         **arch_overrides: timm architecture arguments, e.g. ``depth=2`` for the small reference models.
@@ -295,26 +226,10 @@ def load_backbone(
     spec = get_spec(name)
     if isinstance(weights, str) and weights == "random":
         _announce(f"RANDOM WEIGHTS for {spec.name}: features are meaningless (tests and demos only)")
-        model = _random_weights(spec, arch_overrides, seed=0).to(dtype)
+        model = random_model(spec, arch_overrides, seed=0).to(dtype)
         identity = {"name": spec.name, "weights": "random", "seed": 0, "overrides": arch_overrides}
     else:
-        if weights is None:
-            path = find_weight_file(spec)
-            if path is None:
-                places = " or ".join(str(d / spec.weight_file) for d in checkpoint_dirs())
-                raise UserError(
-                    f"no weights for {spec.name}: expected {places}; request Meta's weights "
-                    f"({spec.url}) and put the file there, or use weights: random for a smoke test"
-                )
-        else:
-            path = Path(weights)
-            if not path.is_file():
-                raise UserError(f"weight file {path} not found; check the path (official name: {spec.weight_file})")
-        weight_file = verify_hash(path)
-        model = _load_official(spec, weight_file, arch_overrides, dtype)
-        identity = {
-            "name": spec.name, "weights": path.name, "sha256": weight_file.sha256, "overrides": arch_overrides,
-        }  # fmt: skip
+        model, identity = load_weights(spec, find_source(spec, weights), arch_overrides, dtype)
     slow = slow_dtype_message(dtype, device)
     if slow:
         _announce(slow)

@@ -20,8 +20,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dinov3ds.errors import UserError
+from dinov3ds.models import hub
 from dinov3ds.models.variants import checkpoint_dirs
-from dinov3ds.models.weights import pickle_refusal_reason
+from dinov3ds.models.weights import pickle_refusal_reason, weights_digest
 
 FORMAT_VERSION = 1
 HEAD_PREFIX = "model.head."
@@ -114,27 +115,28 @@ def read_checkpoint(path: str | Path, expected_task: str | None = None) -> HeadC
 
 
 def resolve_backbone_weights(checkpoint: HeadCheckpoint, checkpoint_path: str | Path, recorded: str | None) -> str:
-    """Find the weight file the head was trained on and refuse a different one (its SHA-256 must match).
+    """Find the weights the head was trained on and refuse different ones (their SHA-256 must match).
 
-    `recorded` (the config's backbone.weights, possibly overridden) is tried first, then checkpoints/.
+    `recorded` (the config's backbone.weights, possibly overridden) is tried first; then a Hub id from the
+    Hugging Face cache (or the Hub), or a file or folder of that name in checkpoints/.
     """
-    from dinov3ds.models.weights import sha256_of
-
     identity = checkpoint.backbone
-    if identity["weights"] == "random":
+    label = identity["weights"]
+    if label == "random":
         return "random"
-    candidates = [Path(recorded)] if recorded and recorded != "random" else []
-    candidates += [folder / identity["weights"] for folder in checkpoint_dirs()]
+    candidates = [recorded] if recorded and recorded != "random" else []
+    candidates += [label] if hub.is_hub_id(label) else [str(folder / label) for folder in checkpoint_dirs()]
     for candidate in candidates:
-        if candidate.is_file():
-            found = sha256_of(candidate)
+        path = hub.resolve(candidate) if hub.is_hub_id(candidate) else Path(candidate)
+        if path.exists():
+            found = weights_digest(path)
             if found != identity["sha256"]:
                 raise UserError(
-                    f"{checkpoint_path} was trained on backbone weights {identity['weights']} (sha256 "
-                    f"{identity['sha256'][:12]}…) but {candidate} has sha256 {found[:12]}…; put the original file there"
+                    f"{checkpoint_path} was trained on backbone weights {label} (sha256 {identity['sha256'][:12]}…) "
+                    f"but {candidate} has sha256 {found[:12]}…; put the original weights there"
                 )
-            return str(candidate)
+            return candidate
     raise UserError(
-        f"{checkpoint_path} needs backbone weights {identity['weights']}; put that file in checkpoints/ "
-        "(or set DINOV3DS_CHECKPOINTS)"
+        f"{checkpoint_path} needs backbone weights {label}; put that file in checkpoints/ (or set "
+        "DINOV3DS_CHECKPOINTS), or set backbone.weights=<its path>"
     )

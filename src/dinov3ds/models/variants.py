@@ -72,8 +72,26 @@ class BackboneSpec:
 
     @property
     def url(self) -> str:
-        arch = self.weight_file.split("_pretrain_")[0]
-        return f"{WEIGHTS_URL_ROOT}/{arch}/{self.weight_file}"
+        return f"{WEIGHTS_URL_ROOT}/{self.meta_arch}/{self.weight_file}"
+
+    @property
+    def meta_arch(self) -> str:
+        """Meta's architecture name, e.g. ``dinov3_vits16`` or ``dinov3_convnext_tiny``."""
+        return self.weight_file.split("_pretrain_")[0]
+
+    @property
+    def timm_hub_id(self) -> str | None:
+        """timm's Hub repo for these weights (no access form), or None (timm has no ViT-L+)."""
+        if self.timm_kwargs:
+            return None
+        tag = f"dinov3_{self.dataset}" if self.family == "convnext" else self.dataset
+        return f"timm/{self.timm_name}.{tag}"
+
+    @property
+    def transformers_hub_id(self) -> str:
+        """Meta's gated transformers repo, e.g. ``facebook/dinov3-vits16-pretrain-lvd1689m``."""
+        arch = self.meta_arch.removeprefix("dinov3_").replace("_", "-")
+        return f"facebook/dinov3-{arch}-pretrain-{self.dataset}"
 
 
 def _vit(name, timm_name, dim, depth, layers, file, dataset="lvd1689m", **kwargs) -> BackboneSpec:

@@ -1,4 +1,4 @@
-"""Weight files: safe loading, SHA-256 verification with a cache, and a description of what a file holds.
+"""Weight files: reading them safely (Meta's .pth, safetensors, transformers folders), and their SHA-256.
 
 Meta's file names end in the first 8 hex digits of the file's SHA-256 (the torch.hub convention). Hashing a
 13 GB 7B file takes a minute, so the result is cached by (path, size, mtime) and the hash is done once.
@@ -84,6 +84,68 @@ def pickle_refusal_reason(error: Exception) -> str:
 
 
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
+    """A state dict from a `.pth` file (Meta's, or a training checkpoint's `teacher`), a `.safetensors` file
+    or a transformers / timm model folder, memory-mapped; a pickle is refused, never run."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    return _load_pth(path)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The file(s) holding the tensors: the path itself, or a folder's safetensors shards (or .bin)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"{index} is not a safetensors index ({error}); download the folder again") from None
+        return [path / shard for shard in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [path / name]
+    raise UserError(
+        f"{path} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin; point "
+        "backbone.weights at a transformers or timm model folder, or at a weight file"
+    )
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a weight file; of a folder's single file; of the shard hashes for a sharded folder."""
+    files = weight_files(path)
+    if len(files) == 1:
+        return sha256_of(files[0])
+    return hashlib.sha256("".join(sha256_of(file) for file in files).encode()).hexdigest()
+
+
+def _load_folder(path: Path) -> dict[str, Tensor]:
+    state: dict[str, Tensor] = {}
+    for file in weight_files(path):
+        if not file.is_file():
+            raise UserError(f"{file} is missing (named in {path}'s index); download the folder again")
+        state.update(_load_safetensors(file) if file.suffix == ".safetensors" else _load_pth(file))
+    return state
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)  # memory-mapped: tensors are read as they are used
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(
+            f"cannot read {path}: truncated or not a safetensors file ({str(error).splitlines()[0][:160]}); "
+            "download it again"
+        ) from None
+
+
+def _load_pth(path: Path) -> dict[str, Tensor]:
     """Load a plain state dict with `weights_only=True` (no code runs) and `mmap=True` (no extra copy)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -100,24 +162,5 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     if isinstance(state, dict) and "teacher" in state and isinstance(state["teacher"], dict):
         state = {k.removeprefix("backbone."): v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict of tensors; use Meta's official .pth weight file")
+        raise UserError(f"{path} is not a state dict of tensors; use an official weight file (Meta, timm or transformers)")
     return state
-
-
-def inspect_state_dict(state_dict: dict[str, Tensor]) -> dict:
-    """Describe a DINOv3 state dict (family, width, depth) so a wrong file gets a useful message."""
-    if "cls_token" in state_dict and "storage_tokens" in state_dict:
-        embed_dim = state_dict["cls_token"].shape[-1]
-        depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-        ffn = "SwiGLU" if any(".mlp.w1." in k for k in state_dict) else "MLP"
-        return {
-            "family": "vit",
-            "embed_dim": embed_dim,
-            "depth": depth,
-            "summary": f"a DINOv3 ViT of width {embed_dim}, depth {depth}, {ffn} FFN",
-        }
-    if "downsample_layers.0.0.weight" in state_dict:
-        dims = [state_dict[f"downsample_layers.{i}.1.weight"].shape[0] for i in range(1, 4)]
-        embed_dim = dims[-1]
-        return {"family": "convnext", "embed_dim": embed_dim, "summary": f"a DINOv3 ConvNeXt with last width {embed_dim}"}
-    return {"family": None, "summary": "no DINOv3 backbone weights"}
