@@ -61,7 +61,7 @@ def _val_rows(path: Path) -> list[dict[str, float]]:
     rows = []
     for row in _read_metrics_csv(path):
         if row.get("val/top1"):
-            rows.append({k: float(v) for k, v in row.items() if v and (k.startswith("val/") or k == "epoch")})
+            rows.append({k: float(v) for k, v in row.items() if v and (k.startswith("val/") or k in ("epoch", "step"))})
     return rows
 
 
@@ -155,7 +155,7 @@ def test_train_writes_the_run_folder_and_learns(classification_run: Classificati
     run = classification_run
     output = run.output
     best, last = output / "checkpoints" / "best.ckpt", output / "checkpoints" / "last.ckpt"
-    assert f"best checkpoint: {best}" in run.train.stdout
+    assert f"best checkpoint: {best} (epoch " in run.train.stdout
     for name in ("config.yaml", "metrics.csv", "curves.png", "val_confusion_matrix.png", "val_metrics.json",
                  "val_per_class_accuracy.csv"):  # fmt: skip
         assert (output / name).is_file(), f"{name} missing from {sorted(p.name for p in output.iterdir())}"
@@ -175,7 +175,13 @@ def test_train_writes_the_run_folder_and_learns(classification_run: Classificati
     assert metrics["top1"] >= 0.9, metrics
     assert metrics["top1"] == pytest.approx(val_rows[-1]["val/top1"], abs=1e-6)  # the last validation
     assert val_rows[-1]["val/top1"] > val_rows[0]["val/top1"]  # it learned during the run
-    assert f"val/top1: {metrics['top1']:.4f}" in run.train.stdout
+    # The summary names the best validation (its epoch, step and metrics) and the last one, each for what it is.
+    best_line, last_line = run.train.stdout.splitlines()[:2]
+    best_row = max(val_rows, key=lambda row: row["val/top1"])  # the first epoch reaching the best top-1
+    # metrics.csv numbers a validation by its last training batch; the summary by the steps done (as checkpoints)
+    assert f"(epoch {int(best_row['epoch'])}, step {int(best_row['step']) + 1})" in best_line, best_line
+    assert f"val/top1={best_row['val/top1']:.4f}" in best_line
+    assert last_line.startswith(f"last checkpoint: {last}") and f"val/top1={metrics['top1']:.4f}" in last_line
     # The feature cache was used: a linear probe without augmentation never runs the backbone per epoch.
     assert "feature cache written" in run.train.stderr
     assert len(list((run.work / "cache" / "features").glob("*.pt"))) == 2

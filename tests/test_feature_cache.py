@@ -150,3 +150,56 @@ def test_a_dataset_without_a_file_list_cannot_be_cached(backbone, root):
     model, dataset, config = classifier_and_train_split(backbone, root)
     with pytest.raises(TypeError, match="TensorDataset has no 'samples' list to fingerprint"):
         cached_features(model, torch.utils.data.TensorDataset(torch.zeros(2, 3, 32, 32), torch.zeros(2)), config)
+
+
+def test_a_run_that_fills_the_cache_trains_like_one_that_finds_it(tmp_path, monkeypatch):
+    """Same config and seed: the first run (cache miss, features extracted) and the second (cache hit) train on
+    identical features in identical order, so their heads are identical."""
+    from dinov3ds.training.trainer import train
+
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    root = make_classification_folder(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=2, size=32)
+    heads = []
+    for run in ("first", "second"):
+        config = load_config(None, [*TINY, f"data.root={root}", "trainer.max_epochs=3", "data.batch_size=4",
+                                    "optim.lr_grid=[0.001,0.1]", f"output_dir={tmp_path / run}"])  # fmt: skip
+        heads.append(torch.load(train(config).last_checkpoint, weights_only=True)["state_dict"])
+    assert heads[0].keys() == heads[1].keys()
+    for key in heads[0]:
+        assert torch.equal(heads[0][key], heads[1][key]), key
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # creates the marker file if the pickle is ever run
+
+
+@pytest.mark.parametrize("content", ["pickle", "truncated", "wrong"])
+def test_a_poisoned_or_broken_entry_is_rebuilt_never_run(backbone, root, tmp_path, monkeypatch, content):
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    model, dataset, config = classifier_and_train_split(backbone, root)
+    features = cached_features(model, dataset, config).tensors[0]
+    [entry] = (tmp_path / "cache" / "features").glob("*.pt")
+    marker = tmp_path / "payload-ran"
+    if content == "pickle":
+        torch.save({"features": Payload(marker), "labels": torch.zeros(2)}, entry)
+    elif content == "truncated":
+        entry.write_bytes(entry.read_bytes()[:100])
+    else:
+        torch.save({"features": torch.zeros(3, 5), "labels": torch.zeros(2)}, entry)
+    with pytest.warns(UserWarning, match="unreadable or not features; computing it again"):
+        again = cached_features(model, dataset, config).tensors[0]
+    assert not marker.exists() and torch.equal(again, features)
+
+
+def test_the_backbone_dtype_is_part_of_the_key(backbone, root, tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    model, dataset, config = classifier_and_train_split(backbone, root)
+    cached_features(model, dataset, config)
+    half = load_backbone("vits16", "random", depth=2, dtype=torch.bfloat16)
+    model, dataset, config = classifier_and_train_split(half, root)
+    cached_features(model, dataset, config)
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2

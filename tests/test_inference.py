@@ -306,3 +306,26 @@ def test_labels_at_size_resizes_probabilities_bilinearly_then_takes_the_argmax()
     assert labels[0, 0].tolist() == [0] * 9 + [1] * 7
     same = torch.tensor([[[[0.1, 0.7]], [[0.6, 0.2]], [[0.3, 0.1]]]])  # [1, 3, 1, 2]: no resize, argmax over classes
     assert labels_at_size(same, (1, 2)).tolist() == [[[1, 0]]]
+
+
+@pytest.mark.parametrize("shape, size", [((2, 9, 7, 5), (61, 43)), ((1, 4, 32, 48), (500, 750)), ((1, 3, 10, 10), (5, 3))])
+def test_labels_in_bands_equal_one_full_resize(shape, size):
+    probabilities = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).softmax(1)
+    expected = F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False).argmax(1)
+    for band in (1 << 24, shape[0] * shape[1] * size[1] * 3, 1):  # one band, bands of 3 rows, one row at a time
+        assert torch.equal(labels_at_size(probabilities, size, max_band_elements=band), expected)
+
+
+def test_a_huge_label_map_never_holds_every_class_at_full_size(monkeypatch):
+    """150 classes at 6000x4000 would be 14.4 GB of float32; no interpolation may produce more than a band."""
+    largest = []
+    real = F.interpolate
+
+    def watched(*args, **kwargs):
+        out = real(*args, **kwargs)
+        largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(inference.F, "interpolate", watched)
+    labels = labels_at_size(torch.rand(1, 150, 40, 60), (600, 900), max_band_elements=1 << 20)
+    assert labels.shape == (1, 600, 900) and max(largest) <= 1 << 20 < 150 * 600 * 900

@@ -200,3 +200,12 @@ def test_dice_by_hand_for_one_channel_and_a_one_pixel_class():
     one_hot = F.one_hot(target[0], 3).permute(2, 0, 1).float()
     dice = (2 * (probabilities * one_hot).sum((1, 2)) + 1) / (probabilities.sum((1, 2)) + one_hot.sum((1, 2)) + 1)
     torch.testing.assert_close(build_loss("dice", num_classes=3)(logits, target), 1 - dice.mean())
+
+
+def test_one_channel_dice_on_an_empty_target_still_penalises_foreground():
+    """Binary Dice with no foreground in the batch: 1 - smooth / (Σp + smooth), not the multi-class
+    "no class present" zero, so predicted foreground is still pushed down."""
+    logits = torch.tensor([[[[0.0, 1.0, -2.0], [0.5, 0.0, 3.0]]]])  # [1, 1, 2, 3]
+    target = torch.zeros(1, 2, 3, dtype=torch.long)
+    expected = 1 - 1 / (torch.sigmoid(logits).sum() + 1)
+    torch.testing.assert_close(build_loss("dice", num_classes=1)(logits, target), expected)

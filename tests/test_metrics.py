@@ -167,7 +167,8 @@ def test_table_and_csv(tmp_path):
     result = metric.compute()
     names = ["road", "sky", "tree", "car", "person", "a_long_class_name"]
     table = format_per_class_table(result, names).splitlines()
-    assert len(table) == 7 and len({len(line) for line in table}) == 1
+    assert len(table) == 1 + 5 + 1  # header, the 5 classes that occur (class 5 is in neither), the means line
+    assert len({len(line) for line in table[:-1]}) == 1 and not any(line.startswith("a_long") for line in table)
     assert f"{100 * float(result['IoU'][1]):.2f}" in table[2]
     path = tmp_path / "per_class.csv"
     write_per_class_csv(result, names, path)
@@ -278,7 +279,8 @@ def test_table_and_csv_exact_text(tmp_path):
         "class      IoU      Acc     Dice",
         "sky      50.00   100.00    66.67",
         "road     66.67    66.67    80.00",
-        "a          nan      nan      nan",
+        "mIoU 58.33 (mmseg: mean over the 2 classes in the labels or predictions); "
+        "mIoU_gt 58.33 (mean over the 2 classes in the labels); 1 classes in neither are not listed",
     ]
     path = tmp_path / "per_class.csv"
     write_per_class_csv(result, ["sky", "road", "a"], path)
@@ -312,3 +314,19 @@ def test_range_errors_name_the_value_and_the_fix():
     classification = ClassificationMetric(num_classes=3)
     with pytest.raises(UserError, match=r"^class label value 4 is outside 0\.\.2; fix the labels or num_classes in the config$"):
         classification.update(torch.zeros(1, 3), torch.tensor([4]))
+
+
+def test_miou_over_the_ground_truth_classes_beside_mmsegs():
+    """Few classes present, many predicted: mmseg's mIoU counts every predicted-only class as IoU 0 (the
+    headline, as published results do); mIoU_gt averages the classes in the labels only."""
+    metric = SegmentationMetric(num_classes=6)
+    label = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    metric.update(torch.tensor([[0, 0, 4, 1, 1, 5]]), label)
+    result = metric.compute()
+    iou0, iou1 = 2 / 3, 2 / 3  # each class: 2 of its 3 pixels found, nothing else predicted as it
+    assert result["mIoU"] == pytest.approx((iou0 + iou1 + 0 + 0) / 4)
+    assert result["mIoU_gt"] == pytest.approx((iou0 + iou1) / 2)
+    table = format_per_class_table(result, ["a", "b", "c", "d", "e", "f"])
+    assert "mean over the 4 classes in the labels or predictions" in table and "over the 2 classes in the labels" in table
+    empty = SegmentationMetric(num_classes=2).compute()
+    assert math.isnan(empty["mIoU_gt"])

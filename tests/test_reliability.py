@@ -459,7 +459,7 @@ def test_checkpoint_trained_on_other_backbone_weights_is_refused(trained: Traine
             f"was trained on backbone weights {impostor.name} (sha256 abababababab…) but {impostor} has sha256"
             in line
         )
-        assert "put the original file there" in line
+        assert "put the original weights there" in line
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -125,3 +125,13 @@ def test_a_non_finite_end_of_the_range_is_refused(bad):
         uint16_range(volume, source="scan.nii")
     with pytest.raises(UserError, match=r"^scan\.nii: "):
         volume_to_uint16(volume, source="scan.nii")
+
+
+def test_to_uint16_is_computed_in_float64_whatever_the_volume_dtype():
+    """float32 arithmetic would put some of 65,536 levels one off; every value must match the float64 map."""
+    values = np.random.default_rng(0).normal(300, 120, 20_000).astype(np.float32)
+    low, high = float(values.min()), float(values.max())
+    expected = np.clip(np.rint((values.astype(np.float64) - low) * (UINT16_MAX / (high - low))), 0, UINT16_MAX)
+    np.testing.assert_array_equal(to_uint16(values, low, high), expected.astype(np.uint16))
+    with pytest.raises(UserError, match=r"^volume: volume contains NaN/Inf voxels"):
+        uint16_range(np.array([np.nan, 1.0]))

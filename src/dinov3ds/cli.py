@@ -18,22 +18,29 @@ from dinov3ds.errors import DataWarning, UserError
 def _train(args: argparse.Namespace) -> None:
     from dinov3ds.config import load_config
 
+    if args.config is None and not args.overrides:
+        raise UserError("train needs --config FILE (see configs/), or key=value overrides on the defaults")
     config = load_config(args.config, args.overrides)  # a config typo fails before torch/Lightning load
 
     from dinov3ds.training.trainer import train
 
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume_from or args.resume, overwrite=args.overwrite)
     if not result.is_global_zero:
         return
-    print(f"best checkpoint: {result.best_checkpoint}")
-    for key, value in sorted(result.metrics.items()):
-        print(f"{key}: {value:.4f}")
+    best = result.best
+    if result.best_checkpoint is not None and best.get("metrics"):
+        scores = "  ".join(f"{k}={v:.4f}" for k, v in sorted(best["metrics"].items()))
+        print(f"best checkpoint: {result.best_checkpoint} (epoch {best['epoch']}, step {best['step']}): {scores}")
+    else:
+        print(f"best checkpoint: {result.best_checkpoint}")
+    scores = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("val/"))
+    print(f"last checkpoint: {result.last_checkpoint}: {scores}")
 
 
 def _eval(args: argparse.Namespace) -> None:
     from dinov3ds.commands.evaluate import evaluate
 
-    evaluate(args.checkpoint, args.overrides, output_dir=args.out)
+    evaluate(args.checkpoint, args.overrides, output_dir=args.out, overwrite=args.overwrite)
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value, as every command takes it
@@ -58,8 +65,9 @@ def _predict(args: argparse.Namespace) -> None:
         )
     if not paths:
         raise UserError("predict needs at least one image, folder or .nii/.nii.gz volume after the overrides")
-    predict(args.checkpoint, paths, args.out, topk=args.topk, mode=args.mode, labels=args.labels,
-            overrides=[*args.set, *overrides], probabilities=args.probabilities)  # fmt: skip
+    overrides = [*args.set, *overrides, *(["inference.flip=true"] if args.flip else [])]
+    predict(args.checkpoint, paths, args.out, topk=args.topk, mode=args.mode, labels=args.labels, overrides=overrides,
+            probabilities=args.probabilities, overwrite=args.overwrite, label_offset=args.label_offset)  # fmt: skip
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -89,11 +97,16 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _prepare_volumes(args: argparse.Namespace) -> None:
-    from dinov3ds.data.medical import prepare_volumes
+    from dinov3ds.data.medical import prepare_volumes, read_split_csv
 
+    splits = None
+    if args.splits:
+        splits = read_split_csv(Path(args.splits))
+    elif args.val or args.test:
+        splits = {"val": [n for n in (args.val or "").split(",") if n], "test": [n for n in (args.test or "").split(",") if n]}
     summary = prepare_volumes(
         Path(args.images), Path(args.labels), Path(args.out), axis=args.axis, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, skip_empty=args.skip_empty, seed=args.seed,
+        test_fraction=args.test_fraction, skip_empty=args.skip_empty, seed=args.seed, splits=splits,
     )  # fmt: skip
     counts = {split: len(names) for split, names in summary["splits"].items()}
     print(f"wrote {args.out}: volumes per split {counts}, slices {summary['slices']}")
@@ -102,7 +115,7 @@ def _prepare_volumes(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from dinov3ds.commands.export import export
 
-    export(args.checkpoint, args.out, args.format, args.height, args.width, args.dynamic_batch)
+    export(args.checkpoint, args.out, args.format, args.height, args.width, args.dynamic_batch, args.overwrite)
 
 
 def _backbone_from_args(args: argparse.Namespace):
@@ -116,7 +129,7 @@ def _features(args: argparse.Namespace) -> None:
     from dinov3ds.commands.features import extract_to_npz
 
     arrays = extract_to_npz(_backbone_from_args(args), args.paths, Path(args.out), image_size=args.image_size,
-                            batch_size=args.batch_size, patches=not args.no_patches)  # fmt: skip
+                            batch_size=args.batch_size, patches=not args.no_patches, overwrite=args.overwrite)  # fmt: skip
     shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
     print(f"wrote {args.out}: {shapes}")
 
@@ -133,11 +146,14 @@ def _knn(args: argparse.Namespace) -> None:
 
     result = knn_evaluate(args.backbone, args.root, weights=args.weights, image_size=args.image_size, k=args.k,
                           temperature=args.temperature, pooling=args.pooling, dtype=args.dtype)  # fmt: skip
-    print(f"k-NN (k={args.k}, T={args.temperature}): top-1 {100 * result['top1']:.2f}  top-5 {100 * result['top5']:.2f}")
+    clipped = f" (asked {args.k}; only {result['k']} training images)" if result["k"] < args.k else ""
+    print(f"k-NN (k={result['k']}{clipped}, T={args.temperature}): top-1 {100 * result['top1']:.2f}  "
+          f"top-5 {100 * result['top5']:.2f}")
 
 
 def _check_data(args: argparse.Namespace) -> None:
-    from dinov3ds.commands.check_data import check_dataset, printable
+    from dinov3ds.commands.check_data import check_dataset
+    from dinov3ds.commands.output_files import printable
     from dinov3ds.config import load_config
 
     report = check_dataset(load_config(args.config, args.overrides), workers=args.workers)
@@ -153,7 +169,8 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) ->
     parser.add_argument("--weights", default=None,
                         help="Meta .pth, timm/transformers .safetensors or folder, hf-hub:<repo>, or 'random' "
                              "(default: checkpoints/, then the Hugging Face cache)")
-    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--image-size", type=int, default=image_size,
+                        help="shorter side in pixels (rounded to a multiple of the patch size)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="backbone weight/compute dtype (bfloat16: half the memory; faster where native)")  # fmt: skip
 
@@ -165,23 +182,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a head (config + key=value overrides)")
     train.add_argument("--config", required=False, help="YAML config, e.g. configs/classification_imagenette.yaml")
-    train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/last.ckpt")
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from checkpoints/last.ckpt")
+    train.add_argument("--resume-from", metavar="CHECKPOINT", default=None,
+                       help="continue the run in output_dir from this checkpoint (e.g. a readable best.ckpt)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in output_dir (its checkpoints, metrics and pictures)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_epochs=5")
     train.set_defaults(handler=_train, trailing="overrides")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its configured validation split")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--out", default=None, help="where to write metrics (default: next to the checkpoint's run)")
+    evaluate.add_argument("--checkpoint", required=True, help="a dinov3ds head checkpoint (best.ckpt or last.ckpt)")
+    evaluate.add_argument("--out", default=None,
+                          help="folder for the metrics (default: beside the checkpoint, e.g. checkpoints/best_eval/)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace metric files already in that folder")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=... inference.mode=slide")
     evaluate.set_defaults(handler=_eval, trailing="overrides")
 
     predict = commands.add_parser("predict", help="run a checkpoint on images, folders or NIfTI volumes")
-    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--checkpoint", required=True, help="a dinov3ds head checkpoint (best.ckpt or last.ckpt)")
     predict.add_argument("paths", nargs="+", metavar="input",
                          help="images, folders, .nii/.nii.gz volumes, and dotted overrides, e.g. inference.flip=true")
-    predict.add_argument("--out", default="predictions", help="output folder")
+    predict.add_argument("--out", default="predictions",
+                         help="output folder; it mirrors the inputs' folders and keeps their full names")
+    predict.add_argument("--overwrite", action="store_true", help="replace output files left by an earlier run")
     predict.add_argument("--topk", type=int, default=5, help="classification: labels per image")
     predict.add_argument("--mode", choices=["whole", "slide"], default=None, help="segmentation strategy")
+    predict.add_argument("--flip", action="store_true", help="segmentation: average with the mirrored image (TTA)")
+    predict.add_argument("--label-offset", type=int, default=None,
+                         help="segmentation: added to class ids in label PNGs (default: 1 for ADE20K-style data "
+                              "trained with reduce_zero_label, so 0 stays 'other'; else 0)")
     predict.add_argument("--labels", default=None, help="NIfTI: label volume (or folder) to report Dice against")
     predict.add_argument("--probabilities", action="store_true", help="NIfTI: also write a probability volume")
     predict.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: key=value
@@ -197,50 +226,55 @@ def build_parser() -> argparse.ArgumentParser:
     backbones.set_defaults(handler=_backbones)
 
     demo = commands.add_parser("demo", help="end-to-end demo on generated data")
-    demo.add_argument("--out", default="output/demo")
-    demo.add_argument("--backbone", default="vits16")
+    demo.add_argument("--out", default="output/demo", help="folder for the generated data and the runs")
+    demo.add_argument("--backbone", default="vits16", help="variant; its Meta weights are used when in checkpoints/")
     demo.add_argument("--quick", action="store_true", help="smaller data and fewer epochs")
     demo.set_defaults(handler=_demo)
 
     prepare = commands.add_parser("prepare-volumes", help="NIfTI image/label volumes -> 2D slice dataset")
-    prepare.add_argument("--images", required=True)
-    prepare.add_argument("--labels", required=True)
-    prepare.add_argument("--out", required=True)
-    prepare.add_argument("--axis", type=int, choices=[0, 1, 2], default=2)
-    prepare.add_argument("--val-fraction", type=float, default=0.2)
-    prepare.add_argument("--test-fraction", type=float, default=0.0)
+    prepare.add_argument("--images", required=True, help="folder of image volumes (.nii/.nii.gz)")
+    prepare.add_argument("--labels", required=True, help="folder of label volumes (name, name_seg, _label or _mask)")
+    prepare.add_argument("--out", required=True, help="new folder for the slice dataset (images/, annotations/)")
+    prepare.add_argument("--axis", type=int, choices=[0, 1, 2], default=2, help="volume axis to slice along")
+    prepare.add_argument("--val-fraction", type=float, default=0.2, help="share of volumes for val (seeded split)")
+    prepare.add_argument("--test-fraction", type=float, default=0.0, help="share of volumes for test (seeded split)")
+    prepare.add_argument("--val", default=None, help="comma-separated volume names for val (instead of fractions)")
+    prepare.add_argument("--test", default=None, help="comma-separated volume names for test")
+    prepare.add_argument("--splits", default=None, help="CSV of name,split rows (train/val/test) instead of fractions")
     prepare.add_argument("--skip-empty", action="store_true", help="drop slices whose label is all background")
-    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the split by fractions")
     prepare.set_defaults(handler=_prepare_volumes)
 
     export = commands.add_parser("export", help="export backbone + head as ONNX or TorchScript, checked against PyTorch")
-    export.add_argument("--checkpoint", required=True)
-    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    export.add_argument("--out", required=True)
+    export.add_argument("--checkpoint", required=True, help="a dinov3ds head checkpoint")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="graph format")
+    export.add_argument("--out", required=True, help="the graph file; <out>.json beside it holds the preprocessing")
     export.add_argument("--height", type=int, default=None, help="input height (default: data.image_size)")
     export.add_argument("--width", type=int, default=None, help="input width (default: data.image_size)")
     export.add_argument("--dynamic-batch", action="store_true", help="ONNX: batch size chosen at run time")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     export.set_defaults(handler=_export)
 
     features = commands.add_parser("features", help="dump CLS / pooled / patch features of images to .npz")
     features.add_argument("paths", nargs="+", help="images or folders")
     features.add_argument("--out", required=True, help="output .npz")
-    features.add_argument("--batch-size", type=int, default=16)
+    features.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     features.add_argument("--no-patches", action="store_true", help="skip the [N,C,h,w] patch features")
+    features.add_argument("--overwrite", action="store_true", help="replace an existing .npz")
     _add_backbone_arguments(features, 224)
     features.set_defaults(handler=_features)
 
     pca = commands.add_parser("pca", help="PCA-of-patch-features picture per image")
     pca.add_argument("paths", nargs="+", help="images or folders")
-    pca.add_argument("--out", default="output/pca")
+    pca.add_argument("--out", default="output/pca", help="folder for the <name>_pca.png pictures")
     _add_backbone_arguments(pca, 448)
     pca.set_defaults(handler=_pca)
 
     knn = commands.add_parser("knn", help="k-NN classification (DINO's weighted votes) on an image-folder dataset")
     knn.add_argument("--root", required=True, help="folder with train/<class>/ and val/<class>/")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
-    knn.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], default="cls+avg")
+    knn.add_argument("--k", type=int, default=20, help="neighbours that vote (at most the training images)")
+    knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T); T > 0")
+    knn.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], default="cls+avg", help="which features vote")
     _add_backbone_arguments(knn, 224)
     knn.set_defaults(handler=_knn)
 

@@ -6,13 +6,35 @@ names the key and what is allowed. The resolved config is saved next to every ru
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dinov3ds.errors import UserError
+
+MAX_SIDE = 16384  # pixels: larger sides are typos (an int overflow deep in torch otherwise)
+MAX_YAML_NODES = 20_000  # a config has hundreds; an alias bomb has millions
+
+
+def _expand(path: str | None) -> str | None:
+    """`~` and `$VAR` in a path, expanded once here: a literal `./~/x` folder is a disaster waiting for `rm -rf ~`."""
+    return None if path is None else os.path.expandvars(os.path.expanduser(path))
+
+
+PathText = Annotated[str, AfterValidator(_expand)]
+Positive = Annotated[int, Field(ge=1)]
+Side = Annotated[int, Field(ge=16, le=MAX_SIDE)]
 
 
 class Section(BaseModel):
@@ -41,32 +63,34 @@ class SlicePreprocessing(BaseModel):
 
 class BackboneConfig(Section):
     name: str = "vits16"  # Meta's variant name, e.g. vits16, vitl16, vitl16_sat493m, convnext_tiny
-    weights: str | None = None  # None: official file in checkpoints/; a path; or "random" (smoke tests only)
+    # None: Meta's file in checkpoints/, else the Hugging Face cache; a .pth / .safetensors file or model folder,
+    # hf-hub:<repo id>, or "random" (smoke tests only)
+    weights: Annotated[str | None, AfterValidator(_expand)] = None
     layers: list[int] | None = None  # 0-based taps for multi-layer heads; None = four even intervals
     # Storage/compute dtype of the backbone. auto: bfloat16 when training with bf16 precision, the backbone is
     # frozen and the device computes bf16 natively (autocast would re-cast every weight each step); else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     overrides: dict[str, Any] = Field(default_factory=dict)  # timm architecture overrides (tests: depth)
-    unfreeze_last_blocks: int = 0  # fine-tune the last N blocks (saved in checkpoints); 0 = fully frozen
+    unfreeze_last_blocks: int = Field(0, ge=0)  # fine-tune the last N blocks (saved in checkpoints); 0 = fully frozen
 
 
 class DataConfig(Section):
     dataset: Literal["imagenette", "image_folder", "ade20k", "segmentation_folder"] = "image_folder"
-    root: str = "data"  # dataset folder (the one holding the splits)
+    root: PathText = "data"  # dataset folder (the one holding the splits)
     train_split: str = "train"  # sub-folder of the training split
     val_split: str = "val"  # sub-folder of the validation split
-    image_size: int = 224  # classification crop, or segmentation training crop
-    eval_size: int | None = None  # segmentation: shorter side at evaluation (None = as stored)
-    base_size: int | None = None  # segmentation: shorter side that scale_range multiplies (None = image_size)
-    scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation random resize ratios
+    image_size: Side = 224  # classification crop, or segmentation training crop
+    eval_size: Side | None = None  # segmentation: shorter side at evaluation (None = as stored)
+    base_size: Side | None = None  # segmentation: shorter side that scale_range multiplies (None = image_size)
+    scale_range: tuple[Annotated[float, Field(gt=0, le=16)], Annotated[float, Field(gt=0, le=16)]] = (0.5, 2.0)  # segmentation random resize ratios
     photometric: bool = True  # segmentation: colour jitter on training images
     augment: bool = True  # False: eval transform for training too (enables the feature cache)
-    batch_size: int = 32  # per device
-    eval_batch_size: int | None = None  # None = batch_size
-    num_workers: int = 4  # data-loading processes per device
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 32  # per device
+    eval_batch_size: Annotated[int, Field(ge=1, le=65536)] | None = None  # None = batch_size
+    num_workers: int = Field(4, ge=0, le=256)  # data-loading processes per device
     class_names: list[str] | None = None  # display names; None = folder names / dataset's own
-    num_classes: int | None = None  # segmentation folders: classes (None = len(class_names))
-    ignore_index: int = 255  # label value excluded from loss and metrics
+    num_classes: Annotated[int, Field(ge=1, le=65536)] | None = None  # classes (None = len(class_names) / folders)
+    ignore_index: int = Field(255, ge=0, le=65535)  # label value excluded from loss and metrics
     images_dir: str = "images"  # segmentation folders: images sub-folder
     annotations_dir: str = "annotations"  # segmentation folders: masks sub-folder
     mask_suffix: str = ".png"  # segmentation folders: mask file suffix replacing the image's
@@ -76,47 +100,57 @@ class DataConfig(Section):
     on_bad_sample: Literal["error", "warn"] = "error"  # orphan image/mask, empty class folder, unreadable file: stop, or skip with a warning
 
 
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError("scale_range must be [low, high] with low <= high")
+        return value
+
+
 class HeadConfig(Section):
     name: str = "linear"  # classification: linear; segmentation: linear, segdino, dpt, unet, fapm
     pooling: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # classification: which tokens feed the linear layer
-    last_blocks: int = 1  # classification: concatenate the pooled features of the last N blocks
+    last_blocks: int = Field(1, ge=1, le=64)  # classification: concatenate the pooled features of the last N blocks
     batchnorm: bool = False  # classification: BatchNorm (no affine) before the linear layer
     options: dict[str, Any] = Field(default_factory=dict)  # head-specific options, e.g. {base_channels: 128}
 
 
 class LossConfig(Section):
     name: Literal["ce", "dice", "ce+dice"] = "ce"  # segmentation loss; classification always uses ce
-    ce_weight: float = 1.0  # weight of cross-entropy in ce+dice
-    dice_weight: float = 1.0  # weight of Dice in ce+dice
-    class_weights: list[float] | None = None  # per-class cross-entropy weights
-    label_smoothing: float = 0.0  # classification only
+    ce_weight: float = Field(1.0, ge=0)  # weight of cross-entropy in ce+dice
+    dice_weight: float = Field(1.0, ge=0)  # weight of Dice in ce+dice
+    class_weights: list[Annotated[float, Field(ge=0)]] | None = None  # per-class cross-entropy weights
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # classification only
 
 
 class OptimConfig(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 1e-3
-    momentum: float = 0.9  # sgd only
+    lr: float = Field(1e-3, gt=0, le=100)  # peak learning rate
+    weight_decay: float = Field(1e-3, ge=0)
+    momentum: float = Field(0.9, ge=0, le=1)  # sgd only
     scheduler: Literal["cosine", "constant"] = "cosine"  # after warm-up
-    warmup_steps: int = 0  # linear warm-up from 0, in optimizer steps
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
-    lr_grid: list[float] | None = None  # linear probe: train one head per lr at once, keep the best
-    backbone_lr: float | None = None  # unfrozen blocks: peak lr of the last block (None = lr / 10)
-    layer_decay: float = 1.0  # unfrozen blocks: each earlier block's lr is multiplied by this
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up from 0, in optimizer steps
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor as a fraction of lr
+    # linear probe: train one head per lr at once, keep the best
+    lr_grid: Annotated[list[Annotated[float, Field(gt=0, le=100)]], Field(min_length=1)] | None = None
+    backbone_lr: float | None = Field(None, gt=0)  # unfrozen blocks: peak lr of the last block (None = lr / 10)
+    layer_decay: float = Field(1.0, gt=0, le=1)  # unfrozen blocks: each earlier block's lr is multiplied by this
 
 
 class TrainerConfig(Section):
-    max_epochs: int | None = 10  # None with max_steps for iteration-based schedules
-    max_steps: int = -1  # -1 = no limit (ADE20K protocol: 40000)
+    max_epochs: Positive | None = 10  # None with max_steps for iteration-based schedules
+    max_steps: int = Field(-1, ge=-1)  # -1 = no limit (ADE20K protocol: 40000)
     precision: Literal["32", "bf16-mixed", "16-mixed", "bf16-true"] = "32"
     accelerator: str = "auto"  # cpu, gpu, auto
     devices: int | str | list[int] = "auto"  # per node
-    num_nodes: int = 1
+    num_nodes: Positive = 1
     strategy: str = "auto"  # auto, ddp, ...
-    val_check_interval: int | float | None = None  # steps (int) or fraction of an epoch; None = each epoch
-    check_val_every_n_epoch: int | None = 1
-    gradient_clip_val: float | None = None
-    log_every_n_steps: int = 10
+    # steps (int) or fraction of an epoch; None = each epoch
+    val_check_interval: Positive | Annotated[float, Field(gt=0, le=1)] | None = None
+    check_val_every_n_epoch: Positive | None = 1
+    gradient_clip_val: float | None = Field(None, gt=0)
+    log_every_n_steps: Positive = 10
     deterministic: bool = False  # bit-reproducible kernels (slower)
     progress_bar: bool = True
     compile: bool = False  # torch.compile the backbone blocks; falls back to eager on failure
@@ -130,20 +164,21 @@ class TrainerConfig(Section):
 
 class InferenceConfig(Section):
     mode: Literal["whole", "slide"] = "whole"  # segmentation prediction strategy
-    crop: int | None = None  # slide window (None = data.image_size)
-    stride: int | None = None  # slide stride (None = 2/3 of crop)
-    window_batch: int = 8  # windows per forward in slide mode
+    crop: Side | None = None  # slide window (None = data.image_size)
+    stride: Annotated[int, Field(ge=1, le=MAX_SIDE)] | None = None  # slide stride (None = 2/3 of crop)
+    window_batch: Positive = 8  # windows per forward in slide mode
     flip: bool = False  # horizontal-flip TTA
-    scales: list[float] = Field(default_factory=lambda: [1.0])  # multi-scale TTA
-    batch_size: int = 8  # images per forward in predict
-    volume_axis: int = 2  # NIfTI volumes: slicing axis
-    volume_batch_size: int = 16  # NIfTI volumes: slices per forward
+    # multi-scale TTA
+    scales: Annotated[list[Annotated[float, Field(gt=0, le=8)]], Field(min_length=1)] = Field(default_factory=lambda: [1.0])
+    batch_size: Positive = 8  # images per forward in predict
+    volume_axis: int = Field(2, ge=0, le=2)  # NIfTI volumes: slicing axis
+    volume_batch_size: Positive = 16  # NIfTI volumes: slices per forward
 
 
 class Config(Section):
     task: Literal["classification", "segmentation"] = "classification"
-    output_dir: str = "output/run"  # config.yaml, checkpoints, logs and pictures go here
-    seed: int = 0
+    output_dir: PathText = "output/run"  # config.yaml, checkpoints, logs and pictures go here
+    seed: int = Field(0, ge=0, lt=2**32)
     cache_features: bool = True  # linear classification without augmentation: compute features once
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -154,19 +189,36 @@ class Config(Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    """One line per config error: where, what, and what is allowed."""
+def _field_path(loc: tuple) -> list[str]:
+    """The config keys in a pydantic error location, without its union-member and list-index parts."""
+    path, section = [], Config
+    for part in loc:
+        fields = section.model_fields if isinstance(section, type) and issubclass(section, BaseModel) else {}
+        if part not in fields:
+            break
+        path.append(str(part))
+        section = fields[part].annotation
+    return path or [str(loc[0])]
+
+
+def _describe(error: ValidationError, source: str, overrides: dict[str, str]) -> str:
+    """One line for the first config error: where (the file, or the override that set the key), what, what is allowed."""
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
+    extra = first["type"] == "extra_forbidden"
+    key = ".".join(str(part) for part in first["loc"]) if extra else ".".join(_field_path(first["loc"]))
+    given = next((text for dotted, text in overrides.items() if key == dotted or key.startswith(dotted + ".")), None)
+    where = f"override {given}" if given else source
+    if extra:
         section: type[BaseModel] = Config
         for part in first["loc"][:-1]:
             field = section.model_fields.get(str(part))
             annotation = getattr(field, "annotation", None)
             section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else section
         allowed = ", ".join(section.model_fields)
-        return f"{source}: unknown key '{key}'; allowed here: {allowed}"
-    return f"{source}: '{key}': {first['msg']} (got {first.get('input')!r}); fix the value in the config"
+        return f"{where}: unknown key '{key}'; allowed here: {allowed}"
+    value = repr(first.get("input"))
+    value = value if len(value) <= 60 else value[:57] + "..."
+    return f"{where}: '{key}': {first['msg']} (got {value}); fix the value"
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -186,7 +238,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"override '{item}' must look like key.sub=value, e.g. trainer.max_epochs=5")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+        _set_dotted(tree, key.strip(), _safe_yaml(raw, f"override {item}") if raw else None)
     return tree
 
 
@@ -197,16 +249,43 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def config_from_dict(tree: dict, source: str = "config") -> Config:
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes after alias expansion, without expanding: an alias counts as often as it is used."""
+    if id(node) not in memo:
+        memo[id(node)] = 0  # a recursive alias counts as one node here; safe_load refuses it anyway
+        children = node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else []
+        pairs = [item for pair in children for item in pair] if isinstance(node, yaml.MappingNode) else children
+        memo[id(node)] = 1 + sum(_expanded_size(child, memo) for child in pairs)
+    return memo[id(node)]
+
+
+def _safe_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand past MAX_YAML_NODES (a "billion laughs")."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise UserError(f"{source}: expands to more than {MAX_YAML_NODES} values through YAML aliases; "
+                            "write the config without alias chains")  # fmt: skip
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise UserError(f"{source} is not valid YAML: {problem}{where}") from None
+
+
+def config_from_dict(tree: dict, source: str = "config", overrides: list[str] | None = None) -> Config:
+    """Validate a config tree; an error names the override that set the key, else `source`."""
+    given = {item.split("=", 1)[0].strip(): item for item in overrides or [] if "=" in item}
     try:
         return Config.model_validate(tree)
     except ValidationError as error:
-        raise UserError(_describe(error, source)) from None
+        raise UserError(_describe(error, source, given)) from None
 
 
 def with_overrides(tree: dict, overrides: list[str] | None, source: str = "config") -> Config:
     """A config tree (e.g. a checkpoint's) with dotted overrides on top, validated."""
-    return config_from_dict(_merge(tree, parse_overrides(overrides or [])), source)
+    return config_from_dict(_merge(tree, parse_overrides(overrides or [])), source, overrides)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -219,9 +298,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise UserError(f"config file {path} not found; see configs/ for examples")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not a UTF-8 text file; pass a YAML config (see configs/)") from None
+        except OSError as error:
+            raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+        tree = _safe_yaml(text, str(path)) or {}
         if not isinstance(tree, dict):
             raise UserError(f"{path} must hold a mapping of sections (backbone:, data:, ...)")
     return with_overrides(tree, overrides, source)

@@ -96,8 +96,12 @@ class SegmentationMetric(Metric):
         iou = _safe_divide(intersect, union)
         acc = _safe_divide(intersect, self.area_label)
         dice = _safe_divide(2 * intersect, self.area_pred + self.area_label)
+        in_labels = self.area_label > 0
         result = {
             "mIoU": torch.nanmean(iou).item(),
+            # The same mean over only the classes in the ground truth: on data where few classes occur, mmseg's
+            # mIoU also averages every class the model predicted somewhere it is absent (each IoU 0).
+            "mIoU_gt": torch.nanmean(iou[in_labels]).item() if in_labels.any() else math.nan,
             "aAcc": _safe_divide(intersect.sum(), self.area_label.sum()).item(),
             "mAcc": torch.nanmean(acc).item(),
             "mDice": torch.nanmean(dice).item(),
@@ -122,11 +126,19 @@ def _per_class_rows(result: dict, class_names: list[str]) -> list[tuple[str, flo
 
 
 def format_per_class_table(result: dict, class_names: list[str]) -> str:
-    """An aligned text table of per-class IoU, Acc and Dice in percent (nan: class absent)."""
-    rows = _per_class_rows(result, class_names)
-    width = max(len("class"), *(len(name) for name in class_names))
+    """An aligned text table of per-class IoU, Acc and Dice in percent for the classes that occur (in the labels
+    or the predictions), then one line saying which mean is which. The CSV keeps every class."""
+    rows = [row for row in _per_class_rows(result, class_names) if not math.isnan(row[1])]
+    width = max(len("class"), *(len(row[0]) for row in rows)) if rows else len("class")
     lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}  {'Dice':>7}"]
     lines += [f"{name:<{width}}  {iou:>7.2f}  {acc:>7.2f}  {dice:>7.2f}" for name, iou, acc, dice in rows]
+    in_labels = int((~torch.isnan(result["Acc"])).sum())
+    absent = len(class_names) - len(rows)
+    lines.append(
+        f"mIoU {100 * result['mIoU']:.2f} (mmseg: mean over the {len(rows)} classes in the labels or predictions); "
+        f"mIoU_gt {100 * result['mIoU_gt']:.2f} (mean over the {in_labels} classes in the labels)"
+        + (f"; {absent} classes in neither are not listed" if absent else "")
+    )
     return "\n".join(lines)
 
 

@@ -42,11 +42,6 @@ class DataReport:
         return f"{self.root}: {unit} checked ({counts}); {len(self.problems) or 'no'} problems"
 
 
-def printable(text: str | Path) -> str:
-    """A file name that is not UTF-8 (a Latin-1 name from an old archive) printed as \\udcxx, not a crash."""
-    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _parallel(check: Callable[[object], list[str]], items: Iterable, workers: int) -> list[str]:
     """Decoding releases the GIL in PIL, so threads scale; results keep the items' order."""
     items = list(items)

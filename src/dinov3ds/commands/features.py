@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dinov3ds.commands.output_files import OutputFolder
 from dinov3ds.config import load_config
 from dinov3ds.data.build import build_datasets
 from dinov3ds.data.io import find_images, load_image
-from dinov3ds.data.transforms import classification_eval_transform
+from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform
 from dinov3ds.errors import UserError
 from dinov3ds.models.backbones import Backbone
 from dinov3ds.models.tasks import Classifier, backbone_from_config
@@ -55,8 +56,14 @@ def _image_paths(inputs: list[str | Path]) -> list[Path]:
 
 @torch.inference_mode()
 def extract_to_npz(backbone: Backbone, inputs: list[str | Path], out: Path, *, image_size: int = 224,
-                   batch_size: int = 16, num_workers: int = 2, patches: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
-    """CLS, pooled (patch mean) and optionally patch features [N,C,h,w] (float16) for every image."""
+                   batch_size: int = 16, num_workers: int = 2, patches: bool = True,
+                   overwrite: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+    """CLS, pooled (patch mean) and optionally patch features [N,C,h,w] (float16) for every image, written to
+    `out` (a .npz file; it must not exist unless `overwrite`)."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise UserError(f"--out {out}: name the .npz file to write, e.g. {out.with_suffix('.npz').name}")
+    out = OutputFolder(out.parent, overwrite=overwrite).claim(out.name)
     paths = _image_paths(inputs)
     transform = classification_eval_transform(image_size, backbone.mean, backbone.std, crop_ratio=1.0)
     loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=num_workers)
@@ -74,20 +81,22 @@ def extract_to_npz(backbone: Backbone, inputs: list[str | Path], out: Path, *, i
     }
     if patches:
         arrays["patches"] = torch.cat(patch_maps).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
+    with open(out, "wb") as handle:  # np.savez would append .npz to a name without it
+        np.savez(handle, **arrays)
     return arrays
 
 
 @torch.inference_mode()
 def pca_pictures(backbone: Backbone, inputs: list[str | Path], out_dir: Path, image_size: int = 448) -> list[Path]:
     """The classic DINO picture per image: the first three principal components of its patch features."""
-    transform = classification_eval_transform(image_size, backbone.mean, backbone.std, crop_ratio=1.0)
+    # The whole image, aspect kept: shorter side `image_size`, each side rounded to the patch size.
+    transform = SegmentationEvalTransform(image_size, backbone.mean, backbone.std, multiple_of=backbone.input_multiple)
     written = []
     for path in _image_paths(inputs):
-        patches = backbone(transform(load_image(path))[None]).patches[0].float()
+        tensor, _ = transform(load_image(path))
+        patches = backbone(tensor[None]).patches[0].float()
         target = out_dir / f"{path.stem}_pca.png"
-        save_pca_image(patches, target, upscale_to=(image_size, image_size))
+        save_pca_image(patches, target, upscale_to=tuple(tensor.shape[-2:]))
         written.append(target)
     return written
 
@@ -110,7 +119,12 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, featur
 def knn_evaluate(backbone_name: str, root: str | Path, *, weights: str | None = None, image_size: int = 224,
                  k: int = 20, temperature: float = 0.07, pooling: str = "cls+avg",
                  overrides: dict | None = None, dtype: str = "float32") -> dict[str, float]:  # fmt: skip
-    """k-NN top-1/top-5 on an image-folder dataset (train → val), features from the on-disk cache."""
+    """k-NN top-1/top-5 on an image-folder dataset (train → val), features from the on-disk cache; also the
+    k actually used (at most the number of training images)."""
+    if k < 1:
+        raise UserError(f"--k {k}: the number of neighbours must be 1 or more")
+    if not temperature > 0:
+        raise UserError(f"--temperature {temperature}: it divides the similarities; use a value > 0, e.g. 0.07")
     config = load_config(None, [
         "task=classification", f"data.root={root}", f"data.image_size={image_size}", "data.augment=false",
         f"backbone.name={backbone_name}", f"head.pooling={pooling}", "data.num_workers=0", f"backbone.dtype={dtype}",
@@ -122,9 +136,11 @@ def knn_evaluate(backbone_name: str, root: str | Path, *, weights: str | None = 
     model = Classifier(backbone, len(splits.class_names), config, splits.class_names)
     train = cached_features(model, splits.train, config).tensors
     val = cached_features(model, splits.val, config).tensors
-    scores = knn_predict(train[0], train[1], val[0], len(splits.class_names), k=k, temperature=temperature)
+    used = min(k, len(train[0]))
+    scores = knn_predict(train[0], train[1], val[0], len(splits.class_names), k=used, temperature=temperature)
     top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
     return {
         "top1": float((scores.argmax(1) == val[1]).float().mean()),
         "top5": float((top5 == val[1][:, None]).any(1).float().mean()),
+        "k": used,
     }

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, printable
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform, round_to_multiple
 from dinov3ds.data.volumes import (
@@ -65,14 +66,14 @@ class _ImageFiles(Dataset):
         return tensor, torch.tensor([image.height, image.width]), index
 
 
-def predict_classification(model: Classifier, images: list[Path], out: Path, topk: int) -> list[dict]:
+def predict_classification(model: Classifier, images: list[Path], out: OutputFolder, topk: int) -> list[dict]:
+    jsonl, table = out.claim("predictions.jsonl"), out.claim("predictions.csv")
     results = model.predict(images, topk=topk, batch_size=model.config.inference.batch_size)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as handle:
+    with open(jsonl, "w") as handle:
         for row in results:
             handle.write(json.dumps(row) + "\n")
     # surrogateescape: a file name that is not UTF-8 is written back as its own bytes, never a crash
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with open(table, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "label", "probability", "top_labels", "top_probabilities"])
         for row in results:
@@ -82,23 +83,38 @@ def predict_classification(model: Classifier, images: list[Path], out: Path, top
         row = results[0]
         for label, probability in zip(row["labels"], row["probabilities"]):
             print(f"{probability:8.4f}  {label}")
-    print(f"wrote {out / 'predictions.jsonl'} and {out / 'predictions.csv'} ({len(results)} images)")
+    else:  # the top label of each image; the files hold all of them
+        for row in results:
+            print(f"{row['probabilities'][0]:8.4f}  {row['labels'][0]}  {printable(row['image'])}")
+    print(f"wrote {jsonl} and {table} ({len(results)} images)")
     return results
 
 
+def default_label_offset(model: Segmenter) -> int:
+    """Label PNGs in the dataset's own convention: ADE20K-style data (`reduce_zero_label`: 0 = "other",
+    classes from 1) gets class id + 1, so a prediction compares directly with an annotation; else the id."""
+    data = model.config.data
+    return 1 if data.reduce_zero_label or data.dataset == "ade20k" else 0
+
+
 @torch.inference_mode()
-def predict_segmentation(model: Segmenter, images: list[Path], out: Path, mode: str | None) -> None:
+def predict_segmentation(model: Segmenter, images: list[Path], out: OutputFolder, mode: str | None,
+                         label_offset: int | None = None) -> None:  # fmt: skip
+    offset = default_label_offset(model) if label_offset is None else label_offset
+    root = input_root(images)
+    targets = [(out.claim(mirrored(p, root, ".labels.png")), out.claim(mirrored(p, root, ".overlay.png"))) for p in images]
     transform = SegmentationEvalTransform(model.config.data.eval_size, model.backbone.mean, model.backbone.std,
                                           multiple_of=model.input_multiple)  # fmt: skip
     loader = DataLoader(_ImageFiles(images, transform), batch_size=1, num_workers=min(4, model.config.data.num_workers))
     palette = default_palette(model.num_classes)
-    out.mkdir(parents=True, exist_ok=True)
     for tensor, size, index in loader:
         labels = model.predict_labels(tensor, tuple(size[0].tolist()), mode=mode)[0].cpu().numpy()
         path = images[int(index)]
-        save_label_png(labels, out / f"{path.stem}.png", num_classes=model.num_classes)
-        save_color_png(labels, out / f"{path.stem}_overlay.png", palette, image=np.asarray(load_image(path)))
-    print(f"wrote label maps and overlays for {len(images)} images to {out}")
+        label_path, overlay_path = targets[int(index)]
+        save_label_png(labels + offset, label_path, num_classes=model.num_classes + offset)
+        save_color_png(labels, overlay_path, palette, image=np.asarray(load_image(path)))
+    convention = f"class id + {offset} (0 = the dataset's ignored 'other')" if offset == 1 else f"class id + {offset}" if offset else "class ids from 0"
+    print(f"wrote label maps ({convention}) and overlays for {len(images)} images to {out.root}")
 
 
 def _slice_predictor(model: Segmenter):
@@ -135,11 +151,16 @@ def _matching_label(volume: Path, labels: Path | None) -> Path | None:
     raise UserError(f"no label volume for {volume.name} in {labels}; name it like the image (optionally _seg/_label/_mask)")
 
 
-def predict_volumes(model: Segmenter, volumes: list[Path], out: Path, labels: Path | None, probabilities: bool) -> list[dict]:
+def predict_volumes(model: Segmenter, volumes: list[Path], out: OutputFolder, labels: Path | None,
+                    probabilities: bool) -> list[dict]:  # fmt: skip
     config = model.config
     if config.data.medical is None:
         raise UserError("this checkpoint was not trained on MRI slices (data.medical is unset); volumes need an MRI model")
-    out.mkdir(parents=True, exist_ok=True)
+    root = input_root(volumes)
+    report_path = out.claim("volumes.jsonl")
+    names = {path: mirrored(path, root, "").with_name(volume_stem(path)) for path in volumes}
+    targets = {path: (out.claim(f"{names[path]}_pred.nii.gz"),
+                      out.claim(f"{names[path]}_prob.nii.gz") if probabilities else None) for path in volumes}  # fmt: skip
     reports = []
     for path in volumes:
         image = load_volume(path)
@@ -148,11 +169,11 @@ def predict_volumes(model: Segmenter, volumes: list[Path], out: Path, labels: Pa
             data, _slice_predictor(model), axis=config.inference.volume_axis, preprocessing=config.data.medical,
             batch_size=config.inference.volume_batch_size, with_probabilities=probabilities,
         )  # fmt: skip
-        stem = path.name.removesuffix(".gz").removesuffix(".nii")
-        save_like(predicted, image, out / f"{stem}_pred.nii.gz", np.uint8)
+        prediction_path, probability_path = targets[path]
+        save_like(predicted, image, prediction_path, np.uint8)
         if foreground is not None:
-            save_like(foreground, image, out / f"{stem}_prob.nii.gz", np.float32)
-        report = {"volume": str(path), "prediction": str(out / f"{stem}_pred.nii.gz")}
+            save_like(foreground, image, probability_path, np.float32)
+        report = {"volume": str(path), "prediction": str(prediction_path)}
         label_path = _matching_label(path, labels)
         if label_path is not None:
             label = np.asarray(load_volume(label_path).dataobj)
@@ -161,22 +182,26 @@ def predict_volumes(model: Segmenter, volumes: list[Path], out: Path, labels: Pa
             report.update(dice_and_iou(predicted, np.rint(label).astype(np.int64)))
             print(f"{path.name}: Dice {report['dice']:.4f}  IoU {report['iou']:.4f}")
         reports.append(report)
-    (out / "volumes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reports))
-    print(f"wrote {len(volumes)} predicted volumes to {out}")
+    report_path.write_text("".join(json.dumps(r) + "\n" for r in reports))
+    print(f"wrote {len(volumes)} predicted volumes to {out.root}")
     return reports
 
 
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: int = 5, mode: str | None = None,
-            labels: str | None = None, overrides: list[str] | None = None, probabilities: bool = False) -> None:  # fmt: skip
-    model = load_model(checkpoint, overrides=overrides)
+            labels: str | None = None, overrides: list[str] | None = None, probabilities: bool = False,
+            overwrite: bool = False, label_offset: int | None = None) -> None:  # fmt: skip
+    """Predict every image and volume in `paths` into `out`, which mirrors their folders; see OutputFolder."""
+    if topk < 1:
+        raise UserError(f"--topk {topk}: give 1 or more labels per image")
     images, volumes = collect_inputs(paths)
-    out = Path(out)
+    folder = OutputFolder(Path(out), inputs=[*images, *volumes], overwrite=overwrite)
+    model = load_model(checkpoint, overrides=overrides)
     if isinstance(model, Classifier):
         if volumes:
             raise UserError("a classification checkpoint cannot predict NIfTI volumes; pass images")
-        predict_classification(model, images, out, topk)
+        predict_classification(model, images, folder, topk)
         return
     if images:
-        predict_segmentation(model, images, out, mode)
+        predict_segmentation(model, images, folder, mode, label_offset)
     if volumes:
-        predict_volumes(model, volumes, out, Path(labels) if labels else None, probabilities)
+        predict_volumes(model, volumes, folder, Path(labels) if labels else None, probabilities)

@@ -50,6 +50,11 @@ def _classification(config: Config, mean: Stats, std: Stats) -> DataSplits:
             f"{data.root}: train and val class folders differ ({sorted(set(train.classes) ^ set(val.classes))}); "
             "both splits need the same class folders"
         )
+    for key, value in (("data.num_classes", data.num_classes), ("data.class_names", len(data.class_names or []) or None)):
+        if value is not None and value != len(train.classes):
+            raise UserError(
+                f"{key} says {value} classes but {data.root} has {len(train.classes)} class folders; fix or remove {key}"
+            )
     return DataSplits(train, val, data.class_names or train.class_names)
 
 

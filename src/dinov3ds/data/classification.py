@@ -60,6 +60,13 @@ class ImageFolderDataset(Dataset):
             )
         names = class_names or {}
         self.class_names = [names.get(name, name) for name in self.classes]
+        unnamed = [name for name in self.classes if class_names and name not in names]
+        if unnamed:
+            warnings.warn(
+                f"{folder}: class folders {', '.join(unnamed[:5])}{' ...' if len(unnamed) > 5 else ''} have no "
+                "name in the built-in table and keep their folder names; set data.class_names to name them",
+                DataWarning, stacklevel=2,
+            )  # fmt: skip
         self.transform = transform
         self.samples: list[tuple[Path, int]] = []
         for index, name in enumerate(self.classes):

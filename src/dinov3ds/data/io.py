@@ -60,14 +60,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+MAX_ASPECT = 32  # longer side / shorter side; scaling the shorter side to the model's size makes the other huge
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Load any supported image as an upright 8-bit RGB PIL image."""
+    """Load any supported image as an upright 8-bit RGB PIL image.
+
+    An image more than MAX_ASPECT times wider than high (or the reverse) is refused: its shorter side, scaled
+    to the model's input, would make the longer one run to hundreds of thousands of pixels (a 10000x1 image
+    scaled to 32 rows is 320,000 columns: minutes at 100 % CPU and growing memory, never a result).
+    """
     path = Path(path)
     image = _open(path)
     try:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"cannot read image {path}: bad EXIF data ({error}); remove or replace it") from error
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        raise UserError(
+            f"image {path} is {image.width}x{image.height}, more than {MAX_ASPECT} times longer than wide; crop it "
+            "into tiles or pad it before use"
+        )
     return _to_rgb(image)
 
 

@@ -100,6 +100,41 @@ def split_volumes(
     }
 
 
+def explicit_split(names: list[str], assigned: dict[str, list[str]], source: str) -> dict[str, list[str]]:
+    """Splits the user named (`val` / `test` lists of volume names, with or without .nii[.gz]); every other
+    volume is train. A name that is no volume, or is given twice, is an error naming it."""
+    split_of: dict[str, str] = {}
+    for split, wanted in assigned.items():
+        for raw in wanted:
+            name = volume_stem(Path(raw.strip()))
+            if name not in names:
+                raise UserError(f"{source}: {raw!r} is not one of the volumes ({', '.join(sorted(names)[:5])}...)")
+            if name in split_of:
+                raise UserError(f"{source}: {name!r} is listed for both {split_of[name]} and {split}; list it once")
+            split_of[name] = split
+    if len(split_of) == len(names):
+        raise UserError(f"{source}: every volume is in val or test; leave at least one for train")
+    return {split: sorted(n for n in names if split_of.get(n, "train") == split) for split in SPLITS}
+
+
+def read_split_csv(path: Path) -> dict[str, list[str]]:
+    """`name,split` rows (a header row is allowed), split one of train/val/test."""
+    assigned: dict[str, list[str]] = {"val": [], "test": []}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read split file {path}: {error}") from None
+    for number, line in enumerate(lines, start=1):
+        cells = [cell.strip() for cell in line.split(",")]
+        if not line.strip() or (number == 1 and cells[:2] == ["name", "split"]):
+            continue
+        if len(cells) != 2 or cells[1] not in SPLITS:
+            raise UserError(f"{path}, line {number}: expected 'name,split' with split train, val or test; got {line!r}")
+        if cells[1] != "train":
+            assigned[cells[1]].append(cells[0])
+    return assigned
+
+
 def label_ids(data: np.ndarray, label_map: dict[int, int] | None, source: Path) -> np.ndarray:
     """Integer label ids as uint8 (the annotation PNGs are 8-bit), after an optional remapping."""
     if np.issubdtype(data.dtype, np.floating):
@@ -139,13 +174,15 @@ def prepare_volumes(
     skip_empty: bool = False,
     seed: int = 0,
     label_map: dict[int, int] | None = None,
+    splits: dict[str, list[str]] | None = None,
 ) -> dict:
     """Slice NIfTI image/label pairs into a segmentation folder and record the split in `volumes.json`.
 
     Pairing: the label of `images_dir/<name>.nii[.gz]` is `labels_dir/<name>{,_seg,_label,_mask}.nii[.gz]`.
     Slice `i` along `axis` goes to `images/<split>/<name>/<name>_<i:04d>.png` (16-bit, per-volume min-max)
     and `annotations/<split>/<name>/<name>_<i:04d>.png` (8-bit label ids). `skip_empty` drops slices whose
-    label is all zero. Returns the summary written to `out_dir/volumes.json`.
+    label is all zero. `splits` ({"val": [...], "test": [...]}, names of volumes) replaces the seeded split.
+    Returns the summary written to `out_dir/volumes.json`.
     """
     images_dir, labels_dir, out_dir = Path(images_dir), Path(labels_dir), Path(out_dir)
     if axis not in (0, 1, 2):
@@ -153,13 +190,11 @@ def prepare_volumes(
     if any((out_dir / sub).exists() and any((out_dir / sub).iterdir()) for sub in ("images", "annotations")):
         raise UserError(f"{out_dir}: already holds prepared slices; choose a new out_dir or delete it first")
     pairs = pair_volumes(images_dir, labels_dir)
-    split_of_name = {
-        name: split
-        for split, names in split_volumes(
-            [volume_stem(p) for p, _ in pairs], val_fraction, test_fraction, seed
-        ).items()
-        for name in names
-    }
+    names = [volume_stem(p) for p, _ in pairs]
+    chosen = explicit_split(names, splits, "--val/--test/--splits") if splits else split_volumes(
+        names, val_fraction, test_fraction, seed
+    )  # fmt: skip
+    split_of_name = {name: split for split, members in chosen.items() for name in members}
     records = []
     for image_path, label_path in pairs:
         name = volume_stem(image_path)

@@ -6,6 +6,7 @@ the two paths hand the same integers to `preprocess_slice`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -47,7 +48,8 @@ def load_volume(path: Path, *, expect_3d: bool = True) -> nib.Nifti1Image:
     if not path.is_file():
         raise UserError(f"{path}: file not found; check the path")
     try:
-        image = nib.load(path)
+        image = nib.load(path)  # the header only; the data is read below, once its size is known to be sane
+        _check_declared_size(path, image)
         data = np.asanyarray(image.dataobj)
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError) as error:
         raise UserError(
@@ -68,6 +70,30 @@ def load_volume(path: Path, *, expect_3d: bool = True) -> nib.Nifti1Image:
                 f"{path}: contains {bad} NaN/Inf voxels; fix the scan or replace them (e.g. with 0) before use"
             )
     return type(image)(data, image.affine, image.header)
+
+
+def max_voxels() -> int:
+    """The largest volume read (voxels): DINOV3DS_MAX_VOXELS, default 2**31 (a 1024 x 1024 x 2048 scan)."""
+    return int(os.environ.get("DINOV3DS_MAX_VOXELS", 2**31))
+
+
+def _check_declared_size(path: Path, image: nib.Nifti1Image) -> None:
+    """Refuse a header that claims more data than the file can hold (uncompressed) or than the voxel limit
+    allows (compressed): a 2 KB file claiming 30000³ voxels must not allocate 100 GB."""
+    voxels = int(np.prod(image.shape, dtype=np.float64))
+    if voxels > max_voxels():
+        raise UserError(
+            f"{path}: its header declares {' x '.join(map(str, image.shape))} = {voxels:,} voxels, over the "
+            f"limit of {max_voxels():,}; check the file, or raise DINOV3DS_MAX_VOXELS if it is real"
+        )
+    if not path.name.lower().endswith(".gz"):
+        needed = int(image.header.get("vox_offset", 0)) + voxels * image.get_data_dtype().itemsize
+        size = path.stat().st_size
+        if size < needed:
+            raise UserError(
+                f"{path}: its header declares {' x '.join(map(str, image.shape))} voxels ({needed:,} bytes) but "
+                f"the file has {size:,} bytes; it is truncated or corrupt: export it again"
+            )
 
 
 def uint16_range(volume: np.ndarray, *, source: str = "volume") -> tuple[float, float]:
@@ -154,10 +180,8 @@ def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path, dtype: 
     if array.shape != tuple(reference.shape[:3]):
         raise ValueError(f"array shape {array.shape} does not match the reference volume {reference.shape}")
     header = reference.header.copy()
-    header.set_data_dtype(dtype)
-    header.set_slope_inter(1.0, 0.0)
+    header.set_data_dtype(dtype)  # nibabel then writes the values unscaled (slope 1, intercept 0)
     header["cal_min"], header["cal_max"] = 0, 0
-    klass = type(reference) if isinstance(reference, nib.Nifti1Image) else nib.Nifti1Image
-    image = klass(np.asarray(array, dtype=dtype), reference.affine, header)
+    image = type(reference)(np.asarray(array), reference.affine, header)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, path)

@@ -93,25 +93,36 @@ def read_checkpoint(path: str | Path, expected_task: str | None = None) -> HeadC
     meta = raw.get("dinov3ds") if isinstance(raw, dict) else None
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not a dinov3ds checkpoint (no 'dinov3ds' section); use a file from output_dir/checkpoints/")
-    version = int(meta.get("format_version", 0))
+    try:
+        version = int(meta.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise UserError(f"{path} has a format_version that is not a number; use a checkpoint as training wrote it") from None
     if version > FORMAT_VERSION:
         raise UserError(
             f"{path} has checkpoint format {version}, newer than this dinov3ds understands ({FORMAT_VERSION}); "
             "upgrade dinov3ds"
         )
-    if expected_task and meta["task"] != expected_task:
-        raise UserError(f"{path} is a {meta['task']} checkpoint, not {expected_task}; use the matching command or class")
-    head = {k[len(HEAD_PREFIX) :]: v for k, v in raw["state_dict"].items() if k.startswith(HEAD_PREFIX)}
-    return HeadCheckpoint(
-        task=meta["task"],
-        config=meta["config"],
-        class_names=list(meta["class_names"]),
-        num_classes=int(meta["num_classes"]),
-        backbone=dict(meta["backbone"]),
-        head_state_dict=head,
-        backbone_state_dict={k[len(BACKBONE_PREFIX) :]: v for k, v in raw["state_dict"].items() if k.startswith(BACKBONE_PREFIX)},
-        format_version=version,
-    )
+    if expected_task and meta.get("task") != expected_task:
+        raise UserError(f"{path} is a {meta.get('task')} checkpoint, not {expected_task}; use the matching command or class")
+    state = raw.get("state_dict")
+    try:
+        if not isinstance(state, dict) or not isinstance(meta["config"], dict):
+            raise TypeError("no state_dict" if not isinstance(state, dict) else "config is not a mapping")
+        return HeadCheckpoint(
+            task=meta["task"],
+            config=meta["config"],
+            class_names=[str(name) for name in meta["class_names"]],
+            num_classes=int(meta["num_classes"]),
+            backbone=dict(meta["backbone"]),
+            head_state_dict={k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)},
+            backbone_state_dict={k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)},
+            format_version=version,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(
+            f"{path} is an incomplete dinov3ds checkpoint ({type(error).__name__}: {error}); use a checkpoint as "
+            "training wrote it"
+        ) from None
 
 
 def resolve_backbone_weights(checkpoint: HeadCheckpoint, checkpoint_path: str | Path, recorded: str | None) -> str:

@@ -34,12 +34,33 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def labels_at_size(probabilities: Tensor, size: tuple[int, int]) -> Tensor:
-    """Class probabilities [B,K,h,w] → labels [B,H,W] at `size`: resized as probabilities (bilinear), then
-    argmax, so a label boundary falls where the interpolated scores cross, not on the coarse grid."""
-    if tuple(probabilities.shape[-2:]) != tuple(size):
-        probabilities = F.interpolate(probabilities.float(), size=size, mode="bilinear", align_corners=False)
-    return probabilities.argmax(dim=1)
+def labels_at_size(probabilities: Tensor, size: tuple[int, int], max_band_elements: int = 1 << 24) -> Tensor:
+    """Class probabilities [B,K,h,w] → labels [B,H,W] at `size`: resized as probabilities (bilinear,
+    align_corners=False), then argmax, so a label boundary falls where the interpolated scores cross.
+
+    The resize runs in bands of output rows holding at most `max_band_elements` values, so a 150-class map
+    for a 24-megapixel photo never exists whole (14 GB): memory is the small input, one band and the labels.
+    """
+    batch, classes, height, width = probabilities.shape
+    out_h, out_w = size
+    if (height, width) == (out_h, out_w):
+        return probabilities.argmax(dim=1)
+    probabilities = probabilities.float()
+    # PyTorch's bilinear source rows, computed as it does (float32): src = scale * (dst + 0.5) - 0.5, >= 0.
+    scale = torch.tensor(height / out_h, dtype=torch.float32)
+    source = (scale * (torch.arange(out_h, dtype=torch.float32) + 0.5) - 0.5).clamp(min=0)
+    top = source.long().clamp(max=height - 1)
+    bottom = (top + 1).clamp(max=height - 1)
+    weight = (source - top).to(probabilities.device).view(1, 1, -1, 1)
+    labels = torch.empty(batch, out_h, out_w, dtype=torch.long, device=probabilities.device)
+    rows = max(1, max_band_elements // (batch * classes * out_w))
+    for start in range(0, out_h, rows):
+        band = slice(start, start + rows)
+        w = weight[:, :, band]
+        mixed = probabilities[:, :, top[band]] * (1 - w) + probabilities[:, :, bottom[band]] * w
+        mixed = F.interpolate(mixed, size=(mixed.shape[2], out_w), mode="bilinear", align_corners=False)
+        labels[:, band] = mixed.argmax(dim=1)
+    return labels
 
 
 @torch.no_grad()

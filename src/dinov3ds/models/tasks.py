@@ -274,7 +274,20 @@ def checkpoint_config(checkpoint: HeadCheckpoint, path: str | Path, overrides: l
         for fixed in TRAINED_SETTINGS:
             if key == fixed or key.startswith(fixed + ".") or fixed.startswith(key + "."):
                 raise UserError(f"{path}: '{key}' is fixed by the trained head and cannot be overridden; train a new head instead")
-    return with_overrides(checkpoint.config, overrides, str(path))
+    config = with_overrides(checkpoint.config, overrides, str(path))
+    check_head_name(config, str(path))
+    return config
+
+
+def check_head_name(config: Config, source: str) -> None:
+    """The head a config names exists for its task (a checkpoint's config is checked as strictly as a file)."""
+    if config.task == "classification" and config.head.name != "linear":
+        raise UserError(f"{source}: head '{config.head.name}' is a segmentation head; classification uses head.name: linear")
+    if config.task == "segmentation":
+        try:
+            head_class(config.head.name)
+        except UserError as error:
+            raise UserError(f"{source}: {error}") from None
 
 
 def _restore(model_class, path: str | Path, device: str | torch.device, task: str, overrides: list[str] | None):
@@ -284,7 +297,15 @@ def _restore(model_class, path: str | Path, device: str | torch.device, task: st
     config.backbone.weights = resolve_backbone_weights(checkpoint, path, config.backbone.weights)
     backbone = backbone_from_config(config, device)
     model = model_class(backbone, checkpoint.num_classes, config, checkpoint.class_names)
-    model.head.load_state_dict(checkpoint.head_state_dict)
+    try:
+        model.head.load_state_dict(checkpoint.head_state_dict)
+    except RuntimeError as error:
+        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line or "Missing" in line
+                       or "Unexpected" in line), str(error).splitlines()[0])  # fmt: skip
+        raise UserError(
+            f"{path}: its head weights do not fit the head its own config describes ({detail[:200]}); the file "
+            "was damaged or edited: use the checkpoint as training wrote it"
+        ) from None
     load_finetuned_blocks(backbone, checkpoint.backbone_state_dict)
     return place_model(model, device).eval()
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
 from dinov3ds.config import Config
+from dinov3ds.errors import DataWarning
 from dinov3ds.models.checkpoints import atomic_torch_save
 from dinov3ds.models.weights import cache_dir
 
@@ -34,7 +38,7 @@ def _dataset_fingerprint(dataset: Dataset) -> list:
     return fingerprint
 
 
-def cache_key(model, dataset: Dataset, config: Config) -> str:
+def cache_key(model, dataset: Dataset) -> str:
     description = {
         "backbone": model.backbone.identity,
         "dtype": str(model.backbone.dtype),  # resolved: `auto` may mean either
@@ -58,14 +62,32 @@ def extract_features(model, dataset: Dataset, config: Config) -> tuple[torch.Ten
     return torch.cat(features), torch.cat(labels)
 
 
+def _read(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A cache entry's (features, labels), or None (with one warning) when it is truncated, corrupt or holds
+    anything but tensors: it is then rebuilt. `weights_only=True`: a planted pickle is refused, never run."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        features, labels = stored["features"], stored["labels"]
+        if isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor) and len(features) == len(labels):
+            return features, labels
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        pass
+    warnings.warn(f"feature cache entry {path} is unreadable or not features; computing it again", DataWarning, stacklevel=3)
+    return None
+
+
 def cached_features(model, dataset: Dataset, config: Config) -> TensorDataset:
     """Features for `dataset`, from the cache when the key matches, else computed and stored."""
-    path = cache_dir() / "features" / f"{cache_key(model, dataset, config)}.pt"
+    path = cache_dir() / "features" / f"{cache_key(model, dataset)}.pt"
     if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        logger.info("feature cache hit: %s", path)
-        return TensorDataset(stored["features"], stored["labels"])
-    features, labels = extract_features(model, dataset, config)
+        stored = _read(path)
+        if stored is not None:
+            logger.info("feature cache hit: %s", path)
+            return TensorDataset(*stored)
+    # The extraction's loader draws seeds from the global RNG; forked, so a run that fills the cache trains
+    # on the same shuffles as one that finds it full.
+    with torch.random.fork_rng(devices=[]):
+        features, labels = extract_features(model, dataset, config)
     atomic_torch_save({"features": features, "labels": labels}, path)
     logger.info("feature cache written: %s (%d samples)", path, len(labels))
     return TensorDataset(features, labels)

@@ -104,6 +104,9 @@ class TaskModule(L.LightningModule):
         self.monitor = self.task.monitor
         self.grid = self._build_grid(config, model)
         self.last_validation: dict = {}
+        self.validated_step = -1  # the global step of the last validation
+        self.best = {"score": None, "epoch": None, "step": None, "metrics": {}}  # the best validation so far
+        self.train_sampler = None  # set by the trainer: told where a resumed epoch starts
         self.shown_loss: float | None = None  # the loss read at the last logging interval
         self.register_buffer("nonfinite_loss", torch.zeros((), dtype=torch.bool), persistent=False)
 
@@ -124,9 +127,20 @@ class TaskModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_index: int) -> Tensor:
         inputs, target = batch
         if self.grid is not None:
-            loss = sum(self.criterion(logits, target) for logits in self.grid.logits(self._features(inputs)))
-        else:
-            loss = self.criterion(self(inputs), target)
+            losses = [self.criterion(logits, target) for logits in self.grid.logits(self._features(inputs))]
+            # Each head's gradient comes from its own loss (the heads share nothing), so the sum is what is
+            # minimised; the mean is what is shown, comparable with a single head's loss.
+            for lr, head_loss in zip(self.grid.learning_rates, losses):
+                self.log(f"train/loss_lr{lr:g}", head_loss, on_step=True, on_epoch=False)
+            loss_sum = torch.stack(losses).sum()
+            self._observe(loss_sum / len(losses), batch_index)
+            return loss_sum
+        loss = self.criterion(self(inputs), target)
+        self._observe(loss, batch_index)
+        return loss
+
+    def _observe(self, loss: Tensor, batch_index: int) -> None:
+        """Log the loss and check it is finite, reading it on the host only at logging intervals."""
         # Accumulate the check on the device and read it (and the loss shown in the progress bar) once per
         # logging interval: a per-step read is a host-device sync that stalls the GPU pipeline.
         self.nonfinite_loss |= ~torch.isfinite(loss.detach())
@@ -135,7 +149,6 @@ class TaskModule(L.LightningModule):
             self.shown_loss = float(loss.detach())
         # Not prog_bar=True: Lightning converts progress-bar metrics to Python numbers after every batch.
         self.log("train/loss", loss, on_step=True, on_epoch=False)
-        return loss
 
     def _stop_if_nonfinite(self) -> None:
         if bool(self.nonfinite_loss):
@@ -172,6 +185,19 @@ class TaskModule(L.LightningModule):
             if key in result and not (isinstance(result[key], float) and math.isnan(result[key])):
                 self.log(f"val/{key}", float(result[key]), prog_bar=key == self.task.reported[0])
         self.last_validation = result
+        self._remember(result)
+
+    def _remember(self, result: dict) -> None:
+        """Note this validation's step, and whether it is the best so far (as the `best` checkpoint decides)."""
+        self.validated_step = self.global_step
+        score = result.get(self.monitor.removeprefix("val/"))
+        if score is None or (isinstance(score, float) and math.isnan(score)):
+            return
+        score = float(score)
+        if self.best["score"] is None or score > self.best["score"]:
+            scalars = {f"val/{k}": float(v) for k, v in result.items()
+                       if isinstance(v, float) or (torch.is_tensor(v) and v.numel() == 1)}  # fmt: skip
+            self.best = {"score": score, "epoch": self.current_epoch, "step": self.global_step, "metrics": scalars}
 
     def configure_optimizers(self):
         optim = self.config.optim
@@ -226,6 +252,7 @@ class TaskModule(L.LightningModule):
             "backbone": self.model.backbone.identity,
         }
         checkpoint["rng_states"] = _rng_state()
+        checkpoint["best_validation"] = self.best
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Restored now, not in on_train_start: FitLoop.setup_data creates the resumed epoch's train-loader
@@ -234,3 +261,10 @@ class TaskModule(L.LightningModule):
         # uninterrupted one (tests/test_cli_classification.py: resume after SIGKILL).
         if checkpoint.get("rng_states") is not None:
             _set_rng_state(checkpoint["rng_states"])
+        if checkpoint.get("best_validation") is not None:
+            self.best = checkpoint["best_validation"]
+        # Lightning restarts a non-stateful loader at the start of the epoch; skip the batches already trained.
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        done = int(progress.get("current", {}).get("completed", 0))
+        if self.train_sampler is not None and done and not progress.get("is_last_batch", False):
+            self.train_sampler.resume_at(int(checkpoint["epoch"]), done * self.config.data.batch_size)

@@ -22,6 +22,13 @@ def _scalars(result: dict) -> dict:
     return {k: float(v) for k, v in result.items() if isinstance(v, float) or (torch.is_tensor(v) and v.numel() == 1)}
 
 
+def metric_files(task: str, prefix: str = "val") -> list[str]:
+    """The files `write_metrics` writes, so a command can claim them before it computes anything."""
+    per_class = [f"{prefix}_per_class_accuracy.csv", f"{prefix}_confusion_matrix.png"] if task == "classification" \
+        else [f"{prefix}_per_class_iou.csv"]  # fmt: skip
+    return [f"{prefix}_metrics.json", *per_class]
+
+
 def write_metrics(result: dict, class_names: list[str], task: str, output_dir: Path, prefix: str = "val") -> str:
     """Per-class table (printed and CSV) plus a JSON of the scalar metrics; returns the printed text."""
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ devices, precision, logging and resuming are Lightning's.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,27 +25,42 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinov3ds.config import Config, load_config, save_config
 from dinov3ds.data.build import DataSplits, build_datasets
+from dinov3ds.data.sampling import ResumableSampler, SeededSamples
 from dinov3ds.errors import UserError
-from dinov3ds.models.checkpoints import AtomicCheckpointIO, load_checkpoint_file
-from dinov3ds.models.tasks import Classifier, Segmenter, backbone_from_config, input_multiple, place_model
+from dinov3ds.models.checkpoints import AtomicCheckpointIO, load_checkpoint_file, read_checkpoint
+from dinov3ds.models.tasks import (
+    TRAINED_SETTINGS,
+    Classifier,
+    Segmenter,
+    backbone_from_config,
+    check_head_name,
+    input_multiple,
+    place_model,
+)
 from dinov3ds.training.feature_cache import cached_features
 from dinov3ds.training.interrupt import GracefulInterrupt
 from dinov3ds.training.module import TaskModule
+from dinov3ds.training.run_folder import MetricsHistory, claim_run_folder
 
 logger = logging.getLogger("dinov3ds")
 
 
 def _loader(dataset: Dataset, config: Config, *, batch_size: int, train: bool) -> DataLoader:
+    """Order, augmentation seeds and the ranks' shards come from a `ResumableSampler` (not Lightning's
+    DistributedSampler), so a resumed run, mid-epoch and with any number of workers, sees the same batches."""
     workers = config.data.num_workers
+    sampler = ResumableSampler(len(dataset), config.seed, shuffle=train, even=train)
     return DataLoader(
-        dataset,
+        SeededSamples(dataset),
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) > batch_size,  # a last batch of 1 breaks BatchNorm
+        sampler=sampler,
+        drop_last=train and len(sampler) > batch_size,  # a last batch of 1 breaks BatchNorm
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        # Persistent workers keep their RNG across epochs, which a resumed run cannot reproduce.
-        persistent_workers=workers > 0 and not config.trainer.deterministic,
+        persistent_workers=workers > 0,
+        # Its own generator: creating an iterator then draws no number from the global RNG (which the model's
+        # dropout uses), so a resumed run, which creates one more, stays in step with an uninterrupted one.
+        generator=torch.Generator().manual_seed(config.seed),
     )
 
 
@@ -55,15 +69,15 @@ class TrainResult:
     output_dir: Path
     best_checkpoint: Path | None
     last_checkpoint: Path | None
-    metrics: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # the last validation's
+    best: dict = field(default_factory=dict)  # score, epoch, step and metrics of the best validation
     is_global_zero: bool = True  # False on the other ranks of a distributed run
 
 
 def build_model(config: Config, class_names: list[str], backbone) -> Classifier | Segmenter:
     """The model for the config's task around an already loaded backbone."""
+    check_head_name(config, "config")
     model_class = Classifier if config.task == "classification" else Segmenter
-    if config.task == "classification" and config.head.name != "linear":
-        raise UserError(f"head '{config.head.name}' is a segmentation head; classification uses head.name: linear")
     return model_class(backbone, len(class_names), config, class_names)
 
 
@@ -111,6 +125,7 @@ def build_trainer(config: Config, output_dir: Path, monitor: str) -> L.Trainer:
         enable_progress_bar=section.progress_bar,
         sync_batchnorm=distributed,  # SyncBatchNorm only when there is more than one process
         num_sanity_val_steps=0,  # a sanity pass would consume RNG and break exact resume
+        use_distributed_sampler=False,  # ResumableSampler shards the data itself
         callbacks=[checkpoint, last, GracefulInterrupt(output_dir / "checkpoints" / "last.ckpt"),  # SIGINT/SIGTERM → last.ckpt
                    *([IntervalLossProgressBar()] if section.progress_bar else [])],
         logger=loggers,
@@ -120,19 +135,86 @@ def build_trainer(config: Config, output_dir: Path, monitor: str) -> L.Trainer:
     )
 
 
-def train(config: Config | str | Path, overrides: list[str] | None = None, *, resume: bool = False) -> TrainResult:
-    """Train a head as the config says; returns where the checkpoints and final metrics are."""
+# Settings a resumed run must share with the run it continues: they change what the head sees or is.
+RESUME_SETTINGS = (*TRAINED_SETTINGS, "data.dataset", "data.image_size", "data.eval_size", "data.medical")
+
+
+def train(config: Config | str | Path, overrides: list[str] | None = None, *, resume: bool | str | Path = False,
+          overwrite: bool = False) -> TrainResult:  # fmt: skip
+    """Train a head as the config says; returns where the checkpoints and final metrics are.
+
+    `resume`: True continues from output_dir/checkpoints/last.ckpt, a path from that checkpoint. An output_dir
+    that already holds a run is refused unless resuming it or `overwrite` (which removes that run's files).
+    """
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     output_dir = Path(config.output_dir)
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if resume and not last.is_file():
-        raise UserError(f"--resume: {last} does not exist; start without --resume")
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes
-        _check_writable(output_dir)
-        save_config(config, output_dir / "config.yaml")
+    checkpoint = _resume_checkpoint(config, output_dir, resume) if resume else None
+    if rank_zero_only.rank != 0:  # under DDP every rank runs this; rank 0 holds the folder and writes
+        return _fit(config, output_dir, checkpoint)
+    with claim_run_folder(output_dir, resume=checkpoint is not None, overwrite=overwrite):
+        try:
+            save_config(config, output_dir / "config.yaml")
+            return _fit(config, output_dir, checkpoint)
+        except OSError as error:  # a full disk or a folder gone read-only mid-run: loggers and reports write too
+            where = error.filename or output_dir
+            raise UserError(
+                f"writing {where} failed: {error.strerror or error}; free disk space (or fix the folder), then "
+                "continue with --resume: the checkpoints and metrics written before are kept"
+            ) from None
 
+
+def _resume_checkpoint(config: Config, output_dir: Path, resume: bool | str | Path) -> Path:
+    """The checkpoint to continue from, readable and made with the same settings, or a one-line refusal."""
+    folder = output_dir / "checkpoints"
+    path = folder / "last.ckpt" if resume is True else Path(resume)
+    if not path.is_file():
+        raise UserError(f"--resume: {path} does not exist; start without --resume")
+    try:
+        stored = read_checkpoint(path)
+    except UserError as error:
+        readable = [p for p in sorted(folder.glob("*.ckpt"), key=lambda p: -p.stat().st_mtime) if p != path and _readable(p)]
+        offer = f"; the newest readable checkpoint is {readable[0]}: --resume-from {readable[0]}" if readable else ""
+        raise UserError(f"{error}{offer}") from None
+    before, now = stored.config, config.model_dump(mode="json")
+    for key in RESUME_SETTINGS:
+        difference = _first_difference(_dotted(before, key), _dotted(now, key), key)
+        if difference:
+            changed, old, new = difference
+            raise UserError(
+                f"--resume: {changed} is {new!r} but the run in {path} was trained with {old!r}; use the same "
+                "value to continue it, or train into a new output_dir"
+            )
+    return path
+
+
+def _first_difference(old, new, key: str) -> tuple[str, object, object] | None:
+    """The first dotted key below `key` whose value differs (a section compared key by key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for name in dict.fromkeys([*old, *new]):
+            found = _first_difference(old.get(name), new.get(name), f"{key}.{name}")
+            if found:
+                return found
+        return None
+    return (key, old, new) if old != new else None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        read_checkpoint(path)
+    except UserError:
+        return False
+    return True
+
+
+def _dotted(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _fit(config: Config, output_dir: Path, checkpoint: Path | None) -> TrainResult:
+    L.seed_everything(config.seed, workers=True, verbose=False)
     device = training_device(config)
     backbone = backbone_from_config(config, device)
     splits = build_datasets(config, backbone.mean, backbone.std, input_multiple(config, backbone))
@@ -153,23 +235,39 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
     module = TaskModule(model, config, splits.class_names, from_features=from_features)
     eval_batch = config.data.eval_batch_size or (config.data.batch_size if config.task == "classification" else 1)
     trainer = build_trainer(config, output_dir, module.monitor)
-    history = _metrics_history(output_dir, last) if resume and rank_zero_only.rank == 0 else []
-    trainer.fit(
-        module,
-        _loader(splits.train, config, batch_size=config.data.batch_size, train=True),
-        _loader(splits.val, config, batch_size=eval_batch, train=False),
-        ckpt_path=str(last) if resume else None,
-        weights_only=True,
-    )
+    val_loader = _loader(splits.val, config, batch_size=eval_batch, train=False)
+    train_loader = _loader(splits.train, config, batch_size=config.data.batch_size, train=True)
+    module.train_sampler = train_loader.sampler
+    resumed_step = int(load_checkpoint_file(checkpoint).get("global_step", 0)) if checkpoint else None
+    history = MetricsHistory(output_dir, resumed_step) if trainer.is_global_zero else None
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(checkpoint) if checkpoint else None,
+                    weights_only=True)  # fmt: skip
+        if module.validated_step != trainer.global_step:
+            _validate_the_final_step(trainer, module, val_loader, output_dir / "checkpoints")
+    finally:
+        if history is not None:
+            history.merge_back()
+    last = output_dir / "checkpoints" / "last.ckpt"
     result = TrainResult(output_dir, _existing(output_dir / "checkpoints" / "best.ckpt"), _existing(last))
     result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    result.best = dict(module.best)
     result.is_global_zero = trainer.is_global_zero
     if trainer.is_global_zero:
-        _prepend_history(output_dir / "metrics.csv", history)
         from dinov3ds.training.reports import write_training_report
 
         write_training_report(module, splits, result)
     return result
+
+
+def _validate_the_final_step(trainer: L.Trainer, module: TaskModule, loader: DataLoader, folder: Path) -> None:
+    """A run whose last step fell between validations (max_steps before the first one, say) is validated and
+    checkpointed once more, so it always ends with metrics, a last.ckpt and a best.ckpt."""
+    logger.info("validating the final step %d", trainer.global_step)
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    trainer.save_checkpoint(folder / "last.ckpt")
+    if module.best["step"] == trainer.global_step:
+        trainer.save_checkpoint(folder / "best.ckpt")
 
 
 def training_device(config: Config) -> torch.device:
@@ -185,42 +283,5 @@ def training_device(config: Config) -> torch.device:
     return torch.device("cuda", devices[local_rank] if isinstance(devices, list) else local_rank)
 
 
-def _metrics_history(output_dir: Path, last: Path) -> list[dict]:
-    """Rows of metrics.csv up to the checkpoint being resumed (Lightning's CSVLogger starts a new file)."""
-    path = output_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    step = int(load_checkpoint_file(last).get("global_step", 0))
-    with open(path, newline="") as handle:
-        return [row for row in csv.DictReader(handle) if row.get("step") and int(row["step"]) <= step]
-
-
-def _prepend_history(path: Path, history: list[dict]) -> None:
-    """Put the rows from before a resume back in front of the resumed run's rows (written atomically)."""
-    if not history or not path.is_file():
-        return
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows, columns = list(reader), list(reader.fieldnames or [])
-    columns += [key for row in history for key in row if key not in columns]
-    columns = list(dict.fromkeys(columns))
-    temporary = path.with_suffix(".csv.tmp")
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(history + rows)
-    os.replace(temporary, path)
-
-
 def _existing(path: Path) -> Path | None:
     return path if path.is_file() else None
-
-
-def _check_writable(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"output_dir {output_dir} is not writable ({error.strerror}); choose another output_dir") from None
