@@ -174,8 +174,12 @@ class SegmentationEvalTransform:
     def __call__(
         self, image: Image.Image | np.ndarray, mask: np.ndarray | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        picture = v2.functional.to_image(image)
-        picture = F.resize(picture, list(self.output_size(*picture.shape[-2:])), antialias=True)
+        if isinstance(image, Image.Image):  # resized by PIL first: no full-size tensor copy of a huge photo
+            height, width = self.output_size(image.height, image.width)
+            picture = v2.functional.to_image(image.resize((width, height), Image.Resampling.BILINEAR))
+        else:
+            picture = v2.functional.to_image(image)
+            picture = F.resize(picture, list(self.output_size(*picture.shape[-2:])), antialias=True)
         picture = _plain(self.normalize(picture))
         labels = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.int64)
         return picture, labels

@@ -82,8 +82,8 @@ def _as_pil(image: ImageInput) -> Image.Image:
     if isinstance(image, (str, Path)):
         return load_image(image)
     if isinstance(image, np.ndarray):
-        return Image.fromarray(image.astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
+        return Image.fromarray(image.astype(np.uint8, copy=False)).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even when nothing changes
 
 
 class LinearClassificationHead(nn.Module):
