@@ -14,8 +14,15 @@ the timed steps (warm-up included, so gradients count): on CPU the peak RSS abov
 first step (`VmHWM` after resetting it through /proc/self/clear_refs); on GPU `torch.cuda.max_memory_allocated`
 above the allocation before the first step.
 
-Also printed: FAPM trainable parameters with 2 classes for vits16/vitb16/vitl16 taps against the Dino U-Net
-paper's ~5 / ~11 / ~18 M.
+Also printed:
+
+* trainable parameters with ViT-S / B / L taps for every head and variant, next to the reference code's
+  count where it has one (docs/heads.md says where each comes from);
+* mIoU on the synthetic task: each head (default widths) trained through `dinov3ds train` for the same
+  schedule on generated shapes (`make_segmentation_folder`, 32 train / 12 val images, 128 px) on a random
+  2-block ViT-S/16. Random features make it a test of what a head can learn on its own from weak taps, not
+  a ranking for pretrained backbones; it is the comparison the issue asked for (e.g. SegDINO paper vs
+  upstream). `--no-miou` skips it.
 
 Run from the repository root: `python benchmarks/heads.py` (512x512, batch 2, 2 timed iterations after one
 warm-up); `--quick` uses 256x256 (what fits 4 min on 2 shared CPU cores); `--size`, `--batch`, `--iters`.
@@ -36,7 +43,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).parent)]
 
-PAPER_FAPM_M = {"vits16": 5, "vitb16": 11, "vitl16": 18}
+# (label, head, options): every registered head with its defaults, plus each named variant.
+VARIANTS = [("segdino (upstream)", "segdino", {"variant": "upstream"})]
+# The reference code's trainable parameters for ViT-S / B / L taps (docs/heads.md), and the class count
+# they were given for.
+REFERENCE_COUNTS = {
+    "segdino": (1, {"S": 2_213_793}),
+    "segdino (upstream)": (1, {"S": 2_475_937}),
+    "unet": (1, {"S": 2_377_081, "B": 9_502_705, "L": 16_891_201}),
+    "fapm": (2, {"S": 6_194_948, "B": 13_182_020, "L": 19_969_988}),
+}
+WIDTHS = {"S": 384, "B": 768, "L": 1024}
 
 
 def sig(value: float, digits: int = 3) -> float:
@@ -51,7 +68,9 @@ def _proc_status(key: str) -> int:
     raise KeyError(key)
 
 
-def child(head: str, size: int, batch: int, iters: int, device_name: str, classes: int) -> dict:
+def child(
+    head: str, options: dict, size: int, batch: int, iters: int, device_name: str, classes: int
+) -> dict:
     """Runs in a fresh interpreter: one head, returns its numbers."""
     import logging
     import warnings
@@ -70,7 +89,7 @@ def child(head: str, size: int, batch: int, iters: int, device_name: str, classe
         "task": "segmentation",
         "backbone": {"name": "vits16", "weights": "random"},
         "data": {"dataset": "segmentation_folder", "image_size": size, "num_classes": classes},
-        "head": {"name": head},
+        "head": {"name": head, "options": options},
     })  # fmt: skip
     backbone = backbone_from_config(config, device)
     model = Segmenter(backbone, classes, config, [f"class_{i}" for i in range(classes)]).to(device)
@@ -143,22 +162,64 @@ def child(head: str, size: int, batch: int, iters: int, device_name: str, classe
     }
 
 
-def fapm_counts() -> list[dict]:
+def head_runs(names: list[str] | None) -> list[tuple[str, str, dict]]:
+    """(label, head, options) for the heads asked for (default: all) and their named variants."""
+    from dinov3ds.heads import HEADS
+
+    runs = [(name, name, {}) for name in HEADS] + VARIANTS
+    return [run for run in runs if names is None or run[0] in names or run[1] in names]
+
+
+def parameter_counts(runs: list[tuple[str, str, dict]]) -> list[dict]:
+    """Trainable parameters with four ViT-S / B / L taps, at the class count of the reference's numbers."""
     import logging
 
-    from dinov3ds.heads import HEADS, build_head
-    from dinov3ds.models.variants import get_spec
+    from dinov3ds.heads import build_head
 
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
-    if "fapm" not in HEADS:
-        return []
     rows = []
-    for name, paper in PAPER_FAPM_M.items():
-        spec = get_spec(name)
-        head = build_head("fapm", [spec.embed_dim] * 4, [16] * 4, 2)
-        rows.append({"backbone": name, "embed_dim": spec.embed_dim, "parameters": head.trainable_parameters(),
-                     "paper_m": paper})  # fmt: skip
+    for label, head, options in runs:
+        classes, reference = REFERENCE_COUNTS.get(label, (1, {}))
+        ours = {size: build_head(head, [width] * 4, [16] * 4, classes, **options).trainable_parameters()
+                for size, width in WIDTHS.items()}  # fmt: skip
+        rows.append({"head": label, "classes": classes, "ours": ours, "reference": reference})
     return rows
+
+
+def synthetic_miou(head: str, options: dict, epochs: int) -> dict:
+    """Runs in a fresh interpreter: `dinov3ds train` on generated shapes, returns the final val mIoU."""
+    import tempfile
+
+    from dinov3ds.cli import main as cli_main
+    from dinov3ds.data.synthetic import make_segmentation_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_segmentation_folder(Path(tmp) / "data", num_classes=3, train=32, val=12, size=(128, 128))
+        run = Path(tmp) / "run"
+        start = time.perf_counter()
+        code = cli_main([
+            "train", "task=segmentation", "backbone.weights=random", "backbone.overrides={depth: 2}",
+            f"head.name={head}", f"head.options={json.dumps(options)}", "data.dataset=segmentation_folder",
+            f"data.root={data}", "data.num_classes=3", "data.image_size=128", "data.scale_range=[1.0, 1.0]", "data.photometric=false",
+            "data.num_workers=0", "data.batch_size=4", "optim.lr=1e-3", f"trainer.max_epochs={epochs}",
+            f"trainer.check_val_every_n_epoch={epochs}", "trainer.accelerator=cpu", "trainer.devices=1",
+            "trainer.progress_bar=false", f"output_dir={run}",
+        ])  # fmt: skip
+        seconds = time.perf_counter() - start
+        if code:
+            raise RuntimeError(f"dinov3ds train exited {code}")
+        metrics = json.loads((run / "val_metrics.json").read_text())
+    return {"mIoU": metrics["mIoU"], "epochs": epochs, "train_s": seconds}
+
+
+def run_child(arguments: list[str]) -> dict:
+    """This script in a fresh interpreter (clean memory high-water mark, no state shared between heads)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=env)
+    if done.returncode:
+        print(done.stderr[-3000:], file=sys.stderr)
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -168,65 +229,90 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
     parser.add_argument("--classes", type=int, default=2)
-    parser.add_argument("--heads", nargs="+", help="default: every head in dinov3ds.heads.HEADS")
+    parser.add_argument(
+        "--heads", nargs="+", help="default: every head in dinov3ds.heads.HEADS and its variants"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--epochs", type=int, default=15, help="synthetic-task training epochs (8 steps each)"
+    )
+    parser.add_argument("--no-miou", action="store_true", help="skip the synthetic-task mIoU runs")
     parser.add_argument("--name", default="heads", help="results/<name>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--miou-child", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.size = args.size or (256 if args.quick else 512)
+    options = json.loads(args.options)
 
     if args.child:
-        print(json.dumps(child(args.child, args.size, args.batch, args.iters, args.device, args.classes)))
+        print(
+            json.dumps(
+                child(args.child, options, args.size, args.batch, args.iters, args.device, args.classes)
+            )
+        )
+        return
+    if args.miou_child:
+        print(json.dumps(synthetic_miou(args.miou_child, options, args.epochs)))
         return
 
     import torch
     from _common import markdown_table, write_result
 
-    from dinov3ds.heads import HEADS
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    heads = args.heads or list(HEADS)
+    runs = head_runs(args.heads)
     rows = []
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for head in heads:
-        print(f"{head} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, __file__, "--child", head, "--size", str(args.size), "--batch", str(args.batch),
-                   "--iters", str(args.iters), "--classes", str(args.classes), "--device", device]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode:
-            print(done.stderr[-3000:], file=sys.stderr)
-            rows.append({"head": head, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"})
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for label, head, head_options in runs:
+        print(f"{label} ...", file=sys.stderr, flush=True)
+        row = {"head": label, "options": head_options}
+        row.update(run_child(["--child", head, "--options", json.dumps(head_options), "--size", str(args.size),
+                              "--batch", str(args.batch), "--iters", str(args.iters), "--classes", str(args.classes),
+                              "--device", device]))  # fmt: skip
+        if not args.no_miou:
+            row["synthetic"] = run_child(["--miou-child", head, "--options", json.dumps(head_options),
+                                          "--epochs", str(args.epochs)])  # fmt: skip
+        row["head"] = label
+        rows.append(row)
+
+    def miou(row: dict) -> object:
+        synthetic = row.get("synthetic", {})
+        return round(synthetic["mIoU"], 3) if "mIoU" in synthetic else synthetic.get("error", "")
 
     table = [
         [r["head"], f"{r['trainable_parameters']:,}", sig(r["step_ms_per_image"]), sig(r["head_only_ms_per_image"]),
          sig(r["head_only_channels_last_ms_per_image"]),
-         sig(r["head_only_ms_per_image"] / r["head_only_channels_last_ms_per_image"]), sig(r["peak_memory_mib"])]
-        if "error" not in r else [r["head"], "error", r["error"], "", "", "", ""]
+         sig(r["head_only_ms_per_image"] / r["head_only_channels_last_ms_per_image"]), sig(r["peak_memory_mib"]),
+         miou(r)]
+        if "error" not in r else [r["head"], "error", r["error"], "", "", "", "", miou(r)]
         for r in rows
     ]  # fmt: skip
     mem = "peak GPU memory MiB" if device.startswith("cuda") else "peak RSS delta MiB"
     print(f"## Segmentation heads on vits16 (random, full depth), {args.size}x{args.size}, batch {args.batch}, "
-          f"{args.classes} classes, {device}, median of {args.iters} iterations\n")  # fmt: skip
+          f"{args.classes} classes, {device}, median of {args.iters} iterations; synthetic-task mIoU after "
+          f"{args.epochs} epochs\n")  # fmt: skip
     print(markdown_table(
         ["head", "trainable params", "step fwd+bwd ms/img", "head-only fwd+bwd ms/img",
-         "channels_last head-only ms/img", "channels_last speed-up", mem], table
+         "channels_last head-only ms/img", "channels_last speed-up", mem, "synthetic mIoU"], table
     ))  # fmt: skip
-    counts = fapm_counts()
-    if counts:
-        print("\n## FAPM (Dino U-Net) trainable parameters, 2 classes\n")
-        print(markdown_table(
-            ["backbone", "embed dim", "parameters (M)", "paper (M)"],
-            [[c["backbone"], c["embed_dim"], round(c["parameters"] / 1e6, 2), f"~{c['paper_m']}"] for c in counts],
-        ))  # fmt: skip
+    counts = parameter_counts(runs)
+    print(
+        "\n## Trainable parameters with four ViT taps (S / B / L: width 384 / 768 / 1024), ours vs reference\n"
+    )
+    print(markdown_table(
+        ["head", "classes", *(f"ViT-{size}" for size in WIDTHS), *(f"reference {size}" for size in WIDTHS)],
+        [[c["head"], c["classes"], *(f"{c['ours'][size]:,}" for size in WIDTHS),
+          *(f"{c['reference'][size]:,}" if size in c["reference"] else "" for size in WIDTHS)] for c in counts],
+    ))  # fmt: skip
     path = write_result(args.name, {
         "device": device,
         "settings": {"backbone": "vits16 random full depth", "size": args.size, "batch": args.batch,
                      "iters": args.iters, "classes": args.classes,
-                     "step": "backbone under no_grad + head forward + cross-entropy + backward (no optimizer)"},
+                     "step": "backbone under no_grad + head forward + cross-entropy + backward (no optimizer)",
+                     "synthetic": None if args.no_miou else
+                     f"dinov3ds train, random 2-block vits16, 3 classes, 32/12 images of 128 px, batch 4, "
+                     f"AdamW 1e-3, {args.epochs} epochs"},
         "heads": rows,
-        "fapm_parameters": counts,
+        "parameters": counts,
     })  # fmt: skip
     print(f"\nwrote {path}")
 

@@ -56,14 +56,18 @@ HEADS = {
                      "trainer.check_val_every_n_epoch=10"]),
     "segdino": (0.7, [*upscaled(192), "head.options={projection_channels: [32, 32, 32, 32], hidden_channels: 32}",
                       "data.batch_size=4", "optim.lr=3e-3", "trainer.max_epochs=20", "trainer.check_val_every_n_epoch=10"]),
-    "dpt": (0.7, [*upscaled(192), "head.options={features: 32, reassemble_channels: [16, 32, 64, 128]}",
+    # DPT as Meta builds it has no norm on the raw taps: on 16 images of a random 2-block ViT it learns slower.
+    "dpt": (0.6, [*upscaled(192), "head.options={features: 32, reassemble_channels: [16, 32, 64, 128]}",
                   "data.batch_size=4", "optim.lr=3e-3", "trainer.max_epochs=20", "trainer.check_val_every_n_epoch=10"]),
-    "unet": (0.7, ["head.options={base_channels: 32, image_channels: 8}", "data.batch_size=4", "optim.lr=1e-2",
-                   "trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5"]),
+    "unet": (0.7, ["data.batch_size=4", "optim.lr=3e-3", "trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5"]),
+    "unet_sum": (0.7, ["head.options={base_channels: 32, image_channels: 8}", "data.batch_size=4", "optim.lr=1e-2",
+                       "trainer.max_epochs=10", "trainer.check_val_every_n_epoch=5"]),
+    "unet_adapter": (0.7, ["head.options={decoder_channels: [32, 16, 16, 8], conv_channels: 16, num_heads: 4}",
+                           "data.batch_size=4", "optim.lr=3e-3", "trainer.max_epochs=20", "trainer.check_val_every_n_epoch=10"]),
     "fapm": (0.7, ["head.options={adapter_dim: 64, conv_channels: 16, rank: 32, num_heads: 4}", "data.batch_size=4",
                    "optim.lr=3e-3", "trainer.max_epochs=20", "trainer.check_val_every_n_epoch=10"]),
 }  # fmt: skip
-UNET = HEADS["unet"][1]
+UNET = HEADS["unet_sum"][1]
 
 
 def run_cli(*args: str, capsys: pytest.CaptureFixture) -> str:
@@ -159,7 +163,7 @@ def test_train_eval_predict_ade20k_layout_with_slide_inference(tmp_path, capsys)
                                     size=(SIZE, SIZE))  # fmt: skip
     run = tmp_path / "run"
     run_cli(
-        "train", *COMMON, *UNET, "head.name=unet", f"output_dir={run}", "data.dataset=ade20k",
+        "train", *COMMON, *UNET, "head.name=unet_sum", f"output_dir={run}", "data.dataset=ade20k",
         f"data.root={root.parent}", capsys=capsys,
     )  # fmt: skip
     # 150-class head; the metric averages over the classes present or predicted (IoU NaN where the union is 0).

@@ -207,15 +207,62 @@ def test_classification_eval_transform_resizes_to_size_over_crop_ratio_first():
 
 
 def test_photometric_jitter_runs_before_normalisation():
-    """Jitter works on [0, 1] pixels; after normalisation it would clamp away every negative value."""
-    torch.manual_seed(0)
-    image = Image.new("RGB", (32, 32), (0, 0, 0))
+    """The distortion works on 8-bit pixels: the transform's output is normalise(distort(image)), never a
+    distortion of normalised values (which would clip every negative one)."""
+    image = noise_image(32, 32, seed=3)
     transform = SegmentationTrainTransform(32, MEAN, STD, scale_range=(1.0, 1.0), hflip=False)
-    black = torch.tensor([-m / s for m, s in zip(MEAN, STD, strict=True)]).view(3, 1, 1)
-    for _ in range(5):
+    for seed in range(5):
+        torch.manual_seed(seed)
         out_image, _ = transform(image, np.zeros((32, 32), dtype=np.int64))
-        # Brightness, contrast and saturation scale black to black; hue leaves it black too.
-        torch.testing.assert_close(out_image, black.expand(3, 32, 32), rtol=0, atol=1e-5)
+        torch.manual_seed(seed)
+        _uniform_ratio = transforms_module._uniform(1.0, 1.0)  # the scale draw comes first
+        transforms_module._randint(0), transforms_module._randint(0)  # then the crop's two draws
+        distorted = transforms_module.PhotoMetricDistortion()(torchvision_v2.functional.to_image(image))
+        expected = torchvision_v2.functional.normalize(distorted.float() / 255, list(MEAN), list(STD))
+        torch.testing.assert_close(out_image, expected, rtol=0, atol=1e-5)
+
+
+def test_photometric_distortion_keeps_mmsegs_ranges_and_8_bits():
+    """Each step within mmseg's range: a flat grey image moves by at most ±32 brightness, ×0.5-1.5 contrast, and
+    stays on whole 8-bit levels; over many draws each step is sometimes applied and sometimes not."""
+    distortion = transforms_module.PhotoMetricDistortion()
+    grey = torch.full((3, 4, 4), 100, dtype=torch.uint8)
+    torch.manual_seed(0)
+    values = {int(distortion(grey)[0, 0, 0]) for _ in range(300)}
+    assert 100 in values and min(values) >= (100 - 32) * 0.5 - 1 and max(values) <= (100 + 32) * 1.5
+    assert len(values) > 50
+    colour = torch.tensor([200, 50, 50], dtype=torch.uint8).view(3, 1, 1).expand(3, 4, 4).contiguous()
+    outputs = [distortion(colour) for _ in range(100)]
+    assert all(out.dtype == torch.uint8 for out in outputs)
+    assert any(int(out[1, 0, 0]) != int(out[2, 0, 0]) for out in outputs)  # hue moved: G and B no longer equal
+
+
+def test_hsv_round_trip():
+    rgb = torch.randint(0, 256, (3, 8, 8)).float()
+    torch.testing.assert_close(transforms_module._hsv_to_rgb(transforms_module._rgb_to_hsv(rgb)), rgb, rtol=0, atol=1e-3)
+
+
+def test_crops_are_redrawn_while_one_class_dominates():
+    """mmseg's cat_max_ratio 0.75: a crop where one class covers 75 % or more is drawn again, up to 10 times.
+    Here 18 of 33 crop positions are such crops: drawn once, about half the crops are; redrawn, almost none
+    (only when 10 draws in a row miss, 0.55^10)."""
+    mask = np.zeros((64, 64), dtype=np.int64)
+    mask[:, 40:] = 1
+    image = Image.new("RGB", (64, 64))
+
+    def dominated_share(ratio: float) -> float:
+        transform = SegmentationTrainTransform(32, MEAN, STD, scale_range=(1.0, 1.0), base_size=64, photometric=False,
+                                               hflip=False, cat_max_ratio=ratio)  # fmt: skip
+        torch.manual_seed(0)
+        dominated = 0
+        for _ in range(200):
+            _, labels = transform(image, mask)
+            counts = torch.bincount(labels.flatten(), minlength=2).float()
+            dominated += bool(counts.max() / counts.sum() >= 0.75)
+        return dominated / 200
+
+    assert dominated_share(0.75) <= 0.05
+    assert dominated_share(1.0) >= 0.35
 
 
 def test_default_base_size_is_the_crops_shorter_side():
@@ -351,10 +398,9 @@ def test_scale_ratios_are_drawn_across_the_whole_range():
     assert 1.1 < sum(draws) / len(draws) < 1.4  # uniform: mean 1.25
 
 
-def test_photometric_distortion_is_on_by_default_with_mmseg_like_ranges():
-    jitter = SegmentationTrainTransform(32, MEAN, STD).jitter
-    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.75, 1.25), (0.5, 1.5), (0.5, 1.5), (-0.1, 0.1))
-    assert SegmentationTrainTransform(32, MEAN, STD, photometric=False).jitter is None
+def test_photometric_distortion_is_on_by_default():
+    assert isinstance(SegmentationTrainTransform(32, MEAN, STD).distortion, transforms_module.PhotoMetricDistortion)
+    assert SegmentationTrainTransform(32, MEAN, STD, photometric=False).distortion is None
 
 
 def test_eval_masks_come_back_as_int64_whatever_their_stored_type():

@@ -28,7 +28,7 @@ def checkpoints(tmp_path_factory):
     seg_root = make_segmentation_folder(folder / "seg", num_classes=3, train=4, val=2, size=(32, 32))
     classification = train(load_config(None, [*TINY, f"data.root={cls_root}", "data.augment=false",
                                               f"output_dir={folder / 'run_cls'}"]))  # fmt: skip
-    segmentation = train(load_config(None, [*TINY, "task=segmentation", f"data.root={seg_root}", "head.name=unet",
+    segmentation = train(load_config(None, [*TINY, "task=segmentation", f"data.root={seg_root}", "head.name=unet_sum",
                                             "head.options={base_channels: 32}", "data.class_names=[a,b,c]",
                                             "data.batch_size=2", f"output_dir={folder / 'run_seg'}"]))  # fmt: skip
     return {"classification": classification.last_checkpoint, "segmentation": segmentation.last_checkpoint}

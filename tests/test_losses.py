@@ -53,7 +53,7 @@ def test_combined_is_weighted_sum():
     logits, target = make_batch()
     ce = build_loss("ce", num_classes=4)(logits, target)
     dice = build_loss("dice", num_classes=4)(logits, target)
-    both = build_loss("ce+dice", num_classes=4, ce_weight=0.3, dice_weight=2.0)(logits, target)
+    both = build_loss("ce+dice", num_classes=4, weights={"ce": 0.3, "dice": 2.0})(logits, target)
     torch.testing.assert_close(both, 0.3 * ce + 2.0 * dice)
 
 
@@ -84,7 +84,7 @@ def test_dice_matches_direct_formula():
     torch.testing.assert_close(loss, 1 - torch.stack(scores).mean())
 
 
-@pytest.mark.parametrize("name", ["ce", "dice", "ce+dice"])
+@pytest.mark.parametrize("name", ["ce", "dice", "ce+dice", "focal", "lovasz", "focal+dice"])
 @pytest.mark.parametrize("num_classes", [1, 4])
 def test_ignored_pixels_do_not_count(name, num_classes):
     logits, target = make_batch(num_classes, seed=1)
@@ -96,14 +96,14 @@ def test_ignored_pixels_do_not_count(name, num_classes):
     assert criterion(logits, all_ignored).item() == 0
 
 
-@pytest.mark.parametrize("name", ["ce", "dice", "ce+dice"])
+@pytest.mark.parametrize("name", ["ce", "dice", "ce+dice", "focal", "lovasz", "focal+dice"])
 @pytest.mark.parametrize("num_classes", [1, 4])
 def test_gradients_reduce_loss(name, num_classes):
     logits, target = make_batch(num_classes, seed=2)
     logits.requires_grad_(True)
     criterion = build_loss(name, num_classes=num_classes)
     # Dice spreads its gradient over all pixels of a class, so it needs a larger step than per-pixel CE.
-    optimizer = torch.optim.SGD([logits], lr=50.0 if name == "dice" else 5.0)
+    optimizer = torch.optim.SGD([logits], lr=50.0 if name in ("dice", "lovasz") else 5.0)
     first = criterion(logits, target).item()
     for _ in range(20):
         optimizer.zero_grad()
@@ -125,8 +125,8 @@ def test_logits_to_labels_and_probabilities():
 
 
 def test_bad_names_and_weights():
-    with pytest.raises(UserError, match="ce, dice, ce\\+dice"):
-        build_loss("focal", num_classes=3)
+    with pytest.raises(UserError, match=r"unknown loss 'ce\+tversky'; join terms from ce, dice, focal, lovasz"):
+        build_loss("ce+tversky", num_classes=3)
     with pytest.raises(UserError, match="class_weights"):
         build_loss("ce", num_classes=3, class_weights=[1.0, 2.0])
 
@@ -209,3 +209,54 @@ def test_one_channel_dice_on_an_empty_target_still_penalises_foreground():
     target = torch.zeros(1, 2, 3, dtype=torch.long)
     expected = 1 - 1 / (torch.sigmoid(logits).sum() + 1)
     torch.testing.assert_close(build_loss("dice", num_classes=1)(logits, target), expected)
+
+
+def test_focal_loss_by_hand_and_over_valid_pixels_only():
+    logits = torch.tensor([[[[2.0, 0.5]], [[0.0, 0.5]], [[-1.0, 3.0]]]])  # [1, 3, 1, 2]
+    target = torch.tensor([[[0, IGNORE]]])
+    p = torch.softmax(torch.tensor([2.0, 0.0, -1.0]), 0)[0]
+    expected = (1 - p) ** 2 * -torch.log(p)  # one valid pixel: the mean is that pixel's value
+    torch.testing.assert_close(build_loss("focal", num_classes=3)(logits, target), expected)
+    gamma0 = build_loss("focal", num_classes=3, focal_gamma=0.0)(logits, target)
+    torch.testing.assert_close(gamma0, F.cross_entropy(logits, target, ignore_index=IGNORE))  # gamma 0 is CE
+
+
+def lovasz_by_definition(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The Lovász extension of the set function f(A) = 1 - |G \\ A| / |G ∪ A| (the Jaccard loss when the
+    pixels in A are wrong), evaluated at the errors |g - p|, from its definition; mean over present classes."""
+    losses = []
+    for cls in range(probabilities.shape[1]):
+        truth = labels == cls
+        if not truth.any():
+            continue
+        errors = (truth.float() - probabilities[:, cls]).abs()
+        order = sorted(range(len(errors)), key=lambda i: -float(errors[i]))
+
+        ground = {i for i in range(len(truth)) if truth[i]}
+
+        def jaccard_loss(wrong: set, ground: set = ground) -> float:
+            return 1 - len(ground - wrong) / len(ground | wrong)
+
+        total, wrong = 0.0, set()
+        for index in order:
+            before = jaccard_loss(wrong)
+            wrong.add(index)
+            total += float(errors[index]) * (jaccard_loss(wrong) - before)
+        losses.append(total)
+    return torch.tensor(sum(losses) / len(losses))
+
+
+def test_lovasz_softmax_equals_its_definition():
+    logits = torch.randn(1, 3, 2, 4, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([[[0, 0, 1, 1], [1, 0, IGNORE, 0]]])  # class 2 absent: left out of the mean
+    probabilities = logits.softmax(1).permute(0, 2, 3, 1).reshape(-1, 3)
+    keep = target.reshape(-1) != IGNORE
+    expected = lovasz_by_definition(probabilities[keep], target.reshape(-1)[keep])
+    torch.testing.assert_close(build_loss("lovasz", num_classes=3)(logits, target), expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_seeds_mri_recipe_is_ten_focal_plus_three_dice():
+    logits, target = make_batch(num_classes=2)
+    recipe = build_loss("focal+dice", num_classes=2, weights={"focal": 10.0, "dice": 3.0})(logits, target)
+    focal, dice = build_loss("focal", num_classes=2)(logits, target), build_loss("dice", num_classes=2)(logits, target)
+    torch.testing.assert_close(recipe, 10 * focal + 3 * dice)

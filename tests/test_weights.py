@@ -8,8 +8,18 @@ import json
 import pytest
 import torch
 
+from dinov3ds.errors import UserError
 from dinov3ds.models.weight_formats import describe
-from dinov3ds.models.weights import cache_dir, pickle_refusal_reason, sha256_of
+from dinov3ds.models.weights import (
+    WeightFile,
+    cache_dir,
+    load_state_dict_file,
+    pickle_refusal_reason,
+    sha256_of,
+    verify_hash,
+    weight_files,
+    weights_digest,
+)
 
 
 def test_cache_dir_is_the_environment_variable_or_the_users_cache(monkeypatch, tmp_path):
@@ -76,3 +86,71 @@ def test_inspect_names_files_that_hold_no_dinov3_backbone(keys):
 def test_pickle_refusal_reason_keeps_the_line_naming_the_global(message, reason):
     assert pickle_refusal_reason(RuntimeError(message)) == reason
 
+
+
+# --- folders: one file, a .bin, sharded safetensors ------------------------------------------------------
+
+
+def _tensors(prefix: str, count: int) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{i}.weight": torch.full((2, 3), float(i)) for i in range(count)}
+
+
+def test_a_sharded_folder_is_read_whole_and_hashed_over_its_shards(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    first, second = _tensors("blocks", 2), _tensors("head", 3)
+    save_file(first, folder / "model-00001-of-00002.safetensors")
+    save_file(second, folder / "model-00002-of-00002.safetensors")
+    weight_map = {name: "model-00001-of-00002.safetensors" for name in first}
+    weight_map |= {name: "model-00002-of-00002.safetensors" for name in second}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shards = [folder / "model-00001-of-00002.safetensors", folder / "model-00002-of-00002.safetensors"]
+
+    assert weight_files(folder) == shards
+    state = load_state_dict_file(folder)
+    assert sorted(state) == sorted(weight_map)
+    assert all(torch.equal(state[name], tensor) for name, tensor in (first | second).items())
+    joined = "".join(hashlib.sha256(shard.read_bytes()).hexdigest() for shard in shards)
+    assert weights_digest(folder) == hashlib.sha256(joined.encode()).hexdigest()
+
+
+def test_a_shard_named_by_the_index_but_missing_is_named(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(UserError, match="gone.safetensors is missing"):
+        load_state_dict_file(folder)
+
+
+def test_a_folder_with_a_pytorch_bin_is_read_without_running_pickles(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    tensors = _tensors("blocks", 2)
+    torch.save(tensors, folder / "pytorch_model.bin")
+    assert weight_files(folder) == [folder / "pytorch_model.bin"]
+    state = load_state_dict_file(folder)
+    assert sorted(state) == sorted(tensors) and all(torch.equal(state[k], v) for k, v in tensors.items())
+    assert weights_digest(folder) == hashlib.sha256((folder / "pytorch_model.bin").read_bytes()).hexdigest()
+
+
+def test_a_folder_prefers_safetensors_over_a_bin(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file(_tensors("a", 1), folder / "model.safetensors")
+    torch.save(_tensors("b", 1), folder / "pytorch_model.bin")
+    assert weight_files(folder) == [folder / "model.safetensors"]
+    assert sorted(load_state_dict_file(folder)) == ["a.0.weight"]
+
+
+def test_verify_hash_returns_the_path_and_its_digest(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "weights.pth"
+    torch.save(_tensors("a", 1), path)
+    found = verify_hash(path)
+    assert found == WeightFile(path, hashlib.sha256(path.read_bytes()).hexdigest())

@@ -83,7 +83,9 @@ class DataConfig(Section):
     eval_size: Side | None = None  # segmentation: shorter side at evaluation (None = as stored)
     base_size: Side | None = None  # segmentation: shorter side that scale_range multiplies (None = image_size)
     scale_range: tuple[Annotated[float, Field(gt=0, le=16)], Annotated[float, Field(gt=0, le=16)]] = (0.5, 2.0)  # segmentation random resize ratios
-    photometric: bool = True  # segmentation: colour jitter on training images
+    photometric: bool = True  # segmentation: mmseg's PhotoMetricDistortion on training images
+    # segmentation: re-draw a training crop while one class covers this share of it (ADE20K protocol 0.75)
+    cat_max_ratio: float = Field(1.0, gt=0, le=1)
     augment: bool = True  # False: eval transform for training too (enables the feature cache)
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 32  # per device
     eval_batch_size: Annotated[int, Field(ge=1, le=65536)] | None = None  # None = batch_size
@@ -117,9 +119,13 @@ class HeadConfig(Section):
 
 
 class LossConfig(Section):
-    name: Literal["ce", "dice", "ce+dice"] = "ce"  # segmentation loss; classification always uses ce
-    ce_weight: float = Field(1.0, ge=0)  # weight of cross-entropy in ce+dice
-    dice_weight: float = Field(1.0, ge=0)  # weight of Dice in ce+dice
+    # segmentation loss: ce, dice, focal, lovasz joined by "+" (e.g. ce+dice, focal+dice); classification uses ce
+    name: Annotated[str, Field(pattern=r"^(ce|dice|focal|lovasz)(\+(ce|dice|focal|lovasz))*$")] = "ce"
+    ce_weight: float = Field(1.0, ge=0)  # weight of the cross-entropy term
+    dice_weight: float = Field(1.0, ge=0)  # weight of the Dice term
+    focal_weight: float = Field(1.0, ge=0)  # weight of the focal term (the seed's MRI recipe: 10, with dice 3)
+    lovasz_weight: float = Field(1.0, ge=0)  # weight of the Lovász-Softmax term
+    focal_gamma: float = Field(2.0, ge=0)  # the focal term's focusing exponent
     class_weights: list[Annotated[float, Field(ge=0)]] | None = None  # per-class cross-entropy weights
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # classification only
 

@@ -29,9 +29,9 @@ class PlantedBug:
 
 BUGS = [
     PlantedBug("jitter-after-normalise", "data/transforms.py",
-               "            picture = self.jitter(picture)\n        picture = self.normalize(picture)\n",
-               "            pass\n        picture = self.normalize(picture)\n        if self.jitter is not None:\n"
-               "            picture = self.jitter(picture)\n",
+               "            picture = self.distortion(picture)\n        picture = self.normalize(picture)\n",
+               "            pass\n        picture = self.normalize(picture)\n        if self.distortion is not None:\n"
+               "            picture = self.distortion(picture)\n",
                ("tests/test_data.py::test_photometric_jitter_runs_before_normalisation",)),
     PlantedBug("cache-key-without-size", "training/feature_cache.py", "stat.st_size, stat.st_mtime_ns", "stat.st_mtime_ns",
                ("tests/test_feature_cache.py::test_edited_image_with_restored_mtime_is_recomputed_by_its_size",)),
@@ -58,7 +58,7 @@ BUGS = [
                "base_size if base_size is not None else min(self.crop_size)",
                "base_size if base_size is not None else max(self.crop_size)",
                ("tests/test_data.py::test_default_base_size_is_the_crops_shorter_side",)),
-    PlantedBug("segdino-fuse-at-last-tap", "heads/segdino.py", "size = features[0].shape[-2:]",
+    PlantedBug("segdino-fuse-at-last-tap", "heads/segdino.py", "size = first.shape[-2:]",
                "size = features[-1].shape[-2:]", ("tests/test_heads.py::test_segdino_fuses_at_the_first_taps_resolution",)),
     PlantedBug("segdino-align-corners", "heads/segdino.py",
                'F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)',

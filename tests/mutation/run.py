@@ -37,7 +37,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "feature_cache": ("training/feature_cache.py", ["tests/test_feature_cache.py"]),
     "transforms": ("data/transforms.py", ["tests/test_data.py"]),
     "losses": ("training/losses.py", ["tests/test_losses.py"]),
-    "heads": ("heads/*.py", ["tests/test_heads.py", "tests/test_fapm.py"]),
+    "heads": ("heads/*.py", ["tests/test_heads.py", "tests/test_head_references.py", "tests/test_fapm.py"]),
     "volumes": ("data/volumes.py", ["tests/test_volumes.py", "tests/test_medical.py"]),
 }
 

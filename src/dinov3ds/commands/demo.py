@@ -71,7 +71,7 @@ def run_demo(out: Path, backbone: str = "vits16", quick: bool = False) -> None:
         data / "segmentation", num_classes=4, train=16 if quick else 32, val=4 if quick else 8, size=(size, size)
     )
     segmentation = train(load_config(None, [
-        *common, "task=segmentation", f"data.root={segmentation_root}", "head.name=unet",
+        *common, "task=segmentation", f"data.root={segmentation_root}", "head.name=unet_sum",
         "data.class_names=[background,circle,rectangle,triangle]", "loss.name=ce+dice", "data.batch_size=8",
         f"trainer.max_epochs={15 if quick else 25}", "optim.lr=0.003", "optim.weight_decay=0.0001",
         "data.scale_range=[0.75,1.5]", f"output_dir={out / 'segmentation'}",

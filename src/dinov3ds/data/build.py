@@ -99,6 +99,7 @@ def _segmentation_split(config: Config, split: str, mean: Stats, std: Stats, inp
             base_size=data.base_size,
             ignore_index=data.ignore_index,
             photometric=data.photometric and data.augment,
+            cat_max_ratio=data.cat_max_ratio if data.augment else 1.0,
             hflip=data.augment,
         )
     else:

@@ -75,6 +75,81 @@ def _randint(high_inclusive: int) -> int:
     return int(torch.randint(0, high_inclusive + 1, ()).item())
 
 
+def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """[3,H,W] RGB in 0-255 → H in [0, 1), S in [0, 1], V in 0-255 (the HSV OpenCV uses, H rescaled)."""
+    maximum, _ = rgb.max(dim=0)
+    minimum, _ = rgb.min(dim=0)
+    delta = maximum - minimum
+    r, g, b = rgb
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.where(maximum == r, ((g - b) / safe) % 6, torch.where(maximum == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    saturation = torch.where(maximum > 0, delta / torch.where(maximum > 0, maximum, torch.ones_like(maximum)), torch.zeros_like(maximum))
+    return torch.stack([hue, saturation, maximum])
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    hue, saturation, value = hsv
+    sector = hue * 6
+    index = sector.floor() % 6
+    fraction = sector - sector.floor()
+    p, q, t = value * (1 - saturation), value * (1 - saturation * fraction), value * (1 - saturation * (1 - fraction))
+    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
+    channels = []
+    for channel in range(3):
+        out = torch.zeros_like(value)
+        for k, choice in enumerate(choices):
+            out = torch.where(index == k, choice[channel], out)
+        channels.append(out)
+    return torch.stack(channels)
+
+
+class PhotoMetricDistortion:
+    """mmsegmentation's PhotoMetricDistortion, the ADE20K protocol's colour augmentation, on [3,H,W] uint8-range
+    images: each step with probability 1/2 and the image rounded down to 8 bits after it, as mmseg does:
+    brightness + U(-32, 32), contrast × U(0.5, 1.5) (before or after the HSV steps, at random), saturation ×
+    U(0.5, 1.5) and hue + U(-18, 18) of 180 in HSV."""
+
+    def __call__(self, picture: torch.Tensor) -> torch.Tensor:
+        def keep_8_bits(image: torch.Tensor) -> torch.Tensor:
+            return image.clamp(0, 255).floor()
+
+        image = picture.float()
+        if _randint(1):
+            image = keep_8_bits(image + _uniform(-32, 32))
+        contrast_first = bool(_randint(1))
+        if contrast_first and _randint(1):
+            image = keep_8_bits(image * _uniform(0.5, 1.5))
+        if _randint(1):
+            hsv = _rgb_to_hsv(image)
+            hsv[1] = (hsv[1] * _uniform(0.5, 1.5)).clamp(0, 1)
+            image = keep_8_bits(_hsv_to_rgb(hsv))
+        if _randint(1):
+            hsv = _rgb_to_hsv(image)
+            hsv[0] = (hsv[0] + (_randint(36) - 18) / 180) % 1
+            image = keep_8_bits(_hsv_to_rgb(hsv))
+        if not contrast_first and _randint(1):
+            image = keep_8_bits(image * _uniform(0.5, 1.5))
+        return image.to(torch.uint8)
+
+
+def _crop_box(labels: torch.Tensor, crop: tuple[int, int], cat_max_ratio: float, ignore_index: int) -> tuple[int, int]:
+    """mmseg's RandomCrop: up to 10 draws until no class covers `cat_max_ratio` or more of the crop's labelled
+    pixels (and at least two classes are in it); the last draw otherwise."""
+    height, width = labels.shape[-2:]
+    crop_h, crop_w = crop
+    for _ in range(10 if cat_max_ratio < 1 else 1):
+        top, left = _randint(max(height - crop_h, 0)), _randint(max(width - crop_w, 0))
+        if cat_max_ratio >= 1:
+            break
+        window = labels[..., top : top + crop_h, left : left + crop_w]
+        counts = torch.bincount(window[window != ignore_index].flatten().long())
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return top, left
+
+
 class SegmentationTrainTransform:
     """mmseg-style segmentation training augmentation for an (image, mask) pair.
 
@@ -90,8 +165,10 @@ class SegmentationTrainTransform:
         base_size: shorter side before the ratio; defaults to the crop's shorter side (ADE20K's mmseg scale
             (2048, 512) with crop 512 is base_size=512).
         ignore_index: label of padded pixels.
-        photometric: brightness/contrast/saturation/hue jitter on the image.
+        photometric: mmseg's PhotoMetricDistortion on the image (8-bit, before normalisation).
         hflip: random horizontal flip.
+        cat_max_ratio: re-draw a crop (up to 10 times) while one class covers this share of it or more
+            (mmseg's RandomCrop; the ADE20K protocol uses 0.75; 1 draws once).
     """
 
     def __init__(
@@ -105,17 +182,15 @@ class SegmentationTrainTransform:
         ignore_index: int = 255,
         photometric: bool = True,
         hflip: bool = True,
+        cat_max_ratio: float = 1.0,
     ) -> None:
         self.crop_size = _pair(crop_size)
         self.base_size = base_size if base_size is not None else min(self.crop_size)
         self.scale_range = scale_range
         self.ignore_index = ignore_index
         self.hflip = hflip
-        # Ranges close to mmseg's PhotoMetricDistortion (brightness +-32/255, contrast and saturation
-        # 0.5-1.5, hue +-18 of OpenCV's 180).
-        self.jitter = (
-            v2.ColorJitter(brightness=0.25, contrast=0.5, saturation=0.5, hue=0.1) if photometric else None
-        )
+        self.cat_max_ratio = cat_max_ratio
+        self.distortion = PhotoMetricDistortion() if photometric else None
         self.normalize = v2.Compose(_to_float(mean, std))
 
     def __call__(
@@ -133,14 +208,14 @@ class SegmentationTrainTransform:
 
         crop_h, crop_w = self.crop_size
         height, width = new_size
-        top, left = _randint(max(height - crop_h, 0)), _randint(max(width - crop_w, 0))
+        top, left = _crop_box(labels, self.crop_size, self.cat_max_ratio, self.ignore_index)
         picture = F.crop(picture, top, left, min(crop_h, height), min(crop_w, width))
         labels = F.crop(labels, top, left, min(crop_h, height), min(crop_w, width))
 
         if self.hflip and torch.rand(()).item() < 0.5:
             picture, labels = F.horizontal_flip(picture), F.horizontal_flip(labels)
-        if self.jitter is not None:
-            picture = self.jitter(picture)
+        if self.distortion is not None:
+            picture = self.distortion(picture)
         picture = self.normalize(picture)
 
         pad = [0, 0, crop_w - picture.shape[-1], crop_h - picture.shape[-2]]

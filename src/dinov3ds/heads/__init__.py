@@ -14,12 +14,16 @@ from dinov3ds.heads.fapm import FAPMHead
 from dinov3ds.heads.linear import LinearHead
 from dinov3ds.heads.segdino import SegDINOHead
 from dinov3ds.heads.unet import UNetHead
+from dinov3ds.heads.unet_adapter import AdapterUNetHead
+from dinov3ds.heads.unet_sum import SumUNetHead
 
 HEADS: dict[str, type[SegmentationHead]] = {
     "linear": LinearHead,
     "segdino": SegDINOHead,
     "dpt": DPTHead,
     "unet": UNetHead,
+    "unet_sum": SumUNetHead,
+    "unet_adapter": AdapterUNetHead,
     "fapm": FAPMHead,
 }
 

@@ -12,10 +12,12 @@ from dinov3ds.heads.base import SegmentationHead
 
 class SegDINOHead(SegmentationHead):
     """Per tap a 1×1 conv (bias) then a 3×3 conv (no bias) to `hidden_channels`; all resized to the first
-    tap's size, concatenated, 1×1 conv to classes, bilinear up to the image.
+    tap's size, concatenated, 1×1 conv to classes, bilinear up to the image (script-Yang/segdino `dpt.py`).
 
-    No normalisation and no activation, as in the paper: the taps arrive LayerNorm-ed, and leaving out a
-    tap BatchNorm keeps the paper's exact parameter count (ViT-S, 1 class: 2,213,793).
+    No normalisation and no activation, as in the paper: the taps arrive LayerNorm-ed (ViT-S, 1 class:
+    2,213,793 parameters). `variant: upstream` is the repository since e383124 ("Fix scale-related bug"): the
+    first tap goes through a ×4 transposed conv (no bias) and the taps are fused at stride 4 (2,475,937).
+    The paper's version is the default: it is the one the paper's numbers were measured with.
     """
 
     def __init__(
@@ -26,6 +28,7 @@ class SegDINOHead(SegmentationHead):
         *,
         projection_channels: Sequence[int] = (96, 192, 384, 768),
         hidden_channels: int = 128,
+        variant: str = "paper",
     ) -> None:
         super().__init__(in_channels, strides, num_classes)
         if len(projection_channels) != len(in_channels):
@@ -40,13 +43,18 @@ class SegDINOHead(SegmentationHead):
             )
             for channels, width in zip(in_channels, projection_channels, strict=True)
         )
+        if variant not in ("paper", "upstream"):
+            raise UserError(f"segdino option variant={variant!r}: use paper (the default) or upstream")
+        self.first_up = (nn.ConvTranspose2d(hidden_channels, hidden_channels, 4, stride=4, bias=False)
+                         if variant == "upstream" else nn.Identity())  # fmt: skip
         self.classifier = nn.Conv2d(hidden_channels * len(in_channels), num_classes, kernel_size=1)
 
     def forward(self, features: list[Tensor], image: Tensor) -> Tensor:
-        size = features[0].shape[-2:]
-        maps = [
+        first = self.first_up(self.branches[0](features[0]))
+        size = first.shape[-2:]
+        maps = [first] + [
             F.interpolate(branch(feature), size=size, mode="bilinear", align_corners=False)
-            for branch, feature in zip(self.branches, features, strict=True)
+            for branch, feature in zip(self.branches[1:], features[1:], strict=True)
         ]
         logits = self.classifier(torch.cat(maps, dim=1))
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)

@@ -87,7 +87,11 @@ def _as_pil(image: ImageInput) -> Image.Image:
 
 
 class LinearClassificationHead(nn.Module):
-    """Optional BatchNorm (no affine, as in DINOv3's linear evaluation) then one linear layer."""
+    """One linear layer, initialised as in DINOv3's linear evaluation (weights N(0, 0.01), bias 0).
+
+    `batchnorm` adds a BatchNorm without affine in front: an option of ours (Meta's evaluation has none) that
+    helps a single learning rate cope with features of very different scales.
+    """
 
     def __init__(self, in_features: int, num_classes: int, batchnorm: bool = False):
         super().__init__()
@@ -128,21 +132,26 @@ class Classifier(_TaskModel):
         super().__init__(backbone, config, class_names)
         head = config.head
         self.pooling = head.pooling
+        if head.pooling == "avg" and head.last_blocks > 1:
+            raise UserError("head.last_blocks counts CLS tokens; with head.pooling: avg (patch mean of the last "
+                            "block) set last_blocks: 1, or use pooling cls+avg")  # fmt: skip
+        if head.last_blocks > backbone.depth:
+            raise UserError(f"head.last_blocks={head.last_blocks} but {backbone.spec.name} has {backbone.depth} blocks")
         self.layers = list(range(backbone.depth - head.last_blocks, backbone.depth))
-        per_block = backbone.feature_channels(self.layers)[0] * (2 if head.pooling == "cls+avg" else 1)
-        self.feature_dim = per_block * head.last_blocks
+        width = backbone.feature_channels(self.layers)[-1]
+        cls_parts = head.last_blocks if head.pooling in ("cls", "cls+avg") else 0
+        self.feature_dim = width * (cls_parts + (1 if head.pooling in ("avg", "cls+avg") else 0))
         self.head = LinearClassificationHead(self.feature_dim, num_classes, head.batchnorm)
 
     def features(self, images: Tensor) -> Tensor:
-        """The vector the linear head sees (also what the feature cache stores)."""
+        """The vector the linear head sees (also what the feature cache stores): as DINOv3's linear evaluation
+        builds it, the CLS tokens of the last `last_blocks` blocks, then the patch mean of the last block only
+        (registers excluded); cls+avg over the last 4 blocks is 5 x the width."""
         with _frozen_context(self.backbone):
             taps = self.backbone.get_intermediate_layers(images, self.layers, norm=True)
-            parts = []
-            for patches, cls in taps:
-                if self.pooling in ("cls", "cls+avg"):
-                    parts.append(cls)
-                if self.pooling in ("avg", "cls+avg"):
-                    parts.append(patches.mean(dim=(-2, -1)))  # registers are not patches: excluded
+            parts = [cls for _, cls in taps] if self.pooling in ("cls", "cls+avg") else []
+            if self.pooling in ("avg", "cls+avg"):
+                parts.append(taps[-1][0].mean(dim=(-2, -1)))
             return torch.cat(parts, dim=1).float()
 
     def forward(self, images: Tensor) -> Tensor:

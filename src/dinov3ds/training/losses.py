@@ -11,7 +11,7 @@ from torch import nn
 
 from dinov3ds.errors import UserError
 
-LOSS_NAMES = ("ce", "dice", "ce+dice")
+TERMS = ("ce", "dice", "focal", "lovasz")  # a loss name joins some of these with "+", e.g. focal+dice
 
 
 def logits_to_labels(logits: torch.Tensor) -> torch.Tensor:
@@ -103,6 +103,65 @@ class DiceLoss(nn.Module):
         return 1 - dice[present].mean()
 
 
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al., arXiv 1708.02002): (1 - p_t)^gamma · CE per pixel, mean over non-ignored pixels.
+
+    The seed's `FocalLoss` averages over every pixel, ignored ones counting 0; here the mean is over the pixels
+    that count, like cross-entropy. One channel: the binary form, p_t from the sigmoid."""
+
+    def __init__(self, ignore_index: int = 255, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.ignore_index, self.gamma = ignore_index, gamma
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _check_shapes(logits, target)
+        logits = logits.float()
+        valid = target != self.ignore_index
+        safe_target = torch.where(valid, target, 0)
+        if logits.shape[1] == 1:
+            ce = F.binary_cross_entropy_with_logits(logits[:, 0], safe_target.float(), reduction="none")
+        else:
+            ce = F.cross_entropy(logits, safe_target, reduction="none")
+        focal = (1 - torch.exp(-ce)) ** self.gamma * ce
+        return (focal * valid).sum() / valid.sum().clamp(min=1)
+
+
+def lovasz_gradient(sorted_truth: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovász extension of the Jaccard loss w.r.t. errors sorted in decreasing order."""
+    total = sorted_truth.sum()
+    intersection = total - sorted_truth.cumsum(0)
+    union = total + (1 - sorted_truth).cumsum(0)
+    jaccard = 1 - intersection / union
+    if len(jaccard) > 1:
+        jaccard[1:] = jaccard[1:] - jaccard[:-1]
+    return jaccard
+
+
+class LovaszSoftmaxLoss(nn.Module):
+    """Lovász-Softmax (Berman et al., arXiv 1705.08790): the convex surrogate of 1 - IoU per class, averaged over
+    the classes present in the batch's labels (the seed's `classes='present'`), ignored pixels left out."""
+
+    def __init__(self, ignore_index: int = 255) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _check_shapes(logits, target)
+        probabilities = logits_to_probabilities(logits.float()).permute(0, 2, 3, 1).reshape(-1, max(logits.shape[1], 2))
+        labels = target.reshape(-1)
+        keep = labels != self.ignore_index
+        probabilities, labels = probabilities[keep], labels[keep]
+        losses = []
+        for cls in range(probabilities.shape[1]):
+            truth = (labels == cls).float()
+            if not truth.any():
+                continue
+            errors = (truth - probabilities[:, cls]).abs()
+            errors, order = errors.sort(descending=True)
+            losses.append(errors @ lovasz_gradient(truth[order]))
+        return torch.stack(losses).mean() if losses else (logits * 0).sum()
+
+
 class WeightedSum(nn.Module):
     """Σ weight · loss over named terms; the terms stay visible as submodules for logging."""
 
@@ -120,32 +179,38 @@ def build_loss(
     *,
     num_classes: int,
     ignore_index: int = 255,
-    ce_weight: float = 1.0,
-    dice_weight: float = 1.0,
+    weights: dict[str, float] | None = None,
     class_weights: list[float] | None = None,
+    focal_gamma: float = 2.0,
 ) -> nn.Module:
-    """Build a segmentation loss by name: `ce`, `dice` or `ce+dice`.
+    """Build a segmentation loss from its name: terms of TERMS joined by "+" (`ce`, `ce+dice`, `focal+dice`,
+    `ce+lovasz`, ...), each multiplied by `weights[term]` (default 1; the seed's MRI recipe is focal+dice with
+    focal 10, dice 3).
 
     Args:
-        name: one of LOSS_NAMES.
         num_classes: classes in the labels; a binary task (1 or 2) may use a single-channel head.
         ignore_index: label value that contributes nothing.
-        ce_weight, dice_weight: multiply their term (also when it is the only term).
-        class_weights: per-class cross-entropy weights, one per class (2 for a binary task); Dice is unweighted.
+        class_weights: per-class cross-entropy weights, one per class (2 for a binary task); the other terms
+            are unweighted.
+        focal_gamma: the focal term's focusing exponent.
     """
-    if name not in LOSS_NAMES:
-        raise UserError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
-    weights = None
+    terms = name.split("+")
+    unknown = [term for term in terms if term not in TERMS]
+    if unknown or len(set(terms)) != len(terms) or not name:
+        raise UserError(f"unknown loss {name!r}; join terms from {', '.join(TERMS)} with '+', e.g. ce+dice")
+    class_weight_tensor = None
     if class_weights is not None:
         expected = max(num_classes, 2)
         if len(class_weights) != expected:
             raise UserError(
                 f"class_weights has {len(class_weights)} entries but there are {expected} classes; give one per class"
             )
-        weights = torch.tensor(class_weights, dtype=torch.float32)
-    terms = {}
-    if "ce" in name.split("+"):
-        terms["ce"] = (ce_weight, CrossEntropyLoss(ignore_index, weights))
-    if "dice" in name.split("+"):
-        terms["dice"] = (dice_weight, DiceLoss(ignore_index))
-    return WeightedSum(terms)
+        class_weight_tensor = torch.tensor(class_weights, dtype=torch.float32)
+    modules = {
+        "ce": lambda: CrossEntropyLoss(ignore_index, class_weight_tensor),
+        "dice": lambda: DiceLoss(ignore_index),
+        "focal": lambda: FocalLoss(ignore_index, focal_gamma),
+        "lovasz": lambda: LovaszSoftmaxLoss(ignore_index),
+    }
+    weights = weights or {}
+    return WeightedSum({term: (weights.get(term, 1.0), modules[term]()) for term in terms})

@@ -45,8 +45,9 @@ class SegmentationTask:
         self.ignore_index = config.data.ignore_index
         loss = config.loss
         self.criterion = build_loss(
-            loss.name, num_classes=num_classes, ignore_index=self.ignore_index, ce_weight=loss.ce_weight,
-            dice_weight=loss.dice_weight, class_weights=loss.class_weights,
+            loss.name, num_classes=num_classes, ignore_index=self.ignore_index, class_weights=loss.class_weights,
+            weights={"ce": loss.ce_weight, "dice": loss.dice_weight, "focal": loss.focal_weight,
+                     "lovasz": loss.lovasz_weight}, focal_gamma=loss.focal_gamma,
         )  # fmt: skip
 
     def new_metric(self) -> SegmentationMetric:
