@@ -14,7 +14,7 @@ from dinov3ds.config import load_config
 from dinov3ds.data.build import build_datasets
 from dinov3ds.data.synthetic import make_classification_folder
 from dinov3ds.errors import UserError
-from dinov3ds.models import hardware
+from dinov3ds.models import hardware, tasks
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.tasks import Classifier, backbone_dtype, backbone_from_config, load_model
 from dinov3ds.models.weights import cache_dir
@@ -140,3 +140,19 @@ def test_bf16_mixed_training_stores_the_frozen_backbone_in_bf16(monkeypatch, tmp
         model = load_model(result.best_checkpoint)
         assert model.backbone.dtype == (torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
     assert len(keys) == 2 * 2  # train + val per dtype: a float32 cache is never reused for bf16
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "native", "expected"),
+    [
+        ("cuda", "32", True, torch.bfloat16),  # frozen inference on a bf16 GPU: half the memory, faster
+        ("cuda", "32", False, torch.float32),  # a GPU without native bf16 (pre-Ampere)
+        ("cpu", "32", True, torch.float32),  # CPU inference keeps what training used
+        ("cpu", "bf16-mixed", True, torch.bfloat16),
+    ],
+)
+def test_auto_dtype_at_inference(monkeypatch, device, precision, native, expected):
+    monkeypatch.setattr(tasks, "native_support", lambda dtype, where: native)
+    config = load_config(None, ["backbone.dtype=auto", f"trainer.precision={precision}"])
+    assert backbone_dtype(config, device, inference=True) == expected
+    assert backbone_dtype(load_config(None, ["backbone.dtype=float32"]), device, inference=True) == torch.float32

@@ -7,161 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import warnings
-from pathlib import Path
 
+from dinov3ds.commands import handlers
 from dinov3ds.errors import DataWarning, UserError
-
-
-def _train(args: argparse.Namespace) -> None:
-    from dinov3ds.config import load_config
-
-    if args.config is None and not args.overrides:
-        raise UserError("train needs --config FILE (see configs/), or key=value overrides on the defaults")
-    config = load_config(args.config, args.overrides)  # a config typo fails before torch/Lightning load
-
-    from dinov3ds.training.trainer import train
-
-    result = train(config, resume=args.resume_from or args.resume, overwrite=args.overwrite)
-    if not result.is_global_zero:
-        return
-    best = result.best
-    if result.best_checkpoint is not None and best.get("metrics"):
-        scores = "  ".join(f"{k}={v:.4f}" for k, v in sorted(best["metrics"].items()))
-        print(f"best checkpoint: {result.best_checkpoint} (epoch {best['epoch']}, step {best['step']}): {scores}")
-    else:
-        print(f"best checkpoint: {result.best_checkpoint}")
-    scores = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("val/"))
-    print(f"last checkpoint: {result.last_checkpoint}: {scores}")
-
-
-def _eval(args: argparse.Namespace) -> None:
-    from dinov3ds.commands.evaluate import evaluate
-
-    evaluate(args.checkpoint, args.overrides, output_dir=args.out, overwrite=args.overwrite)
-
-
-OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value, as every command takes it
-
-
-def split_overrides(values: list[str]) -> tuple[list[str], list[str]]:
-    """Command-line words → (paths, `section.key=value` overrides). A word that names an existing file is a
-    path even if it looks like an override, so no file is ever mistaken for a setting."""
-    paths, overrides = [], []
-    for value in values:
-        (overrides if OVERRIDE.match(value) and not Path(value).exists() else paths).append(value)
-    return paths, overrides
-
-
-def _predict(args: argparse.Namespace) -> None:
-    from dinov3ds.commands.predict import predict
-
-    paths, overrides = split_overrides(args.paths)
-    if args.set:
-        logging.getLogger("dinov3ds").warning(
-            "predict --set is deprecated: write overrides as key=value after the inputs, as for train and eval"
-        )
-    if not paths:
-        raise UserError("predict needs at least one image, folder or .nii/.nii.gz volume after the overrides")
-    overrides = [*args.set, *overrides, *(["inference.flip=true"] if args.flip else [])]
-    predict(args.checkpoint, paths, args.out, topk=args.topk, mode=args.mode, labels=args.labels, overrides=overrides,
-            probabilities=args.probabilities, overwrite=args.overwrite, label_offset=args.label_offset)  # fmt: skip
-
-
-def _download(args: argparse.Namespace) -> None:
-    from dinov3ds.data.download import download_dataset
-
-    folder = download_dataset(args.name, Path(args.root), url=args.url)
-    print(f"{args.name} ready in {folder}")
-
-
-def _backbones(args: argparse.Namespace) -> None:
-    from dinov3ds.models.loading import sources_found
-    from dinov3ds.models.variants import VARIANTS
-
-    print(f"{'name':<18}{'family':<9}{'dim':>6}{'depth':>6}  {'taps':<16}{'data':<10}weights found here")
-    for spec in VARIANTS.values():
-        taps = ",".join(map(str, spec.default_layers))
-        found = " ".join(sources_found(spec)) or "-"
-        print(f"{spec.name:<18}{spec.family:<9}{spec.embed_dim:>6}{spec.depth:>6}  {taps:<16}{spec.dataset:<10}{found}")
-    print("meta: Meta's .pth in checkpoints/; timm / transformers: that repo in the Hugging Face cache. "
-          "backbone.weights also takes a file, a folder or hf-hub:<repo>.")
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from dinov3ds.commands.demo import run_demo
-
-    run_demo(Path(args.out), backbone=args.backbone, quick=args.quick)
-
-
-def _prepare_volumes(args: argparse.Namespace) -> None:
-    from dinov3ds.data.medical import prepare_volumes, read_split_csv
-
-    splits = None
-    if args.splits:
-        splits = read_split_csv(Path(args.splits))
-    elif args.val or args.test:
-        splits = {"val": [n for n in (args.val or "").split(",") if n], "test": [n for n in (args.test or "").split(",") if n]}
-    summary = prepare_volumes(
-        Path(args.images), Path(args.labels), Path(args.out), axis=args.axis, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, skip_empty=args.skip_empty, seed=args.seed, splits=splits,
-    )  # fmt: skip
-    counts = {split: len(names) for split, names in summary["splits"].items()}
-    print(f"wrote {args.out}: volumes per split {counts}, slices {summary['slices']}")
-
-
-def _export(args: argparse.Namespace) -> None:
-    from dinov3ds.commands.export import export
-
-    export(args.checkpoint, args.out, args.format, args.height, args.width, args.dynamic_batch, args.overwrite)
-
-
-def _backbone_from_args(args: argparse.Namespace):
-    from dinov3ds.models.backbones import load_backbone
-    from dinov3ds.models.tasks import TORCH_DTYPES
-
-    return load_backbone(args.backbone, args.weights, dtype=TORCH_DTYPES[args.dtype])
-
-
-def _features(args: argparse.Namespace) -> None:
-    from dinov3ds.commands.features import extract_to_npz
-
-    arrays = extract_to_npz(_backbone_from_args(args), args.paths, Path(args.out), image_size=args.image_size,
-                            batch_size=args.batch_size, patches=not args.no_patches, overwrite=args.overwrite)  # fmt: skip
-    shapes = ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
-    print(f"wrote {args.out}: {shapes}")
-
-
-def _pca(args: argparse.Namespace) -> None:
-    from dinov3ds.commands.features import pca_pictures
-
-    for path in pca_pictures(_backbone_from_args(args), args.paths, Path(args.out), image_size=args.image_size):
-        print(f"wrote {path}")
-
-
-def _knn(args: argparse.Namespace) -> None:
-    from dinov3ds.commands.features import knn_evaluate
-
-    result = knn_evaluate(args.backbone, args.root, weights=args.weights, image_size=args.image_size, k=args.k,
-                          temperature=args.temperature, pooling=args.pooling, dtype=args.dtype)  # fmt: skip
-    clipped = f" (asked {args.k}; only {result['k']} training images)" if result["k"] < args.k else ""
-    print(f"k-NN (k={result['k']}{clipped}, T={args.temperature}): top-1 {100 * result['top1']:.2f}  "
-          f"top-5 {100 * result['top5']:.2f}")
-
-
-def _check_data(args: argparse.Namespace) -> None:
-    from dinov3ds.commands.check_data import check_dataset
-    from dinov3ds.commands.output_files import printable
-    from dinov3ds.config import load_config
-
-    report = check_dataset(load_config(args.config, args.overrides), workers=args.workers)
-    for line in report.problems:
-        print(printable(line))
-    print(printable(report.summary()))
-    if not report.ok:
-        raise UserError(f"{len(report.problems)} problems in {report.root} (listed above); fix or remove those files")
 
 
 def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) -> None:
@@ -171,8 +21,18 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) ->
                              "(default: checkpoints/, then the Hugging Face cache)")
     parser.add_argument("--image-size", type=int, default=image_size,
                         help="shorter side in pixels (rounded to a multiple of the patch size)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="backbone weight/compute dtype (bfloat16: half the memory; faster where native)")  # fmt: skip
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="backbone weight/compute dtype (auto: bfloat16 on a GPU that computes it natively, "
+                             "else float32; bfloat16 halves the memory)")  # fmt: skip
+    _add_device_argument(parser)
+
+
+def _add_device_argument(parser: argparse.ArgumentParser, float32: bool = False) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first GPU if there is one, else the CPU), cpu, cuda or cuda:N")
+    if float32:
+        parser.add_argument("--float32", action="store_true",
+                            help="run the backbone in float32 (auto picks bfloat16 on GPUs that compute it natively)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run already in output_dir (its checkpoints, metrics and pictures)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_epochs=5")
-    train.set_defaults(handler=_train, trailing="overrides")
+    train.set_defaults(handler=handlers.run_train, trailing="overrides")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its configured validation split")
     evaluate.add_argument("--checkpoint", required=True, help="a dinov3ds head checkpoint (best.ckpt or last.ckpt)")
@@ -196,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="folder for the metrics (default: beside the checkpoint, e.g. checkpoints/best_eval/)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace metric files already in that folder")
     evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=... inference.mode=slide")
-    evaluate.set_defaults(handler=_eval, trailing="overrides")
+    _add_device_argument(evaluate, float32=True)
+    evaluate.set_defaults(handler=handlers.run_eval, trailing="overrides")
 
     predict = commands.add_parser("predict", help="run a checkpoint on images, folders or NIfTI volumes")
     predict.add_argument("--checkpoint", required=True, help="a dinov3ds head checkpoint (best.ckpt or last.ckpt)")
@@ -214,22 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--labels", default=None, help="NIfTI: label volume (or folder) to report Dice against")
     predict.add_argument("--probabilities", action="store_true", help="NIfTI: also write a probability volume")
     predict.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: key=value
-    predict.set_defaults(handler=_predict, trailing="paths")
+    _add_device_argument(predict, float32=True)
+    predict.set_defaults(handler=handlers.run_predict, trailing="paths")
 
     download = commands.add_parser("download", help="download and extract a dataset")
     download.add_argument("name", help="imagenette2, imagenette2-320, imagenette2-160 or ade20k")
     download.add_argument("--root", default="data", help="folder to download into")
     download.add_argument("--url", default=None, help="mirror URL of the same archive")
-    download.set_defaults(handler=_download)
+    download.set_defaults(handler=handlers.run_download)
 
     backbones = commands.add_parser("backbones", help="list DINOv3 variants and which of their weights are on this machine")
-    backbones.set_defaults(handler=_backbones)
+    backbones.set_defaults(handler=handlers.run_backbones)
 
     demo = commands.add_parser("demo", help="end-to-end demo on generated data")
     demo.add_argument("--out", default="output/demo", help="folder for the generated data and the runs")
     demo.add_argument("--backbone", default="vits16", help="variant; its Meta weights are used when in checkpoints/")
     demo.add_argument("--quick", action="store_true", help="smaller data and fewer epochs")
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=handlers.run_demo)
 
     prepare = commands.add_parser("prepare-volumes", help="NIfTI image/label volumes -> 2D slice dataset")
     prepare.add_argument("--images", required=True, help="folder of image volumes (.nii/.nii.gz)")
@@ -243,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--splits", default=None, help="CSV of name,split rows (train/val/test) instead of fractions")
     prepare.add_argument("--skip-empty", action="store_true", help="drop slices whose label is all background")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the split by fractions")
-    prepare.set_defaults(handler=_prepare_volumes)
+    prepare.set_defaults(handler=handlers.run_prepare_volumes)
 
     export = commands.add_parser("export", help="export backbone + head as ONNX or TorchScript, checked against PyTorch")
     export.add_argument("--checkpoint", required=True, help="a dinov3ds head checkpoint")
@@ -253,22 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--width", type=int, default=None, help="input width (default: data.image_size)")
     export.add_argument("--dynamic-batch", action="store_true", help="ONNX: batch size chosen at run time")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    export.set_defaults(handler=_export)
+    _add_device_argument(export)
+    export.set_defaults(handler=handlers.run_export)
 
-    features = commands.add_parser("features", help="dump CLS / pooled / patch features of images to .npz")
+    features = commands.add_parser("features", help="dump CLS / pooled / patch features of images (.npz or shards)")
     features.add_argument("paths", nargs="+", help="images or folders")
-    features.add_argument("--out", required=True, help="output .npz")
+    features.add_argument("--out", required=True,
+                          help="a .npz file, or a folder for sharded features (resumable, split over --devices)")
     features.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     features.add_argument("--no-patches", action="store_true", help="skip the [N,C,h,w] patch features")
-    features.add_argument("--overwrite", action="store_true", help="replace an existing .npz")
+    features.add_argument("--overwrite", action="store_true", help="replace an existing .npz or shard folder")
+    features.add_argument("--devices", type=int, default=1,
+                          help="sharded: processes to start, one per GPU (or CPU processes with --device cpu)")
+    features.add_argument("--shard-size", type=int, default=1024, help="sharded: images per shard file")
+    features.add_argument("--workers", type=int, default=2, help="image-decoding worker processes per device")
     _add_backbone_arguments(features, 224)
-    features.set_defaults(handler=_features)
+    features.set_defaults(handler=handlers.run_features)
 
     pca = commands.add_parser("pca", help="PCA-of-patch-features picture per image")
     pca.add_argument("paths", nargs="+", help="images or folders")
     pca.add_argument("--out", default="output/pca", help="folder for the <name>_pca.png pictures")
     _add_backbone_arguments(pca, 448)
-    pca.set_defaults(handler=_pca)
+    pca.set_defaults(handler=handlers.run_pca)
 
     knn = commands.add_parser("knn", help="k-NN classification (DINO's weighted votes) on an image-folder dataset")
     knn.add_argument("--root", required=True, help="folder with train/<class>/ and val/<class>/")
@@ -276,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T); T > 0")
     knn.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], default="cls+avg", help="which features vote")
     _add_backbone_arguments(knn, 224)
-    knn.set_defaults(handler=_knn)
+    knn.set_defaults(handler=handlers.run_knn)
 
     check = commands.add_parser("check-data", help="decode every image and mask of a config's dataset; list all problems")
     check.add_argument("--config", required=False, help="the YAML config training would use")
     check.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count, at most 8)")
     check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=...")
-    check.set_defaults(handler=_check_data, trailing="overrides")
+    check.set_defaults(handler=handlers.run_check_data, trailing="overrides")
     return parser
 
 

@@ -68,7 +68,8 @@ class BackboneConfig(Section):
     weights: Annotated[str | None, AfterValidator(_expand)] = None
     layers: list[int] | None = None  # 0-based taps for multi-layer heads; None = four even intervals
     # Storage/compute dtype of the backbone. auto: bfloat16 when training with bf16 precision, the backbone is
-    # frozen and the device computes bf16 natively (autocast would re-cast every weight each step); else float32.
+    # frozen and the device computes bf16 natively (autocast would re-cast every weight each step), and for
+    # eval/predict/features on a GPU with native bf16; else float32 (--float32 forces it at inference).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     overrides: dict[str, Any] = Field(default_factory=dict)  # timm architecture overrides (tests: depth)
     unfreeze_last_blocks: int = Field(0, ge=0)  # fine-tune the last N blocks (saved in checkpoints); 0 = fully frozen

@@ -56,6 +56,7 @@ class SegmentationMetric(Metric):
         # int64 counts are exact at any dataset size; float32 would lose pixels beyond 2**24.
         for name in ("area_intersect", "area_union", "area_pred", "area_label"):
             self.add_state(name, default=torch.zeros(num_classes, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("images", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add one batch of predicted and true label maps ([B,H,W] or [H,W], same shape)."""
@@ -68,6 +69,7 @@ class SegmentationMetric(Metric):
             raise UserError(
                 "SegmentationMetric needs integer label maps; take the argmax of the logits first"
             )
+        self.images += target.shape[0] if target.ndim == 3 else 1
         pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
         keep = target != self.ignore_index
         pred, target = pred[keep], target[keep]
@@ -108,6 +110,7 @@ class SegmentationMetric(Metric):
             "IoU": iou,
             "Acc": acc,
             "Dice": dice,
+            "images": int(self.images),  # scored over every rank: each image counted once
         }
         if self.num_classes == 2:
             result["Dice_foreground"] = dice[1].item()
@@ -208,6 +211,7 @@ class ClassificationMetric(Metric):
         result["per_class_accuracy"] = per_class
         result["mean_class_accuracy"] = torch.nanmean(per_class).item()
         result["confusion_matrix"] = matrix.clone()
+        result["images"] = int(total)
         return result
 
 

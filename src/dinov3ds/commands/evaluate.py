@@ -1,18 +1,27 @@
-"""`dinov3ds eval`: a checkpoint on its configured validation split, dataset-level metrics, per-class tables."""
+"""`dinov3ds eval`: a checkpoint on its configured validation split, dataset-level metrics, per-class tables.
+
+Evaluation runs through Lightning's `Trainer.validate` with the LightningModule training validates with, so
+`trainer.devices=N` (or `trainer.num_nodes`) shards the split over N processes: each scores its own images
+once (no padding), and the metric sums intersections, unions and confusion counts over the ranks before it
+divides, so the numbers equal a one-process run's.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as L
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from dinov3ds.commands.output_files import OutputFolder
+from dinov3ds.config import Config
 from dinov3ds.data.build import build_validation_dataset
-from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
-from dinov3ds.models.tasks import Classifier, load_model
+from dinov3ds.models.checkpoints import read_checkpoint
+from dinov3ds.models.hardware import resolve_device
+from dinov3ds.models.tasks import checkpoint_config, load_model
+from dinov3ds.training.module import TaskModule
 from dinov3ds.training.reports import metric_files, write_metrics
+from dinov3ds.training.trainer import make_loader, process_device
 
 
 def default_output_dir(checkpoint_path: str | Path) -> Path:
@@ -22,28 +31,47 @@ def default_output_dir(checkpoint_path: str | Path) -> Path:
     return path.with_name(f"{path.stem}_eval")
 
 
-@torch.inference_mode()
+def _explicit_devices(devices: int | str | list[int]) -> bool:
+    """Whether `trainer.devices` asks for a particular set of devices, not Lightning's "auto" (all GPUs)."""
+    return not (devices == "auto" or devices == 1 or devices == "1")
+
+
+def evaluation_placement(config: Config, device: torch.device) -> tuple[str, int | str | list[int], torch.device]:
+    """(Lightning accelerator, devices, this process's device) for `--device` and the config's trainer section.
+
+    One device unless `trainer.devices` names several (a checkpoint trained with the default "auto" evaluates
+    on one GPU, not on every GPU of the machine); `--device cuda:N` picks which one.
+    """
+    devices = config.trainer.devices
+    if device.type == "cpu":
+        return "cpu", devices if _explicit_devices(devices) else 1, device
+    if _explicit_devices(devices) or config.trainer.num_nodes > 1:
+        return "gpu", devices, process_device(devices)
+    return "gpu", [device.index], device
+
+
 def evaluate(checkpoint_path: str | Path, overrides: list[str] | None = None, output_dir: str | Path | None = None,
-             overwrite: bool = False) -> dict:  # fmt: skip
+             overwrite: bool = False, device: str | torch.device = "auto") -> dict:  # fmt: skip
     """Evaluate, print the per-class table and scalars, write them under `output_dir` (default: beside the
-    checkpoint); files already there are kept unless `overwrite`."""
-    model = load_model(checkpoint_path, overrides=overrides)
-    config = model.config
+    checkpoint); files already there are kept unless `overwrite`. Returns the metrics (on every rank)."""
     out = OutputFolder(Path(output_dir) if output_dir else default_output_dir(checkpoint_path), overwrite=overwrite)
+    config = checkpoint_config(read_checkpoint(checkpoint_path), checkpoint_path, overrides)
     for name in metric_files(config.task, prefix="eval"):
         out.claim(name)
+    accelerator, devices, here = evaluation_placement(config, resolve_device(device))
+    model = load_model(checkpoint_path, device=here, overrides=overrides)
     val = build_validation_dataset(config, model.backbone.mean, model.backbone.std, model.input_multiple)
-    if isinstance(model, Classifier):
-        metric = ClassificationMetric(len(model.class_names), top_k=(1, min(5, len(model.class_names))))
-        loader = DataLoader(val, batch_size=config.data.eval_batch_size or config.data.batch_size,
-                            num_workers=config.data.num_workers)  # fmt: skip
-        for images, target in tqdm(loader, desc="eval", disable=not config.trainer.progress_bar):
-            metric.update(model(images), target)
-    else:
-        metric = SegmentationMetric(model.num_classes, ignore_index=config.data.ignore_index)
-        loader = DataLoader(val, batch_size=config.data.eval_batch_size or 1, num_workers=config.data.num_workers)
-        for images, target in tqdm(loader, desc="eval", disable=not config.trainer.progress_bar):
-            metric.update(model.predict_labels(images, tuple(target.shape[-2:])), target)
-    result = metric.compute()
-    print(write_metrics(result, model.class_names, config.task, out.root, prefix="eval"))
+    batch_size = config.data.eval_batch_size or (config.data.batch_size if config.task == "classification" else 1)
+    loader = make_loader(val, config, batch_size=batch_size, train=False)
+    module = TaskModule(model, config, model.class_names)
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=config.trainer.num_nodes, strategy=config.trainer.strategy,
+        precision="32-true",  # the backbone runs in its own dtype (backbone.dtype); heads and metrics in float32
+        logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=config.trainer.progress_bar, use_distributed_sampler=False,  # the loader shards itself
+    )  # fmt: skip
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    result = module.last_validation
+    if trainer.is_global_zero:
+        print(write_metrics(result, model.class_names, config.task, out.root, prefix="eval"))
     return result

@@ -22,6 +22,7 @@ from dinov3ds.data.io import find_images, load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform
 from dinov3ds.errors import UserError
 from dinov3ds.models.backbones import Backbone
+from dinov3ds.models.hardware import resolve_device
 from dinov3ds.models.tasks import Classifier, backbone_from_config
 from dinov3ds.training.feature_cache import cached_features
 from dinov3ds.viz import save_pca_image
@@ -39,7 +40,7 @@ class _Images(Dataset):
         return self.transform(load_image(self.paths[index]))
 
 
-def _image_paths(inputs: list[str | Path]) -> list[Path]:
+def image_paths(inputs: list[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for raw in inputs:
         path = Path(raw)
@@ -55,32 +56,36 @@ def _image_paths(inputs: list[str | Path]) -> list[Path]:
 
 
 @torch.inference_mode()
+def features_of(backbone: Backbone, paths: list[Path], *, image_size: int = 224, batch_size: int = 16,
+                num_workers: int = 2, patches: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """CLS [N,C] and pooled (patch mean) [N,C] float32, and optionally patch features [N,C,h,w] float16, of
+    the images at `paths` resized (shorter side) and centre-cropped to `image_size`, on the CPU."""
+    transform = classification_eval_transform(image_size, backbone.mean, backbone.std, crop_ratio=1.0)
+    loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=backbone.device.type == "cuda")  # fmt: skip
+    parts: dict[str, list[torch.Tensor]] = {"cls": [], "pooled": [], **({"patches": []} if patches else {})}
+    for images in tqdm(loader, desc="features", disable=not progress):
+        output = backbone(images)
+        parts["cls"].append(output.cls.float().cpu())
+        parts["pooled"].append(output.patches.float().mean(dim=(-2, -1)).cpu())
+        if patches:
+            parts["patches"].append(output.patches.half().cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
 def extract_to_npz(backbone: Backbone, inputs: list[str | Path], out: Path, *, image_size: int = 224,
                    batch_size: int = 16, num_workers: int = 2, patches: bool = True,
                    overwrite: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
-    """CLS, pooled (patch mean) and optionally patch features [N,C,h,w] (float16) for every image, written to
-    `out` (a .npz file; it must not exist unless `overwrite`)."""
+    """`features_of` every image, written to `out` (a .npz file; it must not exist unless `overwrite`)."""
     out = Path(out)
     if out.suffix != ".npz":
-        raise UserError(f"--out {out}: name the .npz file to write, e.g. {out.with_suffix('.npz').name}")
+        raise UserError(f"--out {out}: name the .npz file to write (or a folder for sharded features)")
     out = OutputFolder(out.parent, overwrite=overwrite).claim(out.name)
-    paths = _image_paths(inputs)
-    transform = classification_eval_transform(image_size, backbone.mean, backbone.std, crop_ratio=1.0)
-    loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=num_workers)
-    cls, pooled, patch_maps = [], [], []
-    for images in tqdm(loader, desc="features"):
-        output = backbone(images)
-        cls.append(output.cls.float())
-        pooled.append(output.patches.float().mean(dim=(-2, -1)))
-        if patches:
-            patch_maps.append(output.patches.half())
-    arrays = {
-        "cls": torch.cat(cls).numpy(),
-        "pooled": torch.cat(pooled).numpy(),
-        "paths": np.array([str(p) for p in paths]),
-    }
-    if patches:
-        arrays["patches"] = torch.cat(patch_maps).numpy()
+    paths = image_paths(inputs)
+    tensors = features_of(backbone, paths, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
+                          patches=patches)  # fmt: skip
+    arrays = {name: tensor.numpy() for name, tensor in tensors.items()}
+    arrays["paths"] = np.array([str(p) for p in paths])
     with open(out, "wb") as handle:  # np.savez would append .npz to a name without it
         np.savez(handle, **arrays)
     return arrays
@@ -92,9 +97,9 @@ def pca_pictures(backbone: Backbone, inputs: list[str | Path], out_dir: Path, im
     # The whole image, aspect kept: shorter side `image_size`, each side rounded to the patch size.
     transform = SegmentationEvalTransform(image_size, backbone.mean, backbone.std, multiple_of=backbone.input_multiple)
     written = []
-    for path in _image_paths(inputs):
+    for path in image_paths(inputs):
         tensor, _ = transform(load_image(path))
-        patches = backbone(tensor[None]).patches[0].float()
+        patches = backbone(tensor[None]).patches[0].float().cpu()
         target = out_dir / f"{path.stem}_pca.png"
         save_pca_image(patches, target, upscale_to=tuple(tensor.shape[-2:]))
         written.append(target)
@@ -118,7 +123,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, featur
 
 def knn_evaluate(backbone_name: str, root: str | Path, *, weights: str | None = None, image_size: int = 224,
                  k: int = 20, temperature: float = 0.07, pooling: str = "cls+avg",
-                 overrides: dict | None = None, dtype: str = "float32") -> dict[str, float]:  # fmt: skip
+                 overrides: dict | None = None, dtype: str = "float32", device: str = "auto") -> dict[str, float]:  # fmt: skip
     """k-NN top-1/top-5 on an image-folder dataset (train → val), features from the on-disk cache; also the
     k actually used (at most the number of training images)."""
     if k < 1:
@@ -131,9 +136,9 @@ def knn_evaluate(backbone_name: str, root: str | Path, *, weights: str | None = 
     ])  # fmt: skip
     config.backbone.weights = weights
     config.backbone.overrides = overrides or {}
-    backbone = backbone_from_config(config)
+    backbone = backbone_from_config(config, resolve_device(device), inference=True)
     splits = build_datasets(config, backbone.mean, backbone.std)
-    model = Classifier(backbone, len(splits.class_names), config, splits.class_names)
+    model = Classifier(backbone, len(splits.class_names), config, splits.class_names).to(backbone.device)
     train = cached_features(model, splits.train, config).tensors
     val = cached_features(model, splits.val, config).tensors
     used = min(k, len(train[0]))

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor
 
 from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, printable
+from dinov3ds.data.image_batches import image_batches
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform, round_to_multiple
 from dinov3ds.data.volumes import (
@@ -24,6 +26,7 @@ from dinov3ds.data.volumes import (
 )
 from dinov3ds.errors import UserError
 from dinov3ds.metrics import dice_and_iou
+from dinov3ds.models.inference import labels_at_size
 from dinov3ds.models.tasks import Classifier, Segmenter, load_model
 from dinov3ds.models.volume_inference import predict_volume
 from dinov3ds.viz import default_palette, save_color_png, save_label_png
@@ -50,25 +53,24 @@ def collect_inputs(paths: list[str]) -> tuple[list[Path], list[Path]]:
     return images, volumes
 
 
-class _ImageFiles(Dataset):
-    """Decoding and resizing in worker processes; the original size travels along to undo the resize."""
+def _workers(model: Classifier | Segmenter) -> int:
+    return min(8, model.config.data.num_workers)
 
-    def __init__(self, paths: list[Path], transform: SegmentationEvalTransform):
-        self.paths = paths
-        self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        image = load_image(self.paths[index])
-        tensor, _ = self.transform(image)
-        return tensor, torch.tensor([image.height, image.width]), index
+def classify_files(model: Classifier, images: list[Path], topk: int) -> list[dict]:
+    """Top-k rows for image files, in their order: decoded in workers, `inference.batch_size` per forward."""
+    loader = image_batches(images, model.eval_transform(), model.config.inference.batch_size,
+                           workers=_workers(model), pin_memory=model.device.type == "cuda")  # fmt: skip
+    results: list[dict] = [{} for _ in images]
+    for batch, _, indices in loader:
+        for index, row in zip(indices.tolist(), model.top_labels(batch, topk)):
+            results[index] = {"image": str(images[index]), **row}
+    return results
 
 
 def predict_classification(model: Classifier, images: list[Path], out: OutputFolder, topk: int) -> list[dict]:
     jsonl, table = out.claim("predictions.jsonl"), out.claim("predictions.csv")
-    results = model.predict(images, topk=topk, batch_size=model.config.inference.batch_size)
+    results = classify_files(model, images, topk)
     with open(jsonl, "w") as handle:
         for row in results:
             handle.write(json.dumps(row) + "\n")
@@ -97,22 +99,40 @@ def default_label_offset(model: Segmenter) -> int:
     return 1 if data.reduce_zero_label or data.dataset == "ade20k" else 0
 
 
+PROBABILITY_BUDGET = 1 << 30  # bytes of class probabilities per forward: a batch is split to stay below it
+
+
 @torch.inference_mode()
+def segment_files(model: Segmenter, images: list[Path], mode: str | None = None) -> Iterator[tuple[int, Tensor]]:
+    """(index, class probabilities [K,h,w] at the eval transform's size) per image file, in batches of
+    `inference.batch_size` images of equal transformed size (fewer when their probabilities would pass
+    PROBABILITY_BUDGET), decoded in worker processes."""
+    transform = SegmentationEvalTransform(model.config.data.eval_size, model.backbone.mean, model.backbone.std,
+                                          multiple_of=model.input_multiple)  # fmt: skip
+    loader = image_batches(images, transform.image_only, model.config.inference.batch_size,
+                           output_size=transform.output_size, workers=_workers(model),
+                           pin_memory=model.device.type == "cuda")  # fmt: skip
+    for batch, _, indices in loader:
+        per_image = model.num_classes * batch.shape[-2] * batch.shape[-1] * 4
+        step = max(1, PROBABILITY_BUDGET // per_image)
+        for start in range(0, len(batch), step):
+            chunk = batch[start : start + step].to(model.device, non_blocking=True)
+            probabilities = model.predict_probabilities(chunk, mode=mode)
+            yield from zip(indices[start : start + step].tolist(), probabilities)
+
+
 def predict_segmentation(model: Segmenter, images: list[Path], out: OutputFolder, mode: str | None,
                          label_offset: int | None = None) -> None:  # fmt: skip
     offset = default_label_offset(model) if label_offset is None else label_offset
     root = input_root(images)
     targets = [(out.claim(mirrored(p, root, ".labels.png")), out.claim(mirrored(p, root, ".overlay.png"))) for p in images]
-    transform = SegmentationEvalTransform(model.config.data.eval_size, model.backbone.mean, model.backbone.std,
-                                          multiple_of=model.input_multiple)  # fmt: skip
-    loader = DataLoader(_ImageFiles(images, transform), batch_size=1, num_workers=min(4, model.config.data.num_workers))
     palette = default_palette(model.num_classes)
-    for tensor, size, index in loader:
-        labels = model.predict_labels(tensor, tuple(size[0].tolist()), mode=mode)[0].cpu().numpy()
-        path = images[int(index)]
-        label_path, overlay_path = targets[int(index)]
+    for index, probabilities in segment_files(model, images, mode):
+        picture = np.asarray(load_image(images[index]))
+        labels = labels_at_size(probabilities[None], picture.shape[:2])[0].cpu().numpy()
+        label_path, overlay_path = targets[index]
         save_label_png(labels + offset, label_path, num_classes=model.num_classes + offset)
-        save_color_png(labels, overlay_path, palette, image=np.asarray(load_image(path)))
+        save_color_png(labels, overlay_path, palette, image=picture)
     convention = f"class id + {offset} (0 = the dataset's ignored 'other')" if offset == 1 else f"class id + {offset}" if offset else "class ids from 0"
     print(f"wrote label maps ({convention}) and overlays for {len(images)} images to {out.root}")
 
@@ -189,13 +209,14 @@ def predict_volumes(model: Segmenter, volumes: list[Path], out: OutputFolder, la
 
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: int = 5, mode: str | None = None,
             labels: str | None = None, overrides: list[str] | None = None, probabilities: bool = False,
-            overwrite: bool = False, label_offset: int | None = None) -> None:  # fmt: skip
-    """Predict every image and volume in `paths` into `out`, which mirrors their folders; see OutputFolder."""
+            overwrite: bool = False, label_offset: int | None = None, device: str = "auto") -> None:  # fmt: skip
+    """Predict every image and volume in `paths` into `out`, which mirrors their folders (see OutputFolder),
+    on `device` (auto: the first GPU if there is one)."""
     if topk < 1:
         raise UserError(f"--topk {topk}: give 1 or more labels per image")
     images, volumes = collect_inputs(paths)
     folder = OutputFolder(Path(out), inputs=[*images, *volumes], overwrite=overwrite)
-    model = load_model(checkpoint, overrides=overrides)
+    model = load_model(checkpoint, device=device, overrides=overrides)
     if isinstance(model, Classifier):
         if volumes:
             raise UserError("a classification checkpoint cannot predict NIfTI volumes; pass images")

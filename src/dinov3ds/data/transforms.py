@@ -259,6 +259,10 @@ class SegmentationEvalTransform:
         labels = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.int64)
         return picture, labels
 
+    def image_only(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        """The transformed image alone (inference has no mask); a bound method, so loader workers can pickle it."""
+        return self(image)[0]
+
 
 def denormalize(tensor: torch.Tensor, mean: Stats, std: Stats) -> np.ndarray:
     """Undo normalisation of a [3, H, W] tensor into an HxWx3 uint8 array for plots and overlays."""

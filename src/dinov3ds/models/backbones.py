@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.models.hardware import slow_dtype_message
+from dinov3ds.models.hardware import resolve_device, slow_dtype_message
 from dinov3ds.models.loading import find_source, load_weights, random_model
 from dinov3ds.models.variants import BackboneSpec, get_spec
 
@@ -61,6 +61,10 @@ class Backbone(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def train(self, mode: bool = True) -> Backbone:
         """Stay in eval mode: a frozen backbone must behave as it did in pretraining evaluation."""
@@ -136,7 +140,7 @@ class Backbone(nn.Module):
                 f"input size {height}x{width} is not a multiple of {self.input_multiple} for {self.spec.name}; "
                 "resize or pad the image (the dinov3ds transforms do this)"
             )
-        return images.to(self.dtype)
+        return images.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
     def forward(self, images: Tensor) -> BackboneOutput:
         images = self._check_input(images)
@@ -220,16 +224,17 @@ def load_backbone(
             checked), a timm or transformers ``.safetensors`` file or model folder; ``"hf-hub:<repo>"``: from the
             Hub or its cache; ``"random"``: seeded random weights for tests and demos.
         dtype: parameter dtype (bf16 halves the memory of a frozen backbone).
-        device: where the model lives.
+        device: where the model lives (`auto`: the first GPU if any); weights are read straight onto it.
         **arch_overrides: timm architecture arguments, e.g. ``depth=2`` for the small reference models.
     """
     spec = get_spec(name)
+    device = resolve_device(device)
     if isinstance(weights, str) and weights == "random":
         _announce(f"RANDOM WEIGHTS for {spec.name}: features are meaningless (tests and demos only)")
         model = random_model(spec, arch_overrides, seed=0).to(dtype)
         identity = {"name": spec.name, "weights": "random", "seed": 0, "overrides": arch_overrides}
     else:
-        model, identity = load_weights(spec, find_source(spec, weights), arch_overrides, dtype)
+        model, identity = load_weights(spec, find_source(spec, weights), arch_overrides, dtype, device)
     slow = slow_dtype_message(dtype, device)
     if slow:
         _announce(slow)

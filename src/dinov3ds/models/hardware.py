@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from dinov3ds.errors import UserError
+
 # /proc/cpuinfo flags (x86 "flags", Arm "Features") that mean native multiply-accumulate in that dtype.
 CPU_NATIVE_FLAGS = {
     torch.bfloat16: frozenset({"avx512_bf16", "amx_bf16", "bf16"}),
@@ -63,3 +65,31 @@ def slow_dtype_message(dtype: torch.dtype, device: str | torch.device) -> str | 
         "forward runs several times slower than float32; it still halves memory. Set backbone.dtype: float32 "
         "for speed here"
     )
+
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """`auto` (or None): the first GPU if there is one, else the CPU; `cpu`; `cuda` / `cuda:N`, checked to
+    exist here, so a typo or a missing GPU is a one-line error before any weights are read."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use {DEVICE_CHOICES}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise UserError(f"--device {name!r} is not supported; use {DEVICE_CHOICES}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"--device {name}: this machine has no CUDA GPU visible to PyTorch; use --device cpu")
+    index = 0 if device.index is None else device.index
+    if index >= count:
+        raise UserError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}; pick one of them")
+    return torch.device("cuda", index)

@@ -82,8 +82,12 @@ def sources_found(spec: BackboneSpec) -> list[str]:
     return found + (["transformers"] if hub.cached_snapshot(spec.transformers_hub_id) else [])
 
 
-def load_weights(spec: BackboneSpec, source: WeightSource, overrides: dict, dtype: torch.dtype) -> tuple[nn.Module, dict]:
-    """The model filled from `source`, and its identity (what a head checkpoint records about it)."""
+def load_weights(
+    spec: BackboneSpec, source: WeightSource, overrides: dict, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
+    """The model filled from `source` on `device`, and its identity (what a head checkpoint records about it).
+    The file is memory-mapped and each tensor goes straight to `device` in `dtype`: no full copy of the
+    weights stays in host memory when they live on a GPU."""
     if source.path.is_file():
         verify_hash(source.path)  # Meta's names carry a SHA-256 prefix; checked (and cached) first
     with torch.device("meta"):
@@ -106,21 +110,21 @@ def load_weights(spec: BackboneSpec, source: WeightSource, overrides: dict, dtyp
             f"{source.path} does not fit '{spec.name}' ({found['summary']}; first mismatch: {problems[0]}); use "
             f"the official weights of {spec.name} or the backbone name that matches the file"
         )
-    converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in converted.items()}
+    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in converted.items()}
     model.load_state_dict(converted, strict=True, assign=True)
-    _materialize_buffers(model, dtype)
+    _materialize_buffers(model, dtype, device)
     identity = {"name": spec.name, "weights": source.label, "source": layout.format,
                 "sha256": weights_digest(source.path), "overrides": overrides}  # fmt: skip
     return model, identity
 
 
-def _materialize_buffers(model: nn.Module, dtype: torch.dtype) -> None:
+def _materialize_buffers(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> None:
     """Buffers not in the weights (RoPE periods, zero k-bias) are still on the meta device: compute them."""
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None and buffer.is_meta:
                 keep_fp32 = name == "periods"  # timm keeps RoPE periods in float32 for accuracy
                 module._buffers[name] = torch.empty(
-                    buffer.shape, dtype=torch.float32 if keep_fp32 else dtype, device="cpu"
+                    buffer.shape, dtype=torch.float32 if keep_fp32 else dtype, device=device
                 )
     reinit_non_persistent_buffers(model)

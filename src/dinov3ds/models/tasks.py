@@ -27,7 +27,7 @@ from dinov3ds.errors import UserError
 from dinov3ds.heads import build_head, head_class
 from dinov3ds.models.backbones import Backbone, load_backbone
 from dinov3ds.models.checkpoints import HeadCheckpoint, read_checkpoint, resolve_backbone_weights
-from dinov3ds.models.hardware import native_support
+from dinov3ds.models.hardware import native_support, resolve_device
 from dinov3ds.models.inference import InferenceOptions, labels_at_size, run_inference
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -39,20 +39,23 @@ TRAINED_SETTINGS = ("task", "backbone.name", "backbone.layers", "backbone.overri
                     "head", "data.num_classes", "data.class_names")  # fmt: skip
 
 
-def backbone_dtype(config: Config, device: str | torch.device) -> torch.dtype:
-    """The backbone's dtype: as configured, or for `auto` the trainer's bf16 where it pays off (see config)."""
+def backbone_dtype(config: Config, device: str | torch.device, *, inference: bool = False) -> torch.dtype:
+    """The backbone's dtype: as configured, or for `auto` bfloat16 where it pays off and the device computes it
+    natively (see config): a frozen backbone trained in bf16 precision, and any inference on a GPU."""
     name = config.backbone.dtype
     if name == "auto":
         bf16_training = config.trainer.precision in ("bf16-mixed", "bf16-true")
-        frozen = config.backbone.unfreeze_last_blocks == 0
-        name = "bfloat16" if bf16_training and frozen and native_support(torch.bfloat16, device) else "float32"
+        wanted = bf16_training and config.backbone.unfreeze_last_blocks == 0
+        wanted = wanted or (inference and torch.device(device).type == "cuda")
+        name = "bfloat16" if wanted and native_support(torch.bfloat16, device) else "float32"
     return TORCH_DTYPES[name]
 
 
-def backbone_from_config(config: Config, device: str | torch.device = "cpu") -> Backbone:
+def backbone_from_config(config: Config, device: str | torch.device = "cpu", *, inference: bool = False) -> Backbone:
     section = config.backbone
     return load_backbone(
-        section.name, section.weights, dtype=backbone_dtype(config, device), device=device, **section.overrides
+        section.name, section.weights, dtype=backbone_dtype(config, device, inference=inference), device=device,
+        **section.overrides,
     )
 
 
@@ -159,7 +162,7 @@ class Classifier(_TaskModel):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None
+        cls, path: str | Path, device: str | torch.device = "auto", overrides: list[str] | None = None
     ) -> Classifier:
         """Head from `path` on its verified backbone; `overrides` e.g. ["backbone.dtype=bfloat16"]."""
         return _restore(cls, path, device, "classification", overrides)
@@ -169,23 +172,26 @@ class Classifier(_TaskModel):
         """Top-k labels and probabilities per image (paths, PIL images or HxWx3 uint8 arrays)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        transform = classification_eval_transform(self.config.data.image_size, self.backbone.mean, self.backbone.std)
-        device = self.device
-        topk = min(topk, len(self.class_names))
+        transform = self.eval_transform()
         results = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            batch = torch.stack([transform(_as_pil(image)) for image in chunk]).to(device)
-            probabilities = self(batch).softmax(dim=1)
-            values, indices = probabilities.topk(topk, dim=1)
-            for image, row_values, row_indices in zip(chunk, values.tolist(), indices.tolist()):
-                results.append({
-                    "image": str(image) if isinstance(image, (str, Path)) else None,
-                    "labels": [self.class_names[i] for i in row_indices],
-                    "indices": row_indices,
-                    "probabilities": row_values,
-                })  # fmt: skip
+            batch = torch.stack([transform(_as_pil(image)) for image in chunk]).to(self.device)
+            for image, row in zip(chunk, self.top_labels(batch, topk)):
+                results.append({"image": str(image) if isinstance(image, (str, Path)) else None, **row})
         return results
+
+    def eval_transform(self):
+        """Resize and centre crop as validation did: what every prediction input goes through."""
+        return classification_eval_transform(self.config.data.image_size, self.backbone.mean, self.backbone.std)
+
+    @torch.inference_mode()
+    def top_labels(self, batch: Tensor, topk: int = 5) -> list[dict]:
+        """Per image of a normalised batch: the top-k labels, their indices and probabilities."""
+        probabilities = self(batch.to(self.device, non_blocking=True)).softmax(dim=1)
+        values, indices = probabilities.topk(min(topk, len(self.class_names)), dim=1)
+        return [{"labels": [self.class_names[i] for i in row_indices], "indices": row_indices,
+                 "probabilities": row_values} for row_values, row_indices in zip(values.tolist(), indices.tolist())]  # fmt: skip
 
 
 class Segmenter(_TaskModel):
@@ -257,7 +263,7 @@ class Segmenter(_TaskModel):
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None
+        cls, path: str | Path, device: str | torch.device = "auto", overrides: list[str] | None = None
     ) -> Segmenter:
         """Head from `path` on its verified backbone; `overrides` e.g. ["backbone.dtype=bfloat16"]."""
         return _restore(cls, path, device, "segmentation", overrides)
@@ -304,7 +310,8 @@ def _restore(model_class, path: str | Path, device: str | torch.device, task: st
     checkpoint = read_checkpoint(path, expected_task=task)
     config = checkpoint_config(checkpoint, path, overrides)
     config.backbone.weights = resolve_backbone_weights(checkpoint, path, config.backbone.weights)
-    backbone = backbone_from_config(config, device)
+    device = resolve_device(device)
+    backbone = backbone_from_config(config, device, inference=True)
     model = model_class(backbone, checkpoint.num_classes, config, checkpoint.class_names)
     try:
         model.head.load_state_dict(checkpoint.head_state_dict)
@@ -320,8 +327,9 @@ def _restore(model_class, path: str | Path, device: str | torch.device, task: st
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None
+    path: str | Path, device: str | torch.device = "auto", overrides: list[str] | None = None
 ) -> Classifier | Segmenter:
-    """Either model, whichever task the checkpoint was trained for; `overrides` as in `checkpoint_config`."""
+    """Either model, whichever task the checkpoint was trained for, on `device` (auto: the first GPU if any,
+    see `resolve_device`); `overrides` as in `checkpoint_config`, e.g. ["backbone.dtype=float32"]."""
     task = read_checkpoint(path).task
     return (Classifier if task == "classification" else Segmenter).from_checkpoint(path, device, overrides)

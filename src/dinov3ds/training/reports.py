@@ -33,7 +33,8 @@ def write_metrics(result: dict, class_names: list[str], task: str, output_dir: P
     """Per-class table (printed and CSV) plus a JSON of the scalar metrics; returns the printed text."""
     output_dir.mkdir(parents=True, exist_ok=True)
     scalars = _scalars(result)
-    (output_dir / f"{prefix}_metrics.json").write_text(json.dumps(scalars, indent=2, allow_nan=True))
+    counted = {"images": result["images"]} if "images" in result else {}
+    (output_dir / f"{prefix}_metrics.json").write_text(json.dumps({**scalars, **counted}, indent=2, allow_nan=True))
     if task == "classification":
         per_class = result["per_class_accuracy"].tolist()
         lines = [f"{name:>24s}  {100 * acc:6.2f}" for name, acc in zip(class_names, per_class) if not math.isnan(acc)]
@@ -46,7 +47,7 @@ def write_metrics(result: dict, class_names: list[str], task: str, output_dir: P
         write_per_class_csv(result, class_names, output_dir / f"{prefix}_per_class_iou.csv")
         table = format_per_class_table(result, class_names)
     summary = "  ".join(f"{k}={100 * v:.2f}" for k, v in scalars.items() if not math.isnan(v))
-    return f"{table}\n{summary}"
+    return f"{table}\n{summary}" + (f"  ({result['images']} images)" if "images" in result else "")
 
 
 @torch.inference_mode()

@@ -45,7 +45,7 @@ from dinov3ds.training.run_folder import MetricsHistory, claim_run_folder
 logger = logging.getLogger("dinov3ds")
 
 
-def _loader(dataset: Dataset, config: Config, *, batch_size: int, train: bool) -> DataLoader:
+def make_loader(dataset: Dataset, config: Config, *, batch_size: int, train: bool) -> DataLoader:
     """Order, augmentation seeds and the ranks' shards come from a `ResumableSampler` (not Lightning's
     DistributedSampler), so a resumed run, mid-epoch and with any number of workers, sees the same batches."""
     workers = config.data.num_workers
@@ -235,8 +235,8 @@ def _fit(config: Config, output_dir: Path, checkpoint: Path | None) -> TrainResu
     module = TaskModule(model, config, splits.class_names, from_features=from_features)
     eval_batch = config.data.eval_batch_size or (config.data.batch_size if config.task == "classification" else 1)
     trainer = build_trainer(config, output_dir, module.monitor)
-    val_loader = _loader(splits.val, config, batch_size=eval_batch, train=False)
-    train_loader = _loader(splits.train, config, batch_size=config.data.batch_size, train=True)
+    val_loader = make_loader(splits.val, config, batch_size=eval_batch, train=False)
+    train_loader = make_loader(splits.train, config, batch_size=config.data.batch_size, train=True)
     module.train_sampler = train_loader.sampler
     resumed_step = int(load_checkpoint_file(checkpoint).get("global_step", 0)) if checkpoint else None
     history = MetricsHistory(output_dir, resumed_step) if trainer.is_global_zero else None
@@ -276,8 +276,13 @@ def training_device(config: Config) -> torch.device:
     section = config.trainer
     if section.accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
         return torch.device("cpu")
+    return process_device(section.devices)
+
+
+def process_device(devices: int | str | list[int]) -> torch.device:
+    """This process's GPU in a run over `devices` (Lightning's forms: a count, "auto", "0,2" or [0, 2]): the
+    one at its LOCAL_RANK, which Lightning's launcher and torchrun set (0 in the launching process)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    devices = section.devices
     if isinstance(devices, str) and "," in devices:
         devices = [int(part) for part in devices.split(",") if part.strip()]
     return torch.device("cuda", devices[local_rank] if isinstance(devices, list) else local_rank)
