@@ -288,8 +288,8 @@ def main() -> None:
     ]  # fmt: skip
     mem = "peak GPU memory MiB" if device.startswith("cuda") else "peak RSS delta MiB"
     print(f"## Segmentation heads on vits16 (random, full depth), {args.size}x{args.size}, batch {args.batch}, "
-          f"{args.classes} classes, {device}, median of {args.iters} iterations; synthetic-task mIoU after "
-          f"{args.epochs} epochs\n")  # fmt: skip
+          f"{args.classes} classes, {device}, median of {args.iters} iterations"
+          + ("" if args.no_miou else f"; synthetic-task mIoU after {args.epochs} epochs") + "\n")  # fmt: skip
     print(markdown_table(
         ["head", "trainable params", "step fwd+bwd ms/img", "head-only fwd+bwd ms/img",
          "channels_last head-only ms/img", "channels_last speed-up", mem, "synthetic mIoU"], table
