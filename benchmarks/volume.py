@@ -1,13 +1,17 @@
-"""Peak memory and speed of NIfTI volume inference (`predict_volume`) as the volume gets deeper.
+"""Speed and peak memory of volume inference (`predict_volume`): 2D, 2.5D and three-axis, as depth grows.
 
 `predict_volume` promises that memory holds the input, the outputs and one batch of slices, whatever the
 depth. This measures it with a real `Segmenter` (random-weight ViT-S/16 cut to 2 blocks, UNet head) fed by
-the same slice predictor `dinov3ds predict` uses, on head phantoms of 128 x 128 slices and 64, 128 and 256
-slices along axis 2, labels and foreground probabilities both returned.
+the slice predictor `dinov3ds predict` uses, on head phantoms of 128 x 128 slices and 64, 128 and 256
+slices along axis 2, in three modes:
+  2d          axial slices, one channel repeated as R, G, B;
+  2.5d        axial slices i-1, i, i+1 as R, G, B (`data.medical.context: 1`);
+  three-axis  slices along all three axes, probabilities averaged (`inference.volume_axes: [0, 1, 2]`).
+Outputs are the uint8 label volume, plus for three-axis the float32 [K, X, Y, Z] probability accumulator.
+"slices/s" counts every slice the model saw (three-axis sees X + Y + Z of them).
 
 Each depth runs in a fresh interpreter. Baseline = RSS after the model is built and the input volume is in
-memory, plus the bytes the two output arrays will take (uint8 labels + float32 probabilities, which
-`np.zeros` maps lazily and inference then fills). The peak high-water mark is reset after the baseline
+memory, plus the bytes the output arrays will take (`np.zeros` maps them lazily and inference fills them). The peak high-water mark is reset after the baseline
 (`/proc/self/clear_refs`), so "peak beyond baseline" is what inference itself adds: one batch of slices,
 activations and allocator slack. It must stay flat: within 10 % of the shallowest volume's at every depth.
 
@@ -18,7 +22,7 @@ tens of MiB in either direction with the number of batches (seen, 64 → 256 sli
 defaults, -27 % with MALLOC_ARENA_MAX=1 and one thread), which is allocator noise, not memory that grows
 with depth.
 
-Run from the repository root: `python benchmarks/volume.py` (2.5 min on a busy 2-core machine).
+Run from the repository root: `python benchmarks/volume.py` (about 8 min on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).parent)]
 
 from _common import markdown_table, write_result  # noqa: E402
 
+MODES = ("2d", "2.5d", "three-axis")
 TOLERANCE = 0.10  # peak beyond baseline may grow at most this fraction over the shallowest volume's
 
 # Runs in a fresh interpreter; prints one JSON line. argv: volume .npy, threads, batch size.
@@ -64,38 +69,40 @@ def reset_peak():
     except OSError:
         return False
 
-path, threads, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, threads, batch_size, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(threads)
 from dinov3ds.config import config_from_dict
-from dinov3ds.config import SlicePreprocessing
 from dinov3ds.models.tasks import Segmenter, backbone_from_config
-from dinov3ds.commands.predict import _slice_predictor
+from dinov3ds.commands.volumes import slice_predictor
 from dinov3ds.models.volume_inference import predict_volume
 
+axes = [0, 1, 2] if mode == "three-axis" else [2]
 config = config_from_dict({
     "task": "segmentation",
     "backbone": {"name": "vits16", "weights": "random", "overrides": {"depth": 2}},
-    "data": {"class_names": ["background", "head"], "medical": {}},
+    "data": {"class_names": ["background", "head"], "medical": {"context": 1 if mode == "2.5d" else 0}},
     "head": {"name": "unet"},
     "inference": {"volume_batch_size": batch_size},
 })
 model = Segmenter(backbone_from_config(config), 2, config, ["background", "head"]).eval()
 volume = np.load(path)  # float32, read straight into one array
-outputs = volume.size * (np.dtype(np.uint8).itemsize + np.dtype(np.float32).itemsize)
+outputs = volume.size * np.dtype(np.uint8).itemsize  # the label volume
+if len(axes) > 1:
+    outputs += 2 * volume.size * np.dtype(np.float32).itemsize  # the [K, X, Y, Z] probability accumulator
 gc.collect()
 baseline_rss = status()["VmRSS"]
 peak_reset = reset_peak()
 start = time.perf_counter()
-labels, probabilities = predict_volume(
-    volume, _slice_predictor(model), axis=2, preprocessing=config.data.medical, batch_size=batch_size,
-    with_probabilities=True, progress=False,
+labels, _ = predict_volume(
+    volume, slice_predictor(model), options=config.data.medical, num_classes=2, axes=axes,
+    batch_size=batch_size, progress=False,
 )
 seconds = time.perf_counter() - start
 after = status()
 if not peak_reset:  # no clear_refs: ru_maxrss also counts model construction, so this overstates
     import resource
     after["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-assert labels.shape == volume.shape and probabilities.shape == volume.shape
+assert labels.shape == volume.shape
 print(json.dumps({
     "shape": list(volume.shape),
     "input_bytes": int(volume.nbytes),
@@ -106,7 +113,9 @@ print(json.dumps({
     "end_rss_bytes": after["VmRSS"],
     "peak_reset": peak_reset,
     "seconds": seconds,
-    "slices_per_s": volume.shape[2] / seconds,
+    "slices": int(sum(volume.shape[a] for a in axes)),
+    "slices_per_s": sum(volume.shape[a] for a in axes) / seconds,
+    "volume_slices_per_s": volume.shape[2] / seconds,
     "foreground_fraction": float(labels.mean()),
 }))
 """
@@ -131,9 +140,9 @@ def write_volume(folder: Path, size: int, depth: int) -> Path:
     return path
 
 
-def measure(volume: Path, threads: int, batch_size: int, malloc: str) -> dict:
+def measure(volume: Path, threads: int, batch_size: int, malloc: str, mode: str) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(volume), str(threads), str(batch_size)],
+        [sys.executable, "-c", CHILD, str(volume), str(threads), str(batch_size), mode],
         cwd=ROOT,
         env=_env(malloc, threads),
         capture_output=True,
@@ -158,55 +167,55 @@ def main() -> int:
         default="fixed",
         help="glibc mmap threshold in the children: fixed 64 KiB (default) or glibc's dynamic one",
     )
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="inference modes")
     args = parser.parse_args()
     started = time.perf_counter()
-    results = {}
+    results: dict[str, dict[int, dict]] = {mode: {} for mode in args.modes}
     with tempfile.TemporaryDirectory(prefix="dinov3ds_volume_") as folder:
-        for depth in sorted(args.depths):
-            volume = write_volume(Path(folder), args.size, depth)
-            measured = measure(volume, args.threads, args.batch_size, args.malloc)
-            measured["extra_bytes"] = measured["peak_bytes"] - measured["baseline_bytes"]
-            results[depth] = measured
-            print(
-                f"  {depth} slices: {measured['slices_per_s']:.1f} slices/s, peak beyond baseline "
-                f"{measured['extra_bytes'] / 2**20:.1f} MiB",
-                flush=True,
-            )
+        volumes = {depth: write_volume(Path(folder), args.size, depth) for depth in sorted(args.depths)}
+        for mode in args.modes:
+            for depth, volume in volumes.items():
+                measured = measure(volume, args.threads, args.batch_size, args.malloc, mode)
+                measured["extra_bytes"] = measured["peak_bytes"] - measured["baseline_bytes"]
+                results[mode][depth] = measured
+                print(f"  {mode}, {depth} slices: {measured['slices_per_s']:.1f} slices/s, peak beyond baseline "
+                      f"{measured['extra_bytes'] / 2**20:.1f} MiB", flush=True)  # fmt: skip
 
-    reference = results[min(results)]["extra_bytes"]
-    limit = reference * (1 + TOLERANCE)
-    for measured in results.values():
-        measured["ratio_to_shallowest"] = (
-            measured["extra_bytes"] / reference if reference > 0 else float("nan")
-        )
-        measured["check"] = "PASS" if measured["extra_bytes"] <= limit else "FAIL"
-    verdict = "PASS" if all(m["check"] == "PASS" for m in results.values()) else "FAIL"
+    for by_depth in results.values():
+        reference = by_depth[min(by_depth)]["extra_bytes"]
+        for measured in by_depth.values():
+            measured["ratio_to_shallowest"] = measured["extra_bytes"] / reference if reference > 0 else float("nan")
+            measured["check"] = "PASS" if measured["extra_bytes"] <= reference * (1 + TOLERANCE) else "FAIL"
+    checks = [m["check"] for by_depth in results.values() for m in by_depth.values()]
+    verdict = "PASS" if all(check == "PASS" for check in checks) else "FAIL"
 
     mib = 2**20
     rows = [
         [
+            mode,
             f"{args.size}x{args.size}x{depth}",
             round(m["input_bytes"] / mib, 1),
             round(m["output_bytes"] / mib, 1),
-            round(m["baseline_bytes"] / mib, 1),
             round(m["peak_bytes"] / mib, 1),
             round(m["extra_bytes"] / mib, 1),
             round(m["ratio_to_shallowest"], 3),
             round(m["slices_per_s"], 1),
+            round(m["seconds"], 1),
             m["check"],
         ]
-        for depth, m in results.items()
+        for mode, by_depth in results.items()
+        for depth, m in by_depth.items()
     ]
     headers = [
-        "volume", "input MiB", "outputs MiB", "baseline MiB", "peak MiB", "peak−baseline MiB",
-        "÷ shallowest", "slices/s", "check",
+        "mode", "volume", "input MiB", "outputs MiB", "peak MiB", "peak−baseline MiB", "÷ shallowest",
+        "slices/s", "seconds", "check",
     ]  # fmt: skip
     print(
         f"\npredict_volume, vits16 (2 blocks, random) + unet, batch {args.batch_size}, {args.threads} threads, "
         f"malloc {args.malloc}\n"
     )
     print(markdown_table(headers, rows))
-    print(f"\npeak beyond baseline flat within {TOLERANCE:.0%} as depth grows: {verdict}")
+    print(f"\npeak beyond baseline flat within {TOLERANCE:.0%} as depth grows, every mode: {verdict}")
     path = write_result(
         "volume",
         {
@@ -217,13 +226,12 @@ def main() -> int:
             "malloc": args.malloc,
             "tolerance": TOLERANCE,
             "check": verdict,
-            "results": {str(depth): m for depth, m in results.items()},
+            "results": {mode: {str(d): m for d, m in by_depth.items()} for mode, by_depth in results.items()},
             "total_s": round(time.perf_counter() - started, 1),
         },
     )
     print(f"wrote {path.relative_to(ROOT)}")
     return 0 if verdict == "PASS" else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

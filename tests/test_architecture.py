@@ -24,7 +24,8 @@ MAX_LINES = 350
 # `heads` share a rank and must not import each other (datasets know nothing of models, and heads nothing
 # of datasets).
 LAYERS = {"foundation": 0, "data": 1, "heads": 1, "models": 2, "training": 3, "commands": 4, "entry": 5}
-FOUNDATION = {"dinov3ds", "dinov3ds.errors", "dinov3ds.config", "dinov3ds.metrics", "dinov3ds.viz"}
+FOUNDATION = {"dinov3ds", "dinov3ds.errors", "dinov3ds.config", "dinov3ds.medical_config", "dinov3ds.metrics",
+              "dinov3ds.volume_metrics", "dinov3ds.viz"}
 
 
 def module_name(path: Path) -> str:

@@ -224,8 +224,8 @@ def _bad_inputs(folder: Path, trained: Trained) -> dict[str, tuple[list[object],
     small_label = np.zeros((SHAPE[0], SHAPE[1], SHAPE[2] - 4), np.uint8)
     nib.save(nib.Nifti1Image(small_label, affine), folder / "short_label.nii.gz")
     return {
-        "4D volume": ([folder / "series4d.nii.gz"], r"series4d\.nii\.gz: expected a 3D volume, got shape \(16, 16, 8, 3\)"),
-        "2D volume": ([folder / "flat2d.nii.gz"], r"flat2d\.nii\.gz: expected a 3D volume, got shape \(16, 16\)"),
+        "4D volume": ([folder / "series4d.nii.gz"], r"series4d\.nii\.gz: 3 channels, the model was trained on volumes with 1"),
+        "2D volume": ([folder / "flat2d.nii.gz"], r"flat2d\.nii\.gz: expected a 3D volume \(or 4D with channels last\), got shape \(16, 16\)"),
         "text file": ([folder / "notes.nii.gz"], r"notes\.nii\.gz: not a readable NIfTI file"),
         "NaN voxel": ([folder / "nan.nii.gz"], r"nan\.nii\.gz: contains 1 NaN/Inf voxels"),
         "label shape": ([trained.heldout, "--labels", folder / "short_label.nii.gz"],

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from dinov3ds.config import SlicePreprocessing
 from dinov3ds.data.medical import load_mri_slice, prepare_volumes, preprocess_slice
 from dinov3ds.data.synthetic import make_head_phantom
 from dinov3ds.data.volumes import load_volume, save_like, volume_to_uint16
 from dinov3ds.errors import UserError
+from dinov3ds.medical_config import SlicePreprocessing
 from dinov3ds.metrics import dice_and_iou
 from dinov3ds.models.volume_inference import predict_volume
 
@@ -224,11 +224,11 @@ def test_training_slices_equal_inference_slices(tmp_path: Path) -> None:
     volume = np.asanyarray(load_volume(images / "case0.nii.gz").dataobj)
     seen: list[np.ndarray] = []
 
-    def capture(batch: np.ndarray) -> tuple[np.ndarray, None]:
+    def capture(batch: np.ndarray) -> np.ndarray:
         seen.extend(batch)
-        return np.zeros(batch.shape[:3], np.uint8), None
+        return np.zeros((len(batch), 2, *batch.shape[1:3]), np.float32)
 
-    predict_volume(volume, capture, axis=0, preprocessing=options, batch_size=5, progress=False)
+    predict_volume(volume, capture, axes=[0], options=options, num_classes=2, batch_size=5, progress=False)
     assert len(seen) == SHAPE[0]
     for index in (0, 7, 12, 23):
         trained = load_mri_slice(out / "images" / "train" / "case0" / f"case0_{index:04d}.png", options)
@@ -252,71 +252,71 @@ def test_load_mri_slice_reads_8bit_and_reports_broken_files(tmp_path: Path) -> N
 # --- predict_volume -----------------------------------------------------------------------------------
 
 
+def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
+    """[B, H, W] class ids → [B, K, H, W] probabilities (1 on the class)."""
+    return (labels[:, None] == np.arange(classes)[None, :, None, None]).astype(np.float32)
+
+
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_predict_volume_puts_each_slice_back_in_place(axis: int) -> None:
     volume = np.asanyarray(make_head_phantom(SHAPE, seed=2)[0].dataobj)
-
-    # Encode the slice's position in the batch stream: slice k gets label k + 1 everywhere.
+    # Encode the slice's position in the batch stream: slice k gets class k + 1 everywhere.
     counter = iter(range(1, 1000))
 
-    def index_labels(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.array([next(counter) for _ in range(len(batch))], np.uint8)
-        labels = np.broadcast_to(ids[:, None, None], batch.shape[:3]).copy()
-        return labels, labels.astype(np.float32) / 100
+    def index_labels(batch: np.ndarray) -> np.ndarray:
+        ids = np.array([next(counter) for _ in range(len(batch))])
+        return one_hot(np.broadcast_to(ids[:, None, None], batch.shape[:3]), 60)
 
-    labels, probabilities = predict_volume(
-        volume,
-        index_labels,
-        axis=axis,
-        preprocessing=SlicePreprocessing(),
-        batch_size=7,
-        with_probabilities=True,
-    )
+    labels, probabilities = predict_volume(volume, index_labels, axes=[axis], options=SlicePreprocessing(),
+                                           num_classes=60, batch_size=7, with_probabilities=True)  # fmt: skip
     assert labels.shape == volume.shape and labels.dtype == np.uint8
-    assert (
-        probabilities is not None
-        and probabilities.shape == volume.shape
-        and probabilities.dtype == np.float32
-    )
+    assert probabilities.shape == (60, *volume.shape) and probabilities.dtype == np.float32
     for index in range(volume.shape[axis]):
         assert (np.take(labels, index, axis=axis) == index + 1).all()
-    np.testing.assert_allclose(probabilities, labels / np.float32(100))
+    expected = (labels[None] == np.arange(60)[:, None, None, None]).astype(np.float32)
+    np.testing.assert_array_equal(probabilities, expected)
+
+
+def test_several_axes_average_their_probabilities() -> None:
+    """Axis 0 says class 1 everywhere with p 0.6, axis 2 class 2 with p 0.9: the mean picks class 2."""
+    volume = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    calls = {"n": 0}
+
+    def predictor(batch: np.ndarray) -> np.ndarray:
+        calls["n"] += len(batch)
+        first = batch.shape[1:3] == (5, 4)  # slices along axis 0 are 5 x 4
+        out = np.full((len(batch), 3, *batch.shape[1:3]), 0.05, np.float32)
+        out[:, 1 if first else 2] = 0.6 if first else 0.9
+        return out
+
+    labels, probabilities = predict_volume(volume, predictor, axes=[0, 2], options=SlicePreprocessing(), num_classes=3,
+                                           with_probabilities=True, progress=False)  # fmt: skip
+    assert calls["n"] == 6 + 4
+    assert (labels == 2).all()
+    np.testing.assert_allclose(probabilities[2], (0.05 + 0.9) / 2, rtol=1e-6)
 
 
 def test_threshold_predictor_segments_the_phantom() -> None:
     image, label = make_head_phantom(SHAPE, seed=4)
 
-    def threshold(batch: np.ndarray) -> tuple[np.ndarray, None]:
+    def threshold(batch: np.ndarray) -> np.ndarray:
         # Scalp and brain sit above mid-grey after z-score/clip/gamma; the dark skull does not, so a
         # threshold finds much of the head but not all of it: the phantom needs a learned segmenter.
-        return (batch[..., 0] > 160).astype(np.uint8), None
+        return one_hot((batch[..., 0] > 160).astype(np.int64), 2)
 
-    labels, probabilities = predict_volume(
-        np.asanyarray(image.dataobj), threshold, axis=2, preprocessing=SlicePreprocessing(), progress=False
-    )
+    labels, probabilities = predict_volume(np.asanyarray(image.dataobj), threshold, options=SlicePreprocessing(),
+                                           num_classes=2, progress=False)  # fmt: skip
     assert probabilities is None
     assert 0.5 < dice_and_iou(labels, np.asanyarray(label.dataobj))["dice"] < 0.9
 
 
 def test_predict_volume_rejects_wrong_predictor_output() -> None:
     volume = np.random.default_rng(0).random((4, 5, 6))
-    with pytest.raises(ValueError, match="labels of shape"):
-        predict_volume(
-            volume,
-            lambda b: (np.zeros((1, 2, 2)), None),
-            axis=2,
-            preprocessing=SlicePreprocessing(),
-            progress=False,
-        )
-    with pytest.raises(ValueError, match="probabilities"):
-        predict_volume(
-            volume,
-            lambda b: (np.zeros(b.shape[:3]), None),
-            axis=2,
-            preprocessing=SlicePreprocessing(),
-            with_probabilities=True,
-            progress=False,
-        )
+    with pytest.raises(ValueError, match="predict_slices returned"):
+        predict_volume(volume, lambda b: np.zeros((1, 2, 2, 2)), options=SlicePreprocessing(), num_classes=2,
+                       progress=False)  # fmt: skip
+    with pytest.raises(UserError, match="volume axes"):
+        predict_volume(volume, lambda b: b, axes=[3], options=SlicePreprocessing(), num_classes=2)
 
 
 # --- save_like, metrics, file discovery ------------------------------------------------------------------

@@ -72,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--label-offset", type=int, default=None,
                          help="segmentation: added to class ids in label PNGs (default: 1 for ADE20K-style data "
                               "trained with reduce_zero_label, so 0 stays 'other'; else 0)")
-    predict.add_argument("--labels", default=None, help="NIfTI: label volume (or folder) to report Dice against")
-    predict.add_argument("--probabilities", action="store_true", help="NIfTI: also write a probability volume")
+    predict.add_argument("--labels", default=None,
+                         help="volumes: label volume (or folder) for per-class Dice, IoU, HD95 and surface Dice")
+    predict.add_argument("--probabilities", action="store_true", help="volumes: also write class probabilities")
+    predict.add_argument("--devices", type=int, default=1,
+                         help="volumes: processes to spread them over, one per GPU (or CPU processes with --device cpu)")
+    predict.add_argument("--resume", action="store_true",
+                         help="volumes: skip those whose prediction is already in --out (a rerun after a kill)")
     predict.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: key=value
     _add_device_argument(predict, float32=True)
     predict.set_defaults(handler=handlers.run_predict, trailing="paths")

@@ -18,10 +18,10 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from dinov3ds.errors import UserError
+from dinov3ds.medical_config import SlicePreprocessing
 
 MAX_SIDE = 16384  # pixels: larger sides are typos (an int overflow deep in torch otherwise)
 MAX_YAML_NODES = 20_000  # a config has hundreds; an alias bomb has millions
@@ -30,6 +30,11 @@ MAX_YAML_NODES = 20_000  # a config has hundreds; an alias bomb has millions
 def _expand(path: str | None) -> str | None:
     """`~` and `$VAR` in a path, expanded once here: a literal `./~/x` folder is a disaster waiting for `rm -rf ~`."""
     return None if path is None else os.path.expandvars(os.path.expanduser(path))
+
+
+def cache_dir() -> Path:
+    """Where dinov3ds keeps caches (hashes, features, medical slices): $DINOV3DS_CACHE, else ~/.cache/dinov3ds."""
+    return Path(os.environ.get("DINOV3DS_CACHE", Path.home() / ".cache" / "dinov3ds"))
 
 
 PathText = Annotated[str, AfterValidator(_expand)]
@@ -41,24 +46,6 @@ class Section(BaseModel):
     """Strict by default: a typo in a key is an error, never a silently ignored setting."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SlicePreprocessing(BaseModel):
-    """How a 2D MRI slice becomes a uint8 image ; the same options at training and inference."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    zscore: bool = True  # standardise each slice to mean 0, std 1 (a constant slice becomes all zeros)
-    clip: float | None = Field(2.0, gt=0)  # clip z-scores to [-clip, clip]; None keeps the full range
-    gamma: float | None = Field(0.75, gt=0)  # out = 255 * (x / 255) ** gamma; < 1 lifts low intensities
-    channels: int = Field(3, ge=1)  # gray value repeated to this many channels (3 for RGB backbones)
-
-    @model_validator(mode="after")
-    def _clip_needs_zscore(self) -> SlicePreprocessing:
-        # `clip` is measured in standard deviations; on raw intensities it would flatten the image.
-        if self.clip is not None and not self.zscore:
-            raise ValueError("clip is in standard deviations and needs zscore: true; set clip: null")
-        return self
 
 
 class BackboneConfig(Section):
@@ -76,10 +63,12 @@ class BackboneConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["imagenette", "image_folder", "ade20k", "segmentation_folder"] = "image_folder"
+    dataset: Literal["imagenette", "image_folder", "ade20k", "segmentation_folder", "nnunet"] = "image_folder"
     root: PathText = "data"  # dataset folder (the one holding the splits)
     train_split: str = "train"  # sub-folder of the training split
     val_split: str = "val"  # sub-folder of the validation split
+    fold: int = Field(0, ge=0)  # nnunet: the fold of splits_final.json (when present) used for validation
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # nnunet without splits_final.json: share of cases for val
     image_size: Side = 224  # classification crop, or segmentation training crop
     eval_size: Side | None = None  # segmentation: shorter side at evaluation (None = as stored)
     base_size: Side | None = None  # segmentation: shorter side that scale_range multiplies (None = image_size)
@@ -99,7 +88,7 @@ class DataConfig(Section):
     mask_suffix: str = ".png"  # segmentation folders: mask file suffix replacing the image's
     label_map: dict[int, int] | None = None  # remap stored mask values, e.g. {255: 1}
     reduce_zero_label: bool = False  # 0 → ignore, v → v-1 (ADE20K convention)
-    medical: SlicePreprocessing | None = None  # set for MRI slices: z-score, clip, gamma, 3 channels
+    medical: SlicePreprocessing | None = None  # MRI/CT slices: intensity, channels, 2.5D (see medical_config.py)
     on_bad_sample: Literal["error", "warn"] = "error"  # orphan image/mask, empty class folder, unreadable file: stop, or skip with a warning
 
 
@@ -179,7 +168,10 @@ class InferenceConfig(Section):
     scales: Annotated[list[Annotated[float, Field(gt=0, le=8)]], Field(min_length=1)] = Field(default_factory=lambda: [1.0])
     batch_size: Positive = 8  # images per forward in predict
     volume_axis: int = Field(2, ge=0, le=2)  # NIfTI volumes: slicing axis
-    volume_batch_size: Positive = 16  # NIfTI volumes: slices per forward
+    # volumes: predict along each of these axes and average the probabilities (None = [volume_axis]); train on
+    # the same axes (data.medical.axes) for it to help
+    volume_axes: list[Literal[0, 1, 2]] | None = Field(None, min_length=1)
+    volume_batch_size: Positive = 16  # volumes: axial slices per forward (other axes: as many pixels)
 
 
 class Config(Section):

@@ -56,6 +56,8 @@ def evaluate(checkpoint_path: str | Path, overrides: list[str] | None = None, ou
     checkpoint); files already there are kept unless `overwrite`. Returns the metrics (on every rank)."""
     out = OutputFolder(Path(output_dir) if output_dir else default_output_dir(checkpoint_path), overwrite=overwrite)
     config = checkpoint_config(read_checkpoint(checkpoint_path), checkpoint_path, overrides)
+    if config.data.dataset == "nnunet":
+        return evaluate_volumes(checkpoint_path, config, out, overrides, device)
     for name in metric_files(config.task, prefix="eval"):
         out.claim(name)
     accelerator, devices, here = evaluation_placement(config, resolve_device(device))
@@ -75,3 +77,33 @@ def evaluate(checkpoint_path: str | Path, overrides: list[str] | None = None, ou
     if trainer.is_global_zero:
         print(write_metrics(result, model.class_names, config.task, out.root, prefix="eval"))
     return result
+
+
+def evaluate_volumes(checkpoint_path: str | Path, config: Config, out: OutputFolder, overrides: list[str] | None,
+                     device: str | torch.device) -> dict:  # fmt: skip
+    """An nnU-Net / MSD checkpoint: every validation case predicted as a volume, per-class Dice, IoU, HD95 and
+    surface Dice per case (`eval_per_case.csv`) and their means (`eval_metrics.json`)."""
+    from dinov3ds.commands.volumes import slice_predictor
+    from dinov3ds.data.nnunet import load_case, read_nnunet
+    from dinov3ds.models.volume_inference import predict_volume
+    from dinov3ds.volume_metrics import case_metrics, format_summary, write_reports
+
+    for name in ("eval_metrics.json", "eval_per_case.csv"):
+        out.claim(name)
+    model = load_model(checkpoint_path, device=resolve_device(device), overrides=overrides)
+    dataset = read_nnunet(config.data.root)
+    _, val_cases = dataset.split(config.data.fold, config.data.val_fraction, config.seed)
+    inference = config.inference
+    cases = {}
+    for case in val_cases:
+        channels, label, reference = load_case(case, dataset)
+        zooms = reference.header.get_zooms()[:3]
+        labels, _ = predict_volume(
+            channels, slice_predictor(model), options=config.data.medical, num_classes=model.num_classes,
+            axes=inference.volume_axes or [inference.volume_axis], zooms=zooms, batch_size=inference.volume_batch_size,
+            progress=config.trainer.progress_bar,
+        )  # fmt: skip
+        cases[case.case_id] = case_metrics(labels, label, zooms, model.class_names)
+    summary = write_reports(cases, out.root, prefix="eval_")
+    print(format_summary(summary))
+    return summary

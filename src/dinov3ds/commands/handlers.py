@@ -68,7 +68,7 @@ def run_predict(args: argparse.Namespace) -> None:
     overrides = [*args.set, *overrides, *(["inference.flip=true"] if args.flip else []), *float32_override(args)]
     predict(args.checkpoint, paths, args.out, topk=args.topk, mode=args.mode, labels=args.labels, overrides=overrides,
             probabilities=args.probabilities, overwrite=args.overwrite, label_offset=args.label_offset,
-            device=args.device)  # fmt: skip
+            device=args.device, devices=args.devices, resume=args.resume)  # fmt: skip
 
 
 def run_download(args: argparse.Namespace) -> None:

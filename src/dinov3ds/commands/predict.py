@@ -9,37 +9,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, printable
+from dinov3ds.commands.volumes import predict_volumes, volume_inputs
+from dinov3ds.data.dicom import is_dicom_series
 from dinov3ds.data.image_batches import image_batches
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image
-from dinov3ds.data.transforms import SegmentationEvalTransform, round_to_multiple
-from dinov3ds.data.volumes import (
-    LABEL_SUFFIXES,
-    NIFTI_SUFFIXES,
-    is_nifti,
-    load_volume,
-    save_like,
-    volume_stem,
-)
+from dinov3ds.data.transforms import SegmentationEvalTransform
+from dinov3ds.data.volumes import is_nifti
 from dinov3ds.errors import UserError
-from dinov3ds.metrics import dice_and_iou
+from dinov3ds.models.checkpoints import read_checkpoint
 from dinov3ds.models.inference import labels_at_size
 from dinov3ds.models.tasks import Classifier, Segmenter, load_model
-from dinov3ds.models.volume_inference import predict_volume
 from dinov3ds.viz import default_palette, save_color_png, save_label_png
 
 
-def collect_inputs(paths: list[str]) -> tuple[list[Path], list[Path]]:
-    """Split the command line into images and NIfTI volumes; folders are searched."""
-    images, volumes = [], []
+def collect_inputs(paths: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
+    """Split the command line into images, NIfTI files and DICOM series folders; folders are searched."""
+    images, volumes, series = [], [], []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise UserError(f"{path} does not exist; pass image files, folders or .nii/.nii.gz volumes")
+            raise UserError(f"{path} does not exist; pass image files, folders, .nii/.nii.gz volumes or DICOM folders")
         if path.is_dir():
+            folders = [path, *sorted(p for p in path.rglob("*") if p.is_dir())]
+            series += [folder for folder in folders if is_dicom_series(folder)]
             volumes += [p for p in sorted(path.rglob("*")) if p.is_file() and is_nifti(p)]
             images += find_images(path)
         elif is_nifti(path):
@@ -47,10 +42,10 @@ def collect_inputs(paths: list[str]) -> tuple[list[Path], list[Path]]:
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(path)
         else:
-            raise UserError(f"{path}: unsupported file type; use {', '.join(sorted(IMAGE_EXTENSIONS))} or .nii/.nii.gz")
-    if not images and not volumes:
-        raise UserError(f"no images or volumes found in {', '.join(paths)}")
-    return images, volumes
+            raise UserError(f"{path}: unsupported file type; use {', '.join(sorted(IMAGE_EXTENSIONS))}, .nii/.nii.gz or a DICOM folder")
+    if not images and not volumes and not series:
+        raise UserError(f"no images, volumes or DICOM series found in {', '.join(paths)}")
+    return images, volumes, series
 
 
 def _workers(model: Classifier | Segmenter) -> int:
@@ -137,92 +132,30 @@ def predict_segmentation(model: Segmenter, images: list[Path], out: OutputFolder
     print(f"wrote label maps ({convention}) and overlays for {len(images)} images to {out.root}")
 
 
-def _slice_predictor(model: Segmenter):
-    """uint8 slices [B,H,W,3] → (labels, foreground probability) through the segmenter."""
-    mean = torch.tensor(model.backbone.mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.backbone.std).view(1, 3, 1, 1)
-    multiple = model.input_multiple
-
-    @torch.inference_mode()
-    def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        images = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255
-        height, width = images.shape[-2:]
-        size = (round_to_multiple(height, multiple), round_to_multiple(width, multiple))
-        images = F.interpolate(images, size=size, mode="bilinear", antialias=True) if size != (height, width) else images
-        probabilities = model.predict_probabilities(((images - mean) / std).to(model.device))
-        probabilities = F.interpolate(probabilities.float(), size=(height, width), mode="bilinear").cpu()
-        foreground = probabilities[:, 1] if probabilities.shape[1] > 1 else probabilities[:, 0]
-        return probabilities.argmax(dim=1).numpy(), foreground.numpy()
-
-    return predict
-
-
-def _matching_label(volume: Path, labels: Path | None) -> Path | None:
-    if labels is None:
-        return None
-    if labels.is_file():
-        return labels
-    stem = volume_stem(volume)
-    for suffix in LABEL_SUFFIXES:
-        for extension in NIFTI_SUFFIXES:
-            candidate = labels / f"{stem}{suffix}{extension}"
-            if candidate.is_file():
-                return candidate
-    raise UserError(f"no label volume for {volume.name} in {labels}; name it like the image (optionally _seg/_label/_mask)")
-
-
-def predict_volumes(model: Segmenter, volumes: list[Path], out: OutputFolder, labels: Path | None,
-                    probabilities: bool) -> list[dict]:  # fmt: skip
-    config = model.config
-    if config.data.medical is None:
-        raise UserError("this checkpoint was not trained on MRI slices (data.medical is unset); volumes need an MRI model")
-    root = input_root(volumes)
-    report_path = out.claim("volumes.jsonl")
-    names = {path: mirrored(path, root, "").with_name(volume_stem(path)) for path in volumes}
-    targets = {path: (out.claim(f"{names[path]}_pred.nii.gz"),
-                      out.claim(f"{names[path]}_prob.nii.gz") if probabilities else None) for path in volumes}  # fmt: skip
-    reports = []
-    for path in volumes:
-        image = load_volume(path)
-        data = np.asanyarray(image.dataobj)
-        predicted, foreground = predict_volume(
-            data, _slice_predictor(model), axis=config.inference.volume_axis, preprocessing=config.data.medical,
-            batch_size=config.inference.volume_batch_size, with_probabilities=probabilities,
-        )  # fmt: skip
-        prediction_path, probability_path = targets[path]
-        save_like(predicted, image, prediction_path, np.uint8)
-        if foreground is not None:
-            save_like(foreground, image, probability_path, np.float32)
-        report = {"volume": str(path), "prediction": str(prediction_path)}
-        label_path = _matching_label(path, labels)
-        if label_path is not None:
-            label = np.asarray(load_volume(label_path).dataobj)
-            if label.shape != predicted.shape:
-                raise UserError(f"label volume {label_path} has shape {label.shape}, the image {path} has {predicted.shape}")
-            report.update(dice_and_iou(predicted, np.rint(label).astype(np.int64)))
-            print(f"{path.name}: Dice {report['dice']:.4f}  IoU {report['iou']:.4f}")
-        reports.append(report)
-    report_path.write_text("".join(json.dumps(r) + "\n" for r in reports))
-    print(f"wrote {len(volumes)} predicted volumes to {out.root}")
-    return reports
-
-
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: int = 5, mode: str | None = None,
             labels: str | None = None, overrides: list[str] | None = None, probabilities: bool = False,
-            overwrite: bool = False, label_offset: int | None = None, device: str = "auto") -> None:  # fmt: skip
+            overwrite: bool = False, label_offset: int | None = None, device: str = "auto", devices: int = 1,
+            resume: bool = False) -> None:  # fmt: skip
     """Predict every image and volume in `paths` into `out`, which mirrors their folders (see OutputFolder),
-    on `device` (auto: the first GPU if there is one)."""
+    on `device` (auto: the first GPU if there is one); volumes over `devices` processes, `resume` skipping
+    those already predicted."""
     if topk < 1:
         raise UserError(f"--topk {topk}: give 1 or more labels per image")
-    images, volumes = collect_inputs(paths)
-    folder = OutputFolder(Path(out), inputs=[*images, *volumes], overwrite=overwrite)
-    model = load_model(checkpoint, device=device, overrides=overrides)
+    if devices < 1:
+        raise UserError(f"--devices {devices}: give 1 or more")
+    images, volume_files, series = collect_inputs(paths)
+    folder = OutputFolder(Path(out), inputs=[*images, *volume_files], overwrite=overwrite)
+    items = volume_inputs(volume_files, series)
+    if items and read_checkpoint(checkpoint).config.get("task") == "classification":
+        raise UserError(f"{checkpoint} is a classification checkpoint and cannot segment volumes such as "
+                        f"{items[0].files[0]}; pass images, or a segmentation checkpoint")  # fmt: skip
+    spread = devices > 1 and not images  # each process loads its own model: none here
+    model = None if spread else load_model(checkpoint, device=device, overrides=overrides)
     if isinstance(model, Classifier):
-        if volumes:
-            raise UserError("a classification checkpoint cannot predict NIfTI volumes; pass images")
         predict_classification(model, images, folder, topk)
         return
     if images:
         predict_segmentation(model, images, folder, mode, label_offset)
-    if volumes:
-        predict_volumes(model, volumes, folder, Path(labels) if labels else None, probabilities)
+    if items:
+        predict_volumes(model, items, folder, Path(labels) if labels else None, probabilities, checkpoint=str(checkpoint),
+                        overrides=list(overrides or []), device=device, devices=devices, resume=resume)  # fmt: skip

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from pydantic import ValidationError
 from torch.utils.data import Dataset
 
-from dinov3ds.config import Config
+from dinov3ds.config import Config, cache_dir
 from dinov3ds.data.classification import IMAGENETTE_CLASSES, ImageFolderDataset
 from dinov3ds.data.io import load_image
 from dinov3ds.data.layout import MaskLabels, SegmentationLayout, ade20k_layout, ade20k_split
 from dinov3ds.data.medical import load_mri_slice
+from dinov3ds.data.nnunet import read_nnunet
 from dinov3ds.data.segmentation import ADE20K_CLASSES, SegmentationFolderDataset
 from dinov3ds.data.transforms import (
     SegmentationEvalTransform,
@@ -21,6 +23,7 @@ from dinov3ds.data.transforms import (
     classification_train_transform,
 )
 from dinov3ds.errors import UserError
+from dinov3ds.medical_config import SlicePreprocessing
 
 Stats = tuple[float, float, float]
 
@@ -72,6 +75,9 @@ def segmentation_class_names(config: Config) -> list[str]:
 def image_loader(config: Config):
     """Natural images load as RGB; MRI slices go through the one shared slice preprocessing."""
     if config.data.medical is not None:
+        if config.data.medical.modality == "ct":
+            raise UserError("CT slices in an image folder have lost their Hounsfield units; use data.dataset: nnunet "
+                            "on the volumes (or modality: mri for PNG slices)")  # fmt: skip
         return partial(load_mri_slice, options=config.data.medical)
     return load_image
 
@@ -88,25 +94,73 @@ def segmentation_layout(config: Config) -> tuple[SegmentationLayout, tuple[str, 
     return layout, (data.train_split, data.val_split)
 
 
+def _train_transform(config: Config, mean: Stats, std: Stats) -> SegmentationTrainTransform:
+    data = config.data
+    return SegmentationTrainTransform(
+        data.image_size, mean, std, scale_range=tuple(data.scale_range) if data.augment else (1.0, 1.0),
+        base_size=data.base_size, ignore_index=data.ignore_index, photometric=data.photometric and data.augment,
+        cat_max_ratio=data.cat_max_ratio if data.augment else 1.0, hflip=data.augment,
+    )  # fmt: skip
+
+
 def _segmentation_split(config: Config, split: str, mean: Stats, std: Stats, input_multiple: int) -> Dataset:
     data = config.data
     if split == "train":
-        transform = SegmentationTrainTransform(
-            data.image_size,
-            mean,
-            std,
-            scale_range=tuple(data.scale_range) if data.augment else (1.0, 1.0),
-            base_size=data.base_size,
-            ignore_index=data.ignore_index,
-            photometric=data.photometric and data.augment,
-            cat_max_ratio=data.cat_max_ratio if data.augment else 1.0,
-            hflip=data.augment,
-        )
+        transform = _train_transform(config, mean, std)
     else:
         transform = SegmentationEvalTransform(data.eval_size, mean, std, multiple_of=input_multiple)
     layout, (train_split, val_split) = segmentation_layout(config)
     return SegmentationFolderDataset(layout, train_split if split == "train" else val_split, transform,
                                      image_loader=image_loader(config), on_bad_sample=data.on_bad_sample)  # fmt: skip
+
+
+def resolve_dataset_settings(config: Config) -> None:
+    """Fill in what an nnU-Net / MSD dataset says about itself, so the saved config and every checkpoint hold
+    it: class names from dataset.json, `data.medical` for its modality (MRI defaults, or CT), and for CT
+    without a window the percentile range of the training cases' foreground. Other datasets: nothing."""
+    data = config.data
+    if data.dataset != "nnunet":
+        return
+    _check_root(config)
+    dataset = read_nnunet(data.root)
+    names = list(dataset.class_names)
+    if data.class_names is not None and list(data.class_names) != names:
+        raise UserError(f"data.class_names {data.class_names} differ from dataset.json's labels {names}; remove data.class_names")
+    data.class_names, data.num_classes = names, len(names)
+    medical = _with_dataset_modality(data.medical or SlicePreprocessing(), dataset.modality, data.root)
+    medical = medical.model_copy(update={"volume_channels": len(dataset.channel_names)})
+    if any(value != index for index, value in enumerate(dataset.label_values)):  # stored ids, e.g. 0, 1, 2, 4
+        data.label_map = {value: index for index, value in enumerate(dataset.label_values)}
+    if medical.modality == "ct" and medical.window is None and medical.intensity_range is None:
+        from dinov3ds.data.volume_slices import ct_intensity_range
+
+        train_cases, _ = dataset.split(data.fold, data.val_fraction, config.seed)
+        medical = medical.model_copy(update={"intensity_range": ct_intensity_range(train_cases, dataset, medical.percentiles)})
+    data.medical = medical
+
+
+def _with_dataset_modality(medical: SlicePreprocessing, modality: str, root: str) -> SlicePreprocessing:
+    """dataset.json's modality unless the config names one: `medical: {context: 1}` on a CT dataset is CT."""
+    if "modality" in medical.model_fields_set:
+        return medical
+    try:
+        return SlicePreprocessing.model_validate({**medical.model_dump(exclude_unset=True), "modality": modality})
+    except ValidationError as error:
+        reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UserError(f"data.medical: {root}/dataset.json says {modality.upper()}, and {reason}") from None
+
+
+def _nnunet_splits(config: Config, mean: Stats, std: Stats, input_multiple: int, *, train: bool = True) -> DataSplits:
+    from dinov3ds.data.volume_slices import VolumeSlices
+
+    resolve_dataset_settings(config)
+    data = config.data
+    dataset = read_nnunet(data.root)
+    train_cases, val_cases = dataset.split(data.fold, data.val_fraction, config.seed)
+    cache = cache_dir() / "volume_slices"
+    val = VolumeSlices(val_cases, dataset, data.medical, SegmentationEvalTransform(data.eval_size, mean, std, multiple_of=input_multiple), cache)
+    train_set = VolumeSlices(train_cases, dataset, data.medical, _train_transform(config, mean, std), cache) if train else None
+    return DataSplits(train_set, val, list(dataset.class_names))
 
 
 def _check_root(config: Config) -> None:
@@ -122,6 +176,8 @@ def build_datasets(config: Config, mean: Stats, std: Stats, input_multiple: int 
     _check_root(config)
     if config.task == "classification":
         return _classification(config, mean, std)
+    if config.data.dataset == "nnunet":
+        return _nnunet_splits(config, mean, std, input_multiple)
     train = _segmentation_split(config, "train", mean, std, input_multiple)
     val = _segmentation_split(config, "val", mean, std, input_multiple)
     return DataSplits(train, val, segmentation_class_names(config))
@@ -132,4 +188,6 @@ def build_validation_dataset(config: Config, mean: Stats, std: Stats, input_mult
     _check_root(config)
     if config.task == "classification":
         return _classification_split(config, config.data.val_split, mean, std, train=False)
+    if config.data.dataset == "nnunet":
+        return _nnunet_splits(config, mean, std, input_multiple, train=False).val
     return _segmentation_split(config, "val", mean, std, input_multiple)

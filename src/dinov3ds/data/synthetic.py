@@ -8,6 +8,7 @@ the class, with jitter and noise on top.
 from __future__ import annotations
 
 import colorsys
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -219,3 +220,66 @@ def make_head_phantom(
     for item in (image, label):
         item.header.set_xyzt_units("mm")
     return image, label
+
+
+def nested_phantom(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], *, seed: int, modality: str
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Channels and labels of a body with two nested structures (1 = organ, 2 = lesion inside it).
+
+    MRI: two channels of different contrast (organ bright on the first, lesion bright on the second) with
+    Rician-like noise. CT: one channel in Hounsfield units (air -1000, tissue 40, organ 70, lesion 150).
+    """
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing, strict=True)), indexing="ij")
+    extent = (np.asarray(shape) - 1) * np.asarray(spacing)
+
+    def ellipsoid(centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
+        return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii, strict=True)) <= 1
+
+    body = ellipsoid(extent / 2, extent * 0.45)
+    organ_centre = extent * (0.5 + rng.uniform(-0.06, 0.06, 3))
+    organ_radii = extent * rng.uniform(0.22, 0.28, 3)
+    organ = ellipsoid(organ_centre, organ_radii) & body
+    lesion = ellipsoid(organ_centre + organ_radii * rng.uniform(-0.3, 0.3, 3), organ_radii * 0.45) & organ
+    label = organ.astype(np.uint8) + lesion.astype(np.uint8)
+    if modality == "ct":
+        hu = np.where(body, 40.0, -1000.0)
+        hu[organ], hu[lesion] = 70.0, 150.0
+        return [(hu + rng.normal(0, 12, shape)).astype(np.float32)], label
+    first = np.where(body, 0.3, 0.02) + 0.5 * organ - 0.2 * lesion
+    second = np.where(body, 0.2, 0.02) + 0.1 * organ + 0.6 * lesion
+    return [(1000 * np.abs(c + rng.normal(0, 0.03, shape))).astype(np.float32) for c in (first, second)], label
+
+
+def make_nnunet_dataset(
+    root: str | Path,
+    *,
+    training: int = 6,
+    test: int = 2,
+    shape: tuple[int, int, int] = (40, 36, 12),
+    spacing: tuple[float, float, float] = (0.9, 0.9, 3.0),
+    modality: str = "mri",
+    seed: int = 0,
+) -> Path:
+    """An nnU-Net v2 raw dataset of nested-structure phantoms: dataset.json, imagesTr/<case>_000c.nii.gz,
+    labelsTr/<case>.nii.gz, imagesTs/; anisotropic voxels with an oblique-free, shifted affine."""
+    root = Path(root)
+    channel_names = {"0": "CT"} if modality == "ct" else {"0": "T1", "1": "T2"}
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = (-12.5, 30.0, -7.25)
+    for index in range(training + test):
+        case = f"phantom_{index:03d}"
+        channels, label = nested_phantom(shape, spacing, seed=seed + index, modality=modality)
+        folder = "imagesTr" if index < training else "imagesTs"
+        for number, channel in enumerate(channels):
+            nib.save(nib.Nifti1Image(channel, affine), root / folder / f"{case}_{number:04d}.nii.gz")
+        if index < training:
+            nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"{case}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": channel_names, "labels": {"background": 0, "organ": 1, "lesion": 2},
+        "numTraining": training, "file_ending": ".nii.gz", "name": f"phantom_{modality}",
+    }, indent=2))  # fmt: skip
+    return root

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dinov3ds.config import cache_dir
 from dinov3ds.errors import UserError
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8})\.pth$")
@@ -27,11 +28,6 @@ HASH_IN_NAME = re.compile(r"-([0-9a-f]{8})\.pth$")
 class WeightFile:
     path: Path
     sha256: str
-
-
-def cache_dir() -> Path:
-    """Where dinov3ds keeps small caches ($DINOV3DS_CACHE, else ~/.cache/dinov3ds)."""
-    return Path(os.environ.get("DINOV3DS_CACHE", Path.home() / ".cache" / "dinov3ds"))
 
 
 def _hash_cache_file() -> Path:

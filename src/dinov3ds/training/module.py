@@ -98,7 +98,7 @@ class TaskModule(L.LightningModule):
         self.from_features = from_features  # batches are cached feature vectors, not images
         self.strict_loading = False  # checkpoints hold the head only; the backbone comes from its weight file
         self.num_classes = len(class_names)
-        self.task = task_for(config, self.num_classes)
+        self.task = task_for(config, list(class_names))
         self.criterion = self.task.criterion  # a submodule, so class weights follow the device
         self.val_metric = self.task.new_metric()
         self.monitor = self.task.monitor
@@ -184,6 +184,9 @@ class TaskModule(L.LightningModule):
         for key in self.task.reported:
             if key in result and not (isinstance(result[key], float) and math.isnan(result[key])):
                 self.log(f"val/{key}", float(result[key]), prog_bar=key == self.task.reported[0])
+        for key, value in self.task.per_class_scalars(result).items():
+            if not math.isnan(value):
+                self.log(f"val/{key}", value)
         self.last_validation = result
         self._remember(result)
 

@@ -30,6 +30,9 @@ class ClassificationTask:
         """Logits [B, K]: what the metric and the validation loss both take."""
         return module(inputs)
 
+    def per_class_scalars(self, result: dict) -> dict[str, float]:
+        return {}
+
     def validation_loss(self, output: Tensor, target: Tensor) -> Tensor | None:
         return self.criterion(output, target)
 
@@ -40,9 +43,11 @@ class SegmentationTask:
     monitor = "val/mIoU"
     reported = ("mIoU", "aAcc", "mAcc", "mDice")
 
-    def __init__(self, config: Config, num_classes: int) -> None:
+    def __init__(self, config: Config, num_classes: int, class_names: list[str] | None = None) -> None:
         self.num_classes = num_classes
         self.ignore_index = config.data.ignore_index
+        # Medical data: Dice of every structure at each validation (a mean hides the small one that fails).
+        self.logged_classes = list(class_names or [])[1:] if config.data.medical is not None else []
         loss = config.loss
         self.criterion = build_loss(
             loss.name, num_classes=num_classes, ignore_index=self.ignore_index, class_weights=loss.class_weights,
@@ -60,6 +65,12 @@ class SegmentationTask:
     def validation_loss(self, output: Tensor, target: Tensor) -> Tensor | None:
         return None  # the prediction is a label map here; the loss needs logits at the crop size
 
+    def per_class_scalars(self, result: dict) -> dict[str, float]:
+        """`Dice_<class>` for each foreground class of medical data (slices pooled over the split)."""
+        return {f"Dice_{name}": float(result["Dice"][index + 1]) for index, name in enumerate(self.logged_classes)}
 
-def task_for(config: Config, num_classes: int) -> ClassificationTask | SegmentationTask:
-    return (ClassificationTask if config.task == "classification" else SegmentationTask)(config, num_classes)
+
+def task_for(config: Config, class_names: list[str]) -> ClassificationTask | SegmentationTask:
+    if config.task == "classification":
+        return ClassificationTask(config, len(class_names))
+    return SegmentationTask(config, len(class_names), class_names)

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3ds.config import Config, load_config, save_config
-from dinov3ds.data.build import DataSplits, build_datasets
+from dinov3ds.data.build import DataSplits, build_datasets, resolve_dataset_settings
 from dinov3ds.data.sampling import ResumableSampler, SeededSamples
 from dinov3ds.errors import UserError
 from dinov3ds.models.checkpoints import AtomicCheckpointIO, load_checkpoint_file, read_checkpoint
@@ -148,6 +148,7 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
     """
     if not isinstance(config, Config):
         config = load_config(config, overrides)
+    resolve_dataset_settings(config)  # nnU-Net data: class names, modality and CT range, saved with the run
     output_dir = Path(config.output_dir)
     checkpoint = _resume_checkpoint(config, output_dir, resume) if resume else None
     if rank_zero_only.rank != 0:  # under DDP every rank runs this; rank 0 holds the folder and writes

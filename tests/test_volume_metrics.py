@@ -1,0 +1,107 @@
+"""3D metrics against a brute-force reference (float64, surfaces found voxel by voxel, every pair of surface
+voxels measured) and against MONAI's functions, on crafted masks with anisotropic spacing; empty masks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dinov3ds.volume_metrics import binary_metrics, case_metrics, diagonal_mm, summarise, write_reports
+
+SPACING = (0.8, 1.3, 2.5)
+
+
+def brute_surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of the mask with one of their 6 face neighbours outside it (outside the volume counts as out)."""
+    padded = np.pad(mask, 1)
+    out = np.zeros_like(mask)
+    for index in zip(*np.nonzero(mask)):
+        centre = tuple(i + 1 for i in index)
+        for axis in range(3):
+            for step in (-1, 1):
+                neighbour = list(centre)
+                neighbour[axis] += step
+                if not padded[tuple(neighbour)]:
+                    out[index] = True
+    return out
+
+
+def brute_metrics(prediction: np.ndarray, reference: np.ndarray, tolerance: float) -> dict[str, float]:
+    sp, sr = brute_surface(prediction), brute_surface(reference)
+    points_p = np.argwhere(sp) * np.array(SPACING)
+    points_r = np.argwhere(sr) * np.array(SPACING)
+    pairwise = np.sqrt(((points_p[:, None, :] - points_r[None, :, :]) ** 2).sum(-1))
+    p_to_r, r_to_p = pairwise.min(1), pairwise.min(0)
+    intersection, total = (prediction & reference).sum(), prediction.sum() + reference.sum()
+    return {
+        "dice": 2 * intersection / total,
+        "iou": intersection / (total - intersection),
+        "hd95": max(np.percentile(p_to_r, 95), np.percentile(r_to_p, 95)),
+        "nsd": ((p_to_r <= tolerance).sum() + (r_to_p <= tolerance).sum()) / (len(p_to_r) + len(r_to_p)),
+    }
+
+
+def crafted() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    shape = (18, 16, 10)
+    z, y, x = np.indices(shape)
+    ball = (((z - 8) * 0.8) ** 2 + ((y - 7) * 1.3) ** 2 + ((x - 4) * 2.5) ** 2) <= 36
+    shifted = np.roll(ball, (2, -1, 1), axis=(0, 1, 2))
+    box = np.zeros(shape, bool)
+    box[3:12, 2:9, 1:7] = True
+    rng = np.random.default_rng(0)
+    noisy = ball ^ (rng.random(shape) < 0.03)
+    border = np.zeros(shape, bool)
+    border[0:5, 0:4, 0:3] = True  # touches the volume's faces
+    return [("ball-vs-shifted", ball, shifted), ("ball-vs-box", ball, box), ("ball-vs-noisy", noisy, ball),
+            ("border-vs-box", border, box), ("identical", box, box)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "prediction", "reference"), crafted(), ids=[c[0] for c in crafted()])
+@pytest.mark.parametrize("tolerance", [1.0, 2.7])  # not on a distance that occurs (ties round either way)
+def test_metrics_equal_the_brute_force_definitions(name, prediction, reference, tolerance) -> None:
+    ours = binary_metrics(prediction, reference, SPACING, tolerance)
+    expected = brute_metrics(prediction, reference, tolerance)
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.parametrize(("name", "prediction", "reference"), crafted(), ids=[c[0] for c in crafted()])
+def test_hd95_and_nsd_agree_with_monai(name, prediction, reference) -> None:
+    torch = pytest.importorskip("torch")
+    monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI is in the dev extra")
+    as_batch = [torch.from_numpy(np.stack([~m, m])[None].astype(np.float32)) for m in (prediction, reference)]
+    hd95 = monai_metrics.compute_hausdorff_distance(*as_batch, percentile=95, spacing=SPACING).item()
+    nsd = monai_metrics.compute_surface_dice(*as_batch, class_thresholds=[1.0], spacing=SPACING).item()
+    ours = binary_metrics(prediction, reference, SPACING, 1.0)
+    assert ours["hd95"] == pytest.approx(hd95, abs=1e-5)  # MONAI measures in float32
+    assert ours["nsd"] == pytest.approx(nsd, abs=1e-6)
+
+
+def test_empty_masks_follow_metrics_reloaded() -> None:
+    empty = np.zeros((6, 7, 8), bool)
+    full = empty.copy()
+    full[2:4, 2:4, 2:4] = True
+    assert binary_metrics(empty, empty, SPACING) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "nsd": 1.0}
+    worst = {"dice": 0.0, "iou": 0.0, "hd95": diagonal_mm(empty.shape, SPACING), "nsd": 0.0}
+    assert binary_metrics(full, empty, SPACING) == worst == binary_metrics(empty, full, SPACING)
+    assert worst["hd95"] == pytest.approx(math.sqrt((5 * 0.8) ** 2 + (6 * 1.3) ** 2 + (7 * 2.5) ** 2))
+
+
+def test_per_class_per_case_and_their_means(tmp_path) -> None:
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[1:5, 1:5, 1:5] = 1
+    reference[5:7, 5:7, 5:7] = 2
+    perfect, missed = reference.copy(), reference.copy()
+    missed[missed == 2] = 0  # class 2 not found
+    names = ["background", "liver", "tumour"]
+    cases = {"a": case_metrics(perfect, reference, SPACING, names), "b": case_metrics(missed, reference, SPACING, names)}
+    assert cases["a"]["tumour"]["dice"] == 1.0 and cases["b"]["tumour"]["dice"] == 0.0
+    assert set(cases["a"]) == {"liver", "tumour"}  # background is not scored
+    summary = write_reports(cases, tmp_path, prefix="eval_")
+    assert summary["per_class"]["tumour"]["dice"] == 0.5 and summary["per_class"]["liver"]["dice"] == 1.0
+    assert summary["mean"]["dice"] == 0.75 and summary["cases"] == 2
+    rows = (tmp_path / "eval_per_case.csv").read_text().splitlines()
+    assert rows[0] == "case,class,dice,iou,hd95,nsd" and len(rows) == 5
+    assert summarise({})["cases"] == 0
