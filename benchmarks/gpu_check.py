@@ -7,6 +7,8 @@
 3. Predict throughput: `classify_files` over the same 64 photos on the GPU and on the CPU (images/s).
 4. Backbone throughput: vits16 / vitb16 / vitl16 at 224 and 512, bf16 and float32 (images/s, batch 32).
 5. bf16 `vitl16` at 512 as a fraction of the measured bf16 matmul FLOP/s (`benchmarks/flops.py`, target 40 %).
+6. The `pmt` head on `vitl16` at 512 in bf16 (150 classes, masked attention annealed away, as after training):
+   images/s at batch 1 and 16, printed beside the reference's 128 FPS on an H100 (tue-mps/pmt, compiled).
 
 Run from the repository root on a machine with a GPU: `python benchmarks/gpu_check.py`; the JSON goes to
 `benchmarks/results/gpu_check.json` with the card's name. Without a GPU it says so and exits 1.
@@ -88,6 +90,30 @@ def predict_rate(checkpoint: Path, photos: list[Path], device: str) -> float:
     return len(photos) / (time.perf_counter() - start)
 
 
+PMT_REFERENCE_FPS = 128  # arXiv 2603.25398: PMT-L, frozen DINOv3 ViT-L, ADE20K 512 px, one H100
+
+
+def pmt_rate(batch: int, device: str = "cuda", repeats: int = 20) -> float:
+    """Images/s of backbone + `pmt` head (ViT-L/16, 512 px, bf16 backbone, bf16 autocast for the head)."""
+    from dinov3ds.config import config_from_dict
+    from dinov3ds.models.tasks import Segmenter, backbone_from_config
+
+    config = config_from_dict({"task": "segmentation", "backbone": {"name": "vitl16", "weights": "random", "dtype": "bfloat16"},
+                               "data": {"num_classes": 150, "dataset": "segmentation_folder"}, "head": {"name": "pmt"}})  # fmt: skip
+    model = Segmenter(backbone_from_config(config, device), 150, config, [str(i) for i in range(150)]).to(device).eval()
+    model.head.set_step(10**9)  # annealing finished: plain attention, no intermediate predictions
+    images = torch.randn(batch, 3, 512, 512, device=device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            model(images)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(images)
+        torch.cuda.synchronize()
+    return batch * repeats / (time.perf_counter() - start)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU here: the GPU check needs one (see the device notes in the README)")
@@ -128,13 +154,21 @@ def main() -> int:
     checks.append(["vitl16 512 bf16, fraction of matmul peak", f"{target['fraction_of_peak']:.1%}",
                    f">= {GPU_TARGET_FRACTION:.0%}", "PASS" if target["fraction_of_peak"] >= GPU_TARGET_FRACTION else "FAIL"])  # fmt: skip
 
+    print("pmt throughput ...", file=sys.stderr, flush=True)
+    pmt = {batch: pmt_rate(batch) for batch in (1, 16)}
+    torch.cuda.empty_cache()
+
     print(f"## GPU check on {card}\n")
     print(markdown_table(["check", "measured", "target", "verdict"], checks))
     print("\n## Backbone images/s, batch 32\n")
     print(markdown_table(["variant", "size", "dtype", "images/s", "fraction of matmul peak"],
                          [[r["variant"], r["size"], r["dtype"], round(r["images_per_s"], 1),
                            f"{r['fraction_of_peak']:.1%}"] for r in speed]))  # fmt: skip
+    print(f"\n## pmt on vitl16, 512 px, bf16: {pmt[1]:.1f} images/s at batch 1, {pmt[16]:.1f} at batch 16 "
+          f"(reference: {PMT_REFERENCE_FPS} FPS on an H100, compiled)")
     path = write_result("gpu_check", {"card": card, "checks": checks, "eval": {"cpu": cpu, "cuda": cuda},
+                                      "pmt_images_per_s": {"batch_1": pmt[1], "batch_16": pmt[16],
+                                                           "reference_fps_h100": PMT_REFERENCE_FPS},
                                       "bf16_cosine": cosines, "predict_images_per_s": {"gpu": gpu_rate, "cpu": cpu_rate},
                                       "backbone": speed, "matmul_peak": peaks})  # fmt: skip
     print(f"\nwrote {path}")

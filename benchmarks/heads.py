@@ -2,12 +2,14 @@
 
 For each head in `dinov3ds.heads.HEADS` a fresh interpreter builds `Segmenter` around a full-size random
 `vits16` and times the training computation the engine runs: backbone features under `no_grad` (the frozen
-backbone keeps no activations), head forward, cross-entropy, backward. Two timings per head:
+backbone keeps no activations), head forward, the task's loss (cross-entropy; Mask2Former's mask-classification
+loss for pmt), backward. Timings per head:
 
 * step: backbone (no_grad) + head forward + loss + backward, per image;
 * head only: head forward + loss + backward on features computed beforehand, per image;
 * the same head-only time with the head in `channels_last` (what the library uses on CUDA, where cuDNN's
-  tensor-core convolutions are NHWC; on CPU it is measured too and decides nothing).
+  tensor-core convolutions are NHWC; on CPU it is measured too and decides nothing);
+* inference: the backbone's forward (the taps) and the head's forward in eval mode, and their ratio.
 
 The optimizer step is not included (see `train_step.py` for the whole step). Peak memory is measured around
 the timed steps (warm-up included, so gradients count): on CPU the peak RSS above the RSS right before the
@@ -52,6 +54,7 @@ REFERENCE_COUNTS = {
     "segdino (upstream)": (1, {"S": 2_475_937}),
     "unet": (1, {"S": 2_377_081, "B": 9_502_705, "L": 16_891_201}),
     "fapm": (2, {"S": 6_194_948, "B": 13_182_020, "L": 19_969_988}),
+    "pmt": (150, {"L": 53_850_263}),
 }
 WIDTHS = {"S": 384, "B": 768, "L": 1024}
 
@@ -79,6 +82,7 @@ def child(
 
     from dinov3ds.config import config_from_dict
     from dinov3ds.models.tasks import Segmenter, backbone_from_config
+    from dinov3ds.training.tasks import task_for
 
     warnings.filterwarnings("ignore")
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
@@ -97,10 +101,11 @@ def child(
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
     target = torch.randint(0, classes, (batch, size, size), generator=generator).to(device)
-    criterion = torch.nn.CrossEntropyLoss()
+    criterion = task_for(config, model.class_names).criterion.to(device)  # pmt: the mask-classification loss
     trainable = model.head.trainable_parameters()
 
     def step() -> None:
+        model.train()
         loss = criterion(model(images), target)  # Segmenter.features runs the backbone under no_grad
         loss.backward()
 
@@ -108,6 +113,7 @@ def child(
         features = model.features(images)
 
     def head_only() -> None:
+        model.train()
         loss = criterion(model.head(features, images), target)
         loss.backward()
 
@@ -116,8 +122,17 @@ def child(
     images_cl = images.contiguous(memory_format=torch.channels_last)
 
     def head_only_channels_last() -> None:
+        head_cl.train()
         loss = criterion(head_cl(features, images_cl), target)
         loss.backward()
+
+    @torch.no_grad()
+    def backbone_forward() -> None:  # inference: what the head's forward is compared with
+        model.features(images)
+
+    @torch.no_grad()
+    def head_forward() -> None:
+        model.eval().head(features, images)
 
     # Memory: reset the high-water mark, then warm-up + timed steps.
     if cuda:
@@ -127,7 +142,8 @@ def child(
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         baseline = _proc_status("VmRSS")
-    runs = {"step": (step, model), "head": (head_only, model), "head_cl": (head_only_channels_last, head_cl)}
+    runs = {"step": (step, model), "head": (head_only, model), "head_cl": (head_only_channels_last, head_cl),
+            "backbone_fwd": (backbone_forward, model), "head_fwd": (head_forward, model)}
 
     def timed(name: str) -> float:
         """Seconds of one run (device synchronised), gradients cleared afterwards."""
@@ -157,6 +173,8 @@ def child(
         "head_only_ms_per_image": 1000 * statistics.median(head_times) / batch,
         "head_only_channels_last_s": head_cl_times,
         "head_only_channels_last_ms_per_image": 1000 * statistics.median(head_cl_times) / batch,
+        "backbone_forward_ms_per_image": 1000 * statistics.median(times["backbone_fwd"]) / batch,
+        "head_forward_ms_per_image": 1000 * statistics.median(times["head_fwd"]) / batch,
         "peak_memory_mib": (peak - baseline) / 2**20,
         "memory_kind": "cuda max_memory_allocated delta" if cuda else "peak RSS delta (VmHWM)",
     }
@@ -174,13 +192,14 @@ def parameter_counts(runs: list[tuple[str, str, dict]]) -> list[dict]:
     """Trainable parameters with four ViT-S / B / L taps, at the class count of the reference's numbers."""
     import logging
 
-    from dinov3ds.heads import build_head
+    from dinov3ds.heads import TokenSource, build_head
 
     logging.getLogger("dinov3ds").setLevel(logging.ERROR)
     rows = []
     for label, head, options in runs:
         classes, reference = REFERENCE_COUNTS.get(label, (1, {}))
-        ours = {size: build_head(head, [width] * 4, [16] * 4, classes, **options).trainable_parameters()
+        ours = {size: build_head(head, [width] * 4, [16] * 4, classes, TokenSource(width // 64, 5, True, None),
+                                 **options).trainable_parameters()
                 for size, width in WIDTHS.items()}  # fmt: skip
         rows.append({"head": label, "classes": classes, "ours": ours, "reference": reference})
     return rows
@@ -282,8 +301,9 @@ def main() -> None:
         [r["head"], f"{r['trainable_parameters']:,}", sig(r["step_ms_per_image"]), sig(r["head_only_ms_per_image"]),
          sig(r["head_only_channels_last_ms_per_image"]),
          sig(r["head_only_ms_per_image"] / r["head_only_channels_last_ms_per_image"]), sig(r["peak_memory_mib"]),
-         miou(r)]
-        if "error" not in r else [r["head"], "error", r["error"], "", "", "", "", miou(r)]
+         sig(r["backbone_forward_ms_per_image"]), sig(r["head_forward_ms_per_image"]),
+         sig(r["head_forward_ms_per_image"] / r["backbone_forward_ms_per_image"]), miou(r)]
+        if "error" not in r else [r["head"], "error", r["error"], "", "", "", "", "", "", "", miou(r)]
         for r in rows
     ]  # fmt: skip
     mem = "peak GPU memory MiB" if device.startswith("cuda") else "peak RSS delta MiB"
@@ -292,7 +312,8 @@ def main() -> None:
           + ("" if args.no_miou else f"; synthetic-task mIoU after {args.epochs} epochs") + "\n")  # fmt: skip
     print(markdown_table(
         ["head", "trainable params", "step fwd+bwd ms/img", "head-only fwd+bwd ms/img",
-         "channels_last head-only ms/img", "channels_last speed-up", mem, "synthetic mIoU"], table
+         "channels_last head-only ms/img", "channels_last speed-up", mem, "backbone fwd ms/img",
+         "head fwd ms/img", "head fwd ÷ backbone fwd", "synthetic mIoU"], table
     ))  # fmt: skip
     counts = parameter_counts(runs)
     print(

@@ -67,6 +67,7 @@ HEADS = {
     "fapm": (0.7, ["head.options={adapter_dim: 64, conv_channels: 16, rank: 32, num_heads: 4}", "data.batch_size=4",
                    "optim.lr=3e-3", "trainer.max_epochs=20", "trainer.check_val_every_n_epoch=10"]),
 }  # fmt: skip
+# pmt (mask classification) trains in test_pmt_learns_at_least_as_well_as_linear_in_the_same_steps below.
 UNET = HEADS["unet_sum"][1]
 
 
@@ -139,7 +140,12 @@ def test_train_eval_predict_folder_layout(head, folder_dataset, tmp_path, capsys
     )  # fmt: skip
     assert "best checkpoint:" in out
     val_miou = check_training_outputs(run, threshold)
+    check_eval_and_predict(head, run, val_miou, folder_dataset, tmp_path, capsys)
 
+
+def check_eval_and_predict(head: str, run: Path, val_miou: float, folder_dataset: Path, tmp_path: Path,
+                           capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """`eval` of best.ckpt at least matches the last validation; `predict` label maps match the masks."""
     best = run / "checkpoints" / "best.ckpt"
     run_cli("eval", "--checkpoint", best, "--out", tmp_path / "eval", capsys=capsys)
     eval_miou = read_metrics(tmp_path / "eval" / "eval_metrics.json")["mIoU"]
@@ -156,6 +162,25 @@ def test_train_eval_predict_folder_layout(head, folder_dataset, tmp_path, capsys
     print(
         f"{head}: val mIoU {val_miou:.3f}, eval mIoU {eval_miou:.3f}, predict pixel accuracy {accuracy:.3f}"
     )
+
+
+def test_pmt_learns_at_least_as_well_as_linear_in_the_same_steps(folder_dataset, tmp_path, capsys):
+    """The issue's bar for the mask-classification head: same data, same 40 steps, mIoU >= linear's."""
+    scores = {}
+    for head, options in (
+        ("linear", ["optim.lr=3e-2"]),
+        ("pmt", ["optim.lr=1e-3", "head.options={num_queries: 8, num_blocks: 2, annealing_end: [20, 30]}",
+                 "loss.mask={num_points: 512}"]),
+    ):  # fmt: skip
+        run = tmp_path / head
+        run_cli("train", *COMMON, *upscaled(128), *options, "data.batch_size=8", "trainer.max_epochs=20",
+                "trainer.check_val_every_n_epoch=20", f"head.name={head}", f"output_dir={run}",
+                "data.dataset=segmentation_folder", f"data.root={folder_dataset}",
+                f"data.class_names=[{', '.join(CLASS_NAMES)}]", capsys=capsys)  # fmt: skip
+        scores[head] = check_training_outputs(run, 0.5 if head == "linear" else 0.7)
+    assert scores["pmt"] >= scores["linear"], scores
+    check_eval_and_predict("pmt", tmp_path / "pmt", scores["pmt"], folder_dataset, tmp_path, capsys)
+
 
 
 def test_train_eval_predict_ade20k_layout_with_slide_inference(tmp_path, capsys):

@@ -11,6 +11,8 @@ from dinov3ds.errors import UserError
 from dinov3ds.heads import HEADS, SegmentationHead, build_head
 from dinov3ds.heads.dpt import resample
 
+# Heads on feature maps; heads that read a ViT's tokens (pmt) have their own tests in test_pmt.py.
+PIXEL_HEADS = sorted(name for name, cls in HEADS.items() if not cls.reads_tokens)
 # name → (in_channels, strides): a ViT-S with four taps and the four stages of a ConvNeXt-tiny.
 BACKBONES = {
     "vit_small": ([384] * 4, [16] * 4),
@@ -62,7 +64,7 @@ def make_head(name: str, backbone: str, num_classes: int = 3) -> nn.Module:
     return build_head(name, in_channels, strides, num_classes, **NARROW_OPTIONS.get(name, {}))
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", PIXEL_HEADS)
 @pytest.mark.parametrize(("backbone", "size"), CASES)
 def test_forward_gives_logits_at_input_resolution(name: str, backbone: str, size: tuple[int, int]) -> None:
     skip_unsupported(name, size)
@@ -73,7 +75,7 @@ def test_forward_gives_logits_at_input_resolution(name: str, backbone: str, size
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", PIXEL_HEADS)
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_default_options_run(name: str, backbone: str) -> None:
     in_channels, strides = BACKBONES[backbone]
@@ -83,7 +85,7 @@ def test_default_options_run(name: str, backbone: str) -> None:
         assert head(features, image).shape == (1, 2, 64, 96)
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", PIXEL_HEADS)
 @pytest.mark.parametrize("num_classes", [1, 5])
 def test_any_number_of_classes(name: str, num_classes: int) -> None:
     head = make_head(name, "vit_small", num_classes).eval()
@@ -91,7 +93,7 @@ def test_any_number_of_classes(name: str, num_classes: int) -> None:
     assert head(features, image).shape == (1, num_classes, 64, 64)
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", PIXEL_HEADS)
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_backward_reaches_every_trainable_parameter(name: str, backbone: str) -> None:
     head = make_head(name, backbone)
@@ -102,7 +104,7 @@ def test_backward_reaches_every_trainable_parameter(name: str, backbone: str) ->
     assert all(torch.isfinite(p.grad).all() for p in head.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", PIXEL_HEADS)
 def test_state_dict_round_trip_gives_identical_output(name: str, tmp_path) -> None:
     head = make_head(name, "vit_small")
     features, image = make_inputs("vit_small", (64, 96))
@@ -117,7 +119,7 @@ def test_state_dict_round_trip_gives_identical_output(name: str, tmp_path) -> No
         assert torch.equal(restored.eval()(features, image), expected)
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", PIXEL_HEADS)
 def test_channels_last_head_gives_the_same_logits_and_gradients(name: str) -> None:
     """What `place_model` does on CUDA: NHWC weights must not change the result (no layout-dependent view).
     In float64, so that a different summation order cannot hide a real difference in float32 noise."""
@@ -150,7 +152,7 @@ PARAMETER_COUNTS = {
 }
 
 def test_every_head_has_pinned_parameter_counts() -> None:
-    assert set(PARAMETER_COUNTS) == set(HEADS)
+    assert set(PARAMETER_COUNTS) == set(PIXEL_HEADS)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETER_COUNTS))
@@ -270,7 +272,7 @@ def test_segdino_fuses_at_the_first_taps_resolution() -> None:
     assert seen == [(16, 24)]
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", PIXEL_HEADS)
 def test_zero_weights_give_the_classifier_bias_everywhere(name: str) -> None:
     """Every weight zero, the last layer's bias b: logits are b at every pixel, whatever the input."""
     head = make_head(name, "vit_small", num_classes=3).eval()

@@ -108,6 +108,18 @@ class HeadConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)  # head-specific options, e.g. {base_channels: 128}
 
 
+class MaskLossConfig(Section):
+    """Heads that predict (class, mask) pairs (pmt): Mask2Former's matching costs and loss weights."""
+
+    num_points: int = Field(12544, ge=1)  # points per mask for matching and for the mask losses (112 x 112)
+    oversample_ratio: float = Field(3.0, ge=1)  # random candidates per point for uncertainty sampling
+    importance_ratio: float = Field(0.75, ge=0, le=1)  # share of points taken where |logit| is smallest
+    class_weight: float = Field(2.0, ge=0)  # cross-entropy over classes (+ "no object")
+    mask_weight: float = Field(5.0, ge=0)  # sigmoid BCE on the sampled points
+    dice_weight: float = Field(5.0, ge=0)  # Dice on the sampled points
+    no_object_weight: float = Field(0.1, ge=0)  # the "no object" class's cross-entropy weight
+
+
 class LossConfig(Section):
     # segmentation loss: ce, dice, focal, lovasz joined by "+" (e.g. ce+dice, focal+dice); classification uses ce
     name: Annotated[str, Field(pattern=r"^(ce|dice|focal|lovasz)(\+(ce|dice|focal|lovasz))*$")] = "ce"
@@ -118,6 +130,7 @@ class LossConfig(Section):
     focal_gamma: float = Field(2.0, ge=0)  # the focal term's focusing exponent
     class_weights: list[Annotated[float, Field(ge=0)]] | None = None  # per-class cross-entropy weights
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # classification only
+    mask: MaskLossConfig = Field(default_factory=MaskLossConfig)  # mask-classification heads (pmt) instead of `name`
 
 
 class OptimConfig(Section):

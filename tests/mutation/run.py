@@ -37,8 +37,11 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "feature_cache": ("training/feature_cache.py", ["tests/test_feature_cache.py"]),
     "transforms": ("data/transforms.py", ["tests/test_data.py"]),
     "losses": ("training/losses.py", ["tests/test_losses.py"]),
-    "heads": ("heads/*.py", ["tests/test_heads.py", "tests/test_head_references.py", "tests/test_fapm.py"]),
+    "heads": ("heads/*.py", ["tests/test_heads.py", "tests/test_head_references.py", "tests/test_fapm.py",
+                             "tests/test_pmt.py"]),
+    "mask_loss": ("training/mask_classification.py", ["tests/test_pmt.py"]),
     "volumes": ("data/volumes.py", ["tests/test_volumes.py", "tests/test_medical.py"]),
+    "volume_metrics": ("volume_metrics.py", ["tests/test_volume_metrics.py"]),
 }
 
 

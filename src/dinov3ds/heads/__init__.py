@@ -8,10 +8,11 @@ import inspect
 import logging
 
 from dinov3ds.errors import UserError
-from dinov3ds.heads.base import SegmentationHead
+from dinov3ds.heads.base import SegmentationHead, TokenSource
 from dinov3ds.heads.dpt import DPTHead
 from dinov3ds.heads.fapm import FAPMHead
 from dinov3ds.heads.linear import LinearHead
+from dinov3ds.heads.pmt import PMTHead
 from dinov3ds.heads.segdino import SegDINOHead
 from dinov3ds.heads.unet import UNetHead
 from dinov3ds.heads.unet_adapter import AdapterUNetHead
@@ -25,11 +26,12 @@ HEADS: dict[str, type[SegmentationHead]] = {
     "unet_sum": SumUNetHead,
     "unet_adapter": AdapterUNetHead,
     "fapm": FAPMHead,
+    "pmt": PMTHead,
 }
 
 logger = logging.getLogger("dinov3ds")
 
-__all__ = ["HEADS", "SegmentationHead", "build_head", "head_class", "head_options"]
+__all__ = ["HEADS", "SegmentationHead", "TokenSource", "build_head", "head_class", "head_options"]
 
 
 def head_class(name: str) -> type[SegmentationHead]:
@@ -46,9 +48,11 @@ def head_options(name: str) -> list[str]:
 
 
 def build_head(
-    name: str, in_channels: list[int], strides: list[int], num_classes: int, **options
+    name: str, in_channels: list[int], strides: list[int], num_classes: int, tokens: TokenSource | None = None,
+    **options,
 ) -> SegmentationHead:
-    """Build the head called `name` for the given taps and log how many parameters it will train."""
+    """Build the head called `name` for the given taps (and, for heads that read tokens, the ViT's
+    `TokenSource`) and log how many parameters it will train."""
     valid = head_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -56,6 +60,7 @@ def build_head(
             f"head option(s) {', '.join(unknown)} unknown to head '{name}': "
             f"valid options are {', '.join(valid) or 'none'}"
         )
-    head = head_class(name)(in_channels, strides, num_classes, **options)
+    cls = head_class(name)
+    head = cls(in_channels, strides, num_classes, tokens, **options) if cls.reads_tokens else cls(in_channels, strides, num_classes, **options)
     logger.info("head %s: %s trainable parameters", name, f"{head.trainable_parameters():,}")
     return head

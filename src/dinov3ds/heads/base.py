@@ -1,10 +1,22 @@
 """The interface every segmentation head follows, so models, configs and tests treat heads alike."""
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """What a head that reads a ViT's token sequences (`reads_tokens`) needs from that ViT."""
+
+    num_heads: int
+    num_prefix_tokens: int  # CLS + registers, in front of the patch tokens
+    rotate_half: bool  # the backbone's RoPE layout
+    rope: Callable[[int, int], Tensor] | None  # patch grid (h, w) → the backbone's RoPE embedding
 
 
 class SegmentationHead(nn.Module, ABC):
@@ -23,6 +35,8 @@ class SegmentationHead(nn.Module, ABC):
     """
 
     input_multiple: int = 1  # image sides must be multiples of this (and of the backbone's patch size)
+    reads_tokens: bool = False  # features are token sequences [B, prefix + h*w, C], and a TokenSource is given
+    mask_classification: bool = False  # training output is MaskPredictions for the mask-classification loss
 
     def __init__(self, in_channels: list[int], strides: list[int], num_classes: int, **options) -> None:
         super().__init__()
@@ -42,6 +56,9 @@ class SegmentationHead(nn.Module, ABC):
     def forward(self, features: list[Tensor], image: Tensor) -> Tensor:
         """Map one NCHW tensor per tap (after the backbone's final LayerNorm) and the normalised image
         [B, 3, H, W] to logits [B, num_classes, H, W]."""
+
+    def set_step(self, step: int) -> None:
+        """Called before every training step, for heads with a schedule of their own (PMT's mask annealing)."""
 
     def trainable_parameters(self) -> int:
         """Count what the optimiser will update; printed at start-up so runs can be compared."""

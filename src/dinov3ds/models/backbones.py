@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
+from dinov3ds.heads.base import TokenSource
 from dinov3ds.models.hardware import resolve_device, slow_dtype_message
 from dinov3ds.models.loading import find_source, load_weights, random_model
 from dinov3ds.models.variants import BackboneSpec, get_spec
@@ -114,6 +115,18 @@ class Backbone(nn.Module):
             final_norm = self.model.norm if self.spec.family == "vit" else self.model.head.norm
             final_norm.requires_grad_(True)
         return unfrozen
+
+    def token_source(self) -> TokenSource | None:
+        """Head count, prefix tokens and RoPE for heads that run blocks of their own on the ViT's tokens."""
+        if self.spec.family != "vit":
+            return None
+        attention, rope = self.model.blocks[0].attn, self.model.rope
+        return TokenSource(
+            num_heads=attention.num_heads,
+            num_prefix_tokens=int(self.model.num_prefix_tokens),
+            rotate_half=bool(getattr(attention, "rotate_half", False)),
+            rope=(lambda height, width: rope.get_embed(shape=(height, width))) if rope is not None else None,
+        )
 
     def compile_blocks(self, example: Tensor) -> bool:
         """torch.compile each block (every feature path runs through them); eager again if compiling fails.

@@ -206,13 +206,19 @@ class Segmenter(_TaskModel):
             backbone.feature_channels(self.layers),
             backbone.feature_strides(self.layers),
             num_classes,
+            backbone.token_source(),
             **config.head.options,
         )
 
     def features(self, images: Tensor) -> list[Tensor]:
+        """One map [B, C, h, w] per tap, or for heads that read tokens one sequence [B, prefix + h*w, C]."""
         with _frozen_context(self.backbone):
-            taps = self.backbone.get_intermediate_layers(images, self.layers, norm=True)
-            return [patches.float() for patches, _ in taps]
+            if not self.head.reads_tokens:
+                taps = self.backbone.get_intermediate_layers(images, self.layers, norm=True)
+                return [patches.float() for patches, _ in taps]
+            taps = self.backbone.get_intermediate_layers(images, self.layers, norm=True, return_registers=True)
+            return [torch.cat([cls[:, None], registers, patches.flatten(2).transpose(1, 2)], dim=1).float()
+                    for patches, cls, registers in taps]  # fmt: skip
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(images), images)

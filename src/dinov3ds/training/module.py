@@ -135,6 +135,8 @@ class TaskModule(L.LightningModule):
             loss_sum = torch.stack(losses).sum()
             self._observe(loss_sum / len(losses), batch_index)
             return loss_sum
+        if isinstance(self.model, Segmenter):
+            self.model.head.set_step(self.global_step)  # a head's own schedule (PMT's mask annealing)
         loss = self.criterion(self(inputs), target)
         self._observe(loss, batch_index)
         return loss

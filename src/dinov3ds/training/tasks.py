@@ -9,8 +9,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from dinov3ds.config import Config
+from dinov3ds.heads import head_class
 from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
 from dinov3ds.training.losses import build_loss
+from dinov3ds.training.mask_classification import MaskClassificationLoss
 
 
 class ClassificationTask:
@@ -49,6 +51,9 @@ class SegmentationTask:
         # Medical data: Dice of every structure at each validation (a mean hides the small one that fails).
         self.logged_classes = list(class_names or [])[1:] if config.data.medical is not None else []
         loss = config.loss
+        if head_class(config.head.name).mask_classification:
+            self.criterion = MaskClassificationLoss(num_classes, self.ignore_index, **loss.mask.model_dump())
+            return
         self.criterion = build_loss(
             loss.name, num_classes=num_classes, ignore_index=self.ignore_index, class_weights=loss.class_weights,
             weights={"ce": loss.ce_weight, "dice": loss.dice_weight, "focal": loss.focal_weight,
