@@ -183,8 +183,8 @@ def test_train_writes_the_run_folder_and_learns(classification_run: Classificati
     assert f"val/top1={best_row['val/top1']:.4f}" in best_line
     assert last_line.startswith(f"last checkpoint: {last}") and f"val/top1={metrics['top1']:.4f}" in last_line
     # The feature cache was used: a linear probe without augmentation never runs the backbone per epoch.
-    assert "feature cache written" in run.train.stderr
-    assert len(list((run.work / "cache" / "features").glob("*.pt"))) == 2
+    assert "feature store written" in run.train.stderr
+    assert len(list((run.work / "cache" / "features").glob("*/index.json"))) == 2
 
 
 @pytest.mark.slow

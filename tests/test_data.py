@@ -630,3 +630,110 @@ def test_synthetic_segmentation_masks_hold_shapes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_image(root / "images" / "train" / "img_00000000.png").size == (48, 32)
+
+
+# --- scripted random draws: every decision of the crop and the colour distortion checked exactly ----------
+
+
+class Script:
+    """Stands in for `_randint` / `_uniform`: returns the scripted values and checks each call's arguments."""
+
+    def __init__(self, calls: list[tuple[tuple, float]]) -> None:
+        self.calls = list(calls)
+
+    def __call__(self, *args):
+        assert self.calls, f"an unscripted draw {args}"
+        expected, value = self.calls.pop(0)
+        assert args == expected, (args, expected)
+        return value
+
+
+def crop_labels() -> torch.Tensor:
+    """10 x 10: class 0, class 1 in the bottom-right 4 x 4 block, rows 0-1 ignored (255)."""
+    labels = torch.zeros(10, 10, dtype=torch.long)
+    labels[6:, 6:] = 1
+    labels[:2] = 255
+    return labels
+
+
+@pytest.mark.parametrize(
+    ("ratio", "draws", "expected"),
+    [
+        (0.75, [0, 0, 5, 5], (5, 5)),  # (0, 0): class 0 only (ignore left out) → drawn again; (5, 5): 9 of 16 class 1
+        (0.75, [0, 0] * 10, (0, 0)),  # never accepted: exactly 10 draws, the last kept
+        (1.0, [3, 4], (3, 4)),  # no constraint: one draw, whatever it holds
+        (0.95, [3, 3], (3, 3)),  # (3, 3): 15 class 0 + 1 class 1 → 15/16 < 0.95 accepted
+    ],
+)
+def test_crop_box_draws_as_mmseg(monkeypatch, ratio, draws, expected):
+    script = Script([((6,), value) for value in draws])
+    monkeypatch.setattr(transforms_module, "_randint", script)
+    assert transforms_module._crop_box(crop_labels(), (4, 4), ratio, 255) == expected
+    assert not script.calls  # every scripted draw used, no more
+
+
+def hsv_oracle(rgb: tuple[float, float, float], saturation: float | None, hue_shift: float | None) -> tuple[float, ...]:
+    """Python's colorsys (an independent HSV) on 0-255 values: saturation scaled and clipped, hue shifted."""
+    import colorsys
+
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    if saturation is not None:
+        s = min(max(s * saturation, 0.0), 1.0)
+    if hue_shift is not None:
+        h = (h + hue_shift) % 1
+    return tuple(c * 255 for c in colorsys.hsv_to_rgb(h, s, v))
+
+
+PIXELS = [(0, 0, 0), (1, 0, 0), (10, 9, 9), (128, 128, 128), (255, 255, 255), (250, 20, 20), (20, 250, 20),
+          (20, 20, 250), (200, 200, 20), (20, 200, 200), (200, 20, 200), (255, 128, 0), (3, 1, 2), (90, 60, 30)]  # fmt: skip
+
+
+@pytest.mark.parametrize("contrast_first", [True, False])
+def test_photometric_distortion_step_by_step_against_colorsys(monkeypatch, contrast_first):
+    """Every step applied, each draw scripted: brightness +20, contrast ×1.3 (first or last), saturation ×1.4,
+    hue +12/180; the result is the oracle's, floored and clipped to 8 bits after each step as mmseg does."""
+    image = torch.tensor(PIXELS, dtype=torch.uint8).T.reshape(3, 1, len(PIXELS))
+    randints = [((1,), 1), ((1,), int(contrast_first))] + ([((1,), 1)] if contrast_first else [])
+    randints += [((1,), 1), ((1,), 1), ((36,), 30)] + ([] if contrast_first else [((1,), 1)])
+    uniforms = [((-32, 32), 20.0), ((0.5, 1.5), 1.3), ((0.5, 1.5), 1.4)] if contrast_first else \
+        [((-32, 32), 20.0), ((0.5, 1.5), 1.4), ((0.5, 1.5), 1.3)]  # fmt: skip
+    monkeypatch.setattr(transforms_module, "_randint", Script(randints))
+    monkeypatch.setattr(transforms_module, "_uniform", Script(uniforms))
+    out = transforms_module.PhotoMetricDistortion()(image)
+
+    def eight_bits(values):
+        return [float(np.floor(min(max(v, 0.0), 255.0))) for v in values]
+
+    exact = 0
+    for index, pixel in enumerate(PIXELS):
+        value = eight_bits([c + 20.0 for c in pixel])
+        if contrast_first:
+            value = eight_bits([c * 1.3 for c in value])
+        value = eight_bits(hsv_oracle(value, 1.4, None))
+        value = eight_bits(hsv_oracle(value, None, 12 / 180))
+        if not contrast_first:
+            value = eight_bits([c * 1.3 for c in value])
+        got = out[:, 0, index].tolist()
+        # float32 here, float64 in colorsys: a value on a floor boundary may land one level off, and carry on
+        assert all(abs(g - e) <= 2 for g, e in zip(got, value)), (pixel, got, value)
+        exact += sum(g == e for g, e in zip(got, value))
+    assert exact >= 0.75 * 3 * len(PIXELS) and out.dtype == torch.uint8  # measured: 35 of 42
+
+
+def test_photometric_distortion_skips_every_step_when_no_coin_says_so(monkeypatch):
+    image = torch.tensor(PIXELS, dtype=torch.uint8).T.reshape(3, 1, len(PIXELS))
+    monkeypatch.setattr(transforms_module, "_randint", Script([((1,), 0)] * 5))
+    monkeypatch.setattr(transforms_module, "_uniform", Script([]))
+    assert torch.equal(transforms_module.PhotoMetricDistortion()(image), image)
+
+
+def test_segmentation_eval_transform_takes_arrays_as_it_takes_images():
+    """Volume slices arrive as H x W x 3 uint8 arrays: the PIL image's tensor, up to one grey level (PIL's and
+    torch's antialiased bilinear filters differ by that much)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    transform = SegmentationEvalTransform(32, MEAN, STD, multiple_of=16)
+    from_array, _ = transform(pixels)
+    from_image, _ = transform(Image.fromarray(pixels))
+    assert from_array.shape == (3, 32, 48)
+    torch.testing.assert_close(from_array, from_image, rtol=0, atol=1.01 / 255 / min(STD))
+    torch.testing.assert_close(transform.image_only(pixels), from_array, rtol=0, atol=0)

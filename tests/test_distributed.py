@@ -62,3 +62,36 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
     assert single.stdout.count("best checkpoint:") == 1
+
+
+def test_the_readmes_two_node_torchrun_command_trains_once_and_splits_the_feature_store(tmp_path):
+    """The README's multi-node command, as two `torchrun` launches (node 0 and node 1) on 127.0.0.1 with gloo:
+    both ranks extract their part of the feature store into the one shared folder, one set of checkpoints and
+    metrics is written, and the model equals a one-process run's."""
+    make_classification_folder(tmp_path / "data", num_classes=4, train_per_class=8, val_per_class=5, size=32)
+    single = _train(tmp_path, "single", "data.batch_size=32", "cache.shard_size=8")
+    env = {**os.environ, "DINOV3DS_CACHE": str(tmp_path / "shared_cache"), "OMP_NUM_THREADS": "1"}
+    port = 29400 + os.getpid() % 500
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "-m", "dinov3ds", "train", *COMMON, f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'nodes'}",
+             "data.batch_size=16", "cache.shard_size=8", "trainer.num_nodes=2", "trainer.devices=1",
+             "trainer.strategy=ddp"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    outputs = [launch.communicate(timeout=300) for launch in launches]
+    assert all(launch.returncode == 0 for launch in launches), [err[-2000:] for _, err in outputs]
+    one = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt").head_state_dict
+    two = read_checkpoint(tmp_path / "nodes" / "checkpoints" / "last.ckpt").head_state_dict
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=0)
+    assert sum(out.count("best checkpoint:") for out, _ in outputs) == 1 and single.returncode == 0
+    assert sorted(p.name for p in (tmp_path / "nodes" / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    stores = [p.parent for p in (tmp_path / "shared_cache" / "features").glob("*/index.json")]
+    assert len(stores) == 2  # train and val
+    for store in stores:
+        assert sorted(p.name for p in store.glob("rank-*.started")) == ["rank-0.started", "rank-1.started"]

@@ -98,4 +98,4 @@ def test_knn_accuracy_on_generated_data(tmp_path):
         result = knn_evaluate("vits16", root, weights="random", image_size=32, k=10, pooling="avg",
                               overrides={"depth": 1}, dtype=dtype)  # fmt: skip
         assert result["top1"] >= 0.9, (dtype, result)
-    assert len(list((cache_dir() / "features").glob("*.pt"))) == 4  # train + val for each dtype
+    assert len(list((cache_dir() / "features").glob("*/index.json"))) == 4  # train + val for each dtype

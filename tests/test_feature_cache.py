@@ -1,7 +1,7 @@
-"""The feature cache never hands back stale features: every input of the features is part of its key.
+"""The feature store never hands back stale features: every input of the features is part of its key.
 
 Each test edits one thing a user really changes between runs (an image file, the crop, `last_blocks`)
-and checks that the cached features are recomputed and equal a fresh extraction.
+and checks that the stored features equal a fresh extraction, which itself equals `Classifier.features`.
 """
 
 from __future__ import annotations
@@ -108,15 +108,34 @@ def test_changed_pooling_is_recomputed(backbone, root):
 
 
 class CountingFeatures:
-    """Wraps `model.features` to count backbone passes: a cache hit makes none."""
+    """Wraps the backbone's tap extraction to count passes: a store hit makes none."""
 
     def __init__(self, model) -> None:
-        self.calls, self.wrapped = 0, model.features
-        model.features = self
+        self.calls, self.wrapped = 0, model.backbone.get_intermediate_layers
+        model.backbone.get_intermediate_layers = self
 
-    def __call__(self, images):
+    def __call__(self, images, *args, **kwargs):
         self.calls += 1
-        return self.wrapped(images)
+        return self.wrapped(images, *args, **kwargs)
+
+
+def stores(cache) -> list:
+    return sorted(p.parent for p in (cache / "features").glob("*/index.json"))
+
+
+def test_stored_vectors_are_the_classifiers_features(backbone, root):
+    """float32 storage: exactly `Classifier.features`; float16 (the default): the same rounded to half."""
+    for pooling in ("cls", "avg", "cls+avg"):
+        model, dataset, config = classifier_and_train_split(backbone, root, f"head.pooling={pooling}")
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        with torch.no_grad():
+            direct = model.features(images)
+        model32, dataset32, config32 = classifier_and_train_split(backbone, root, f"head.pooling={pooling}",
+                                                                  "cache.dtype=float32")  # fmt: skip
+        torch.testing.assert_close(cached_features(model32, dataset32, config32).tensors[0], direct, rtol=0, atol=0)
+        half = cached_features(model, dataset, config).tensors[0]
+        expected = torch.cat([part.half().float() for part in direct.split(384, dim=1)], dim=1)
+        torch.testing.assert_close(half, expected, rtol=0, atol=0)
 
 
 def test_a_hit_returns_exactly_what_the_miss_stored_without_the_backbone(backbone, root, monkeypatch, tmp_path):
@@ -125,7 +144,7 @@ def test_a_hit_returns_exactly_what_the_miss_stored_without_the_backbone(backbon
     counter = CountingFeatures(model)
     features, labels = cached_features(model, dataset, config).tensors
     passes = counter.calls
-    assert passes > 0 and len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 1
+    assert passes > 0 and len(stores(tmp_path / "cache")) == 1
     again, again_labels = cached_features(model, dataset, config).tensors
     assert counter.calls == passes  # served from disk
     assert torch.equal(again, features) and torch.equal(again_labels, labels)
@@ -177,20 +196,25 @@ class Payload:
         return (open, (str(self.marker), "w"))  # creates the marker file if the pickle is ever run
 
 
-@pytest.mark.parametrize("content", ["pickle", "truncated", "wrong"])
-def test_a_poisoned_or_broken_entry_is_rebuilt_never_run(backbone, root, tmp_path, monkeypatch, content):
+@pytest.mark.parametrize("content", ["pickle", "truncated", "wrong", "index"])
+def test_a_poisoned_or_broken_store_is_rebuilt_never_run(backbone, root, tmp_path, monkeypatch, content):
     monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
     model, dataset, config = classifier_and_train_split(backbone, root)
     features = cached_features(model, dataset, config).tensors[0]
-    [entry] = (tmp_path / "cache" / "features").glob("*.pt")
+    [store] = stores(tmp_path / "cache")
+    shard = store / "shard-00000.safetensors"
     marker = tmp_path / "payload-ran"
     if content == "pickle":
-        torch.save({"features": Payload(marker), "labels": torch.zeros(2)}, entry)
+        torch.save({"features": Payload(marker), "labels": torch.zeros(2)}, shard)
     elif content == "truncated":
-        entry.write_bytes(entry.read_bytes()[:100])
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif content == "wrong":
+        from safetensors.torch import save_file
+
+        save_file({"cls": torch.zeros(3, 2, 5), "mean": torch.zeros(3, 5), "labels": torch.zeros(3)}, str(shard))
     else:
-        torch.save({"features": torch.zeros(3, 5), "labels": torch.zeros(2)}, entry)
-    with pytest.warns(UserWarning, match="unreadable or not features; computing it again"):
+        (store / "index.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="incomplete, corrupt or from another version; extracting again"):
         again = cached_features(model, dataset, config).tensors[0]
     assert not marker.exists() and torch.equal(again, features)
 
@@ -202,4 +226,4 @@ def test_the_backbone_dtype_is_part_of_the_key(backbone, root, tmp_path, monkeyp
     half = load_backbone("vits16", "random", depth=2, dtype=torch.bfloat16)
     model, dataset, config = classifier_and_train_split(half, root)
     cached_features(model, dataset, config)
-    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2
+    assert len(stores(tmp_path / "cache")) == 2

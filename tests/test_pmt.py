@@ -199,3 +199,51 @@ def test_onnx_export_of_an_annealed_head_matches_pytorch(tmp_path) -> None:
     model = tiny_segmenter(annealing_start=[0, 0, 0], annealing_end=[1, 1, 1])
     model.head.set_step(1)  # training finished: plain attention, no random masks
     assert export_onnx(model.eval(), tmp_path / "pmt.onnx", 48, 64) < 1e-4
+
+
+def test_semantic_targets_by_hand() -> None:
+    """One mask per class present, in increasing order; the ignore index and ids outside the classes make none."""
+    labels = torch.tensor([[[2, 0, 255], [7, 2, 0]]])
+    [(ids, masks)] = semantic_targets(labels, 3, 255)
+    assert ids.tolist() == [0, 2]
+    assert masks.tolist() == [[[0, 1, 0], [0, 0, 1]], [[1, 0, 0], [0, 1, 0]]]
+    [(ids, masks)] = semantic_targets(torch.tensor([[[1, 1], [1, 1]]]), 3, 1)  # an ignore index inside the range
+    assert ids.tolist() == [] and masks.shape == (0, 2, 2)
+
+
+def test_pairwise_costs_by_brute_force() -> None:
+    """Every (query, target) pair: mean BCE over the points, and 1 - (2·Σpt + 1) / (Σp + Σt + 1)."""
+    from dinov3ds.training.mask_classification import pairwise_costs
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 5, dtype=torch.float64), (torch.rand(2, 5) > 0.5).double()
+    bce, dice = pairwise_costs(logits, targets)
+    for q in range(3):
+        for t in range(2):
+            p = torch.sigmoid(logits[q])
+            expected_bce = -(targets[t] * p.log() + (1 - targets[t]) * (1 - p).log()).mean()
+            expected_dice = 1 - (2 * (p * targets[t]).sum() + 1) / (p.sum() + targets[t].sum() + 1)
+            torch.testing.assert_close(bce[q, t], expected_bce)
+            torch.testing.assert_close(dice[q, t], expected_dice)
+
+
+def test_uncertain_points_take_the_smallest_logits_then_random_ones() -> None:
+    from dinov3ds.training.mask_classification import point_values, uncertain_points
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 6)
+    torch.manual_seed(1)
+    points = uncertain_points(logits, 8, 3.0, 0.75)
+    torch.manual_seed(1)
+    candidates = torch.rand(2, 24, 2)
+    assert points.shape == (2, 8, 2)
+    for mask in range(2):
+        scores = point_values(logits, candidates)[mask].abs()
+        expected = candidates[mask][scores.argsort()[:6]]  # the 6 most uncertain of 24, most uncertain first
+        torch.testing.assert_close(points[mask, :6], expected)
+    assert not any((points[:, 6:, None] == candidates[:, None]).all(-1).any(-1).flatten())  # 2 fresh random ones
+
+
+def test_normaliser_counts_matched_masks_at_least_one() -> None:
+    loss = MaskClassificationLoss(3, 255)
+    assert [loss._normaliser(n, torch.device("cpu")).item() for n in (0, 1, 3)] == [1.0, 1.0, 3.0]

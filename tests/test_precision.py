@@ -76,7 +76,7 @@ def test_bf16_feature_cache_is_separate_and_close_to_float32(tmp_path):
         splits = build_datasets(config, backbone.mean, backbone.std)
         model = Classifier(backbone, len(splits.class_names), config, splits.class_names)
         features[dtype] = cached_features(model, splits.train, config).tensors[0]
-    assert len(list((cache_dir() / "features").glob("*.pt"))) == 2  # one entry per dtype, never mixed up
+    assert len(list((cache_dir() / "features").glob("*/index.json"))) == 2  # one store per dtype, never mixed up
     assert features["bfloat16"].dtype == torch.float32  # the head always trains on float32 features
     assert not torch.equal(features["float32"], features["bfloat16"])  # really computed in bf16
     cosine = F.cosine_similarity(features["float32"], features["bfloat16"], dim=1).min().item()
@@ -136,7 +136,7 @@ def test_bf16_mixed_training_stores_the_frozen_backbone_in_bf16(monkeypatch, tmp
         result = train(load_config(None, [*TINY, f"data.root={root}", "trainer.max_epochs=2", "optim.lr=0.01",
                                           f"trainer.precision={precision}", f"output_dir={tmp_path / precision}"]))  # fmt: skip
         assert result.best_checkpoint is not None and 0.0 <= result.metrics["val/top1"] <= 1.0
-        keys |= {p.name for p in (cache_dir() / "features").glob("*.pt")}
+        keys |= {p.parent.name for p in (cache_dir() / "features").glob("*/index.json")}
         model = load_model(result.best_checkpoint)
         assert model.backbone.dtype == (torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
     assert len(keys) == 2 * 2  # train + val per dtype: a float32 cache is never reused for bf16

@@ -187,11 +187,20 @@ class InferenceConfig(Section):
     volume_batch_size: Positive = 16  # volumes: axial slices per forward (other axes: as many pixels)
 
 
+class CacheConfig(Section):
+    """The feature store of linear probes (cache_features): see dinov3ds.training.feature_cache."""
+
+    fingerprint: Literal["stat", "content"] = "stat"  # stat: trust file size + mtime; content: hash the bytes
+    dtype: Literal["float16", "float32"] = "float16"  # stored features (float16: half the disk, see README)
+    shard_size: int = Field(8192, ge=1)  # rows per shard file: the unit of resuming and of splitting over ranks
+
+
 class Config(Section):
     task: Literal["classification", "segmentation"] = "classification"
     output_dir: PathText = "output/run"  # config.yaml, checkpoints, logs and pictures go here
     seed: int = Field(0, ge=0, lt=2**32)
     cache_features: bool = True  # linear classification without augmentation: compute features once
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)

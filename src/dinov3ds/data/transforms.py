@@ -138,10 +138,10 @@ def _crop_box(labels: torch.Tensor, crop: tuple[int, int], cat_max_ratio: float,
     pixels (and at least two classes are in it); the last draw otherwise."""
     height, width = labels.shape[-2:]
     crop_h, crop_w = crop
-    for _ in range(10 if cat_max_ratio < 1 else 1):
+    if cat_max_ratio >= 1:  # no constraint: one draw
+        return _randint(max(height - crop_h, 0)), _randint(max(width - crop_w, 0))
+    for _ in range(10):
         top, left = _randint(max(height - crop_h, 0)), _randint(max(width - crop_w, 0))
-        if cat_max_ratio >= 1:
-            break
         window = labels[..., top : top + crop_h, left : left + crop_w]
         counts = torch.bincount(window[window != ignore_index].flatten().long())
         counts = counts[counts > 0]
