@@ -203,7 +203,7 @@ def test_onnx_export_of_an_annealed_head_matches_pytorch(tmp_path) -> None:
 
 def test_semantic_targets_by_hand() -> None:
     """One mask per class present, in increasing order; the ignore index and ids outside the classes make none."""
-    labels = torch.tensor([[[2, 0, 255], [7, 2, 0]]])
+    labels = torch.tensor([[[2, 0, 255], [3, 2, 0]]])  # 3 = num_classes: outside the classes
     [(ids, masks)] = semantic_targets(labels, 3, 255)
     assert ids.tolist() == [0, 2]
     assert masks.tolist() == [[[0, 1, 0], [0, 0, 1]], [[1, 0, 0], [0, 1, 0]]]
@@ -244,6 +244,25 @@ def test_uncertain_points_take_the_smallest_logits_then_random_ones() -> None:
     assert not any((points[:, 6:, None] == candidates[:, None]).all(-1).any(-1).flatten())  # 2 fresh random ones
 
 
-def test_normaliser_counts_matched_masks_at_least_one() -> None:
+def test_normaliser_counts_matched_masks_at_least_one_averaged_over_processes() -> None:
+    import torch.distributed as dist
+
     loss = MaskClassificationLoss(3, 255)
     assert [loss._normaliser(n, torch.device("cpu")).item() for n in (0, 1, 3)] == [1.0, 1.0, 3.0]
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29871", rank=0, world_size=1)
+    try:  # under DDP the count is summed over the processes and divided by their number
+        assert loss._normaliser(3, torch.device("cpu")).item() == 3.0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pixels_of_the_ignore_index_make_no_target_even_inside_the_class_range() -> None:
+    """ignore_index 1 with 3 classes: a label map of only 1 has nothing to match, like one of only 255."""
+    torch.manual_seed(0)
+    predictions = tiny_segmenter().train()(torch.randn(1, 3, 32, 32))
+    ones, ignored = torch.ones(1, 32, 32, dtype=torch.long), torch.full((1, 32, 32), 255)
+    torch.manual_seed(1)
+    inside = MaskClassificationLoss(3, 1, num_points=16)(predictions, ones)
+    torch.manual_seed(1)
+    outside = MaskClassificationLoss(3, 255, num_points=16)(predictions, ignored)
+    torch.testing.assert_close(inside, outside)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dinov3ds.volume_metrics import binary_metrics, case_metrics, diagonal_mm, summarise, write_reports
+from dinov3ds.volume_metrics import binary_metrics, case_metrics, diagonal_mm, format_summary, summarise, write_reports
 
 SPACING = (0.8, 1.3, 2.5)
 
@@ -53,9 +53,11 @@ def crafted() -> list[tuple[str, np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
     noisy = ball ^ (rng.random(shape) < 0.03)
     border = np.zeros(shape, bool)
-    border[0:5, 0:4, 0:3] = True  # touches the volume's faces
+    border[0:5, 0:4, 0:3] = True  # touches the volume's first faces
+    islands = ball.copy()
+    islands[0, 0, 0] = islands[17, 15, 9] = True  # lone voxels past a gap: the crop must keep first and last slabs
     return [("ball-vs-shifted", ball, shifted), ("ball-vs-box", ball, box), ("ball-vs-noisy", noisy, ball),
-            ("border-vs-box", border, box), ("identical", box, box)]  # fmt: skip
+            ("border-vs-box", border, box), ("islands-vs-ball", islands, ball), ("identical", box, box)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "prediction", "reference"), crafted(), ids=[c[0] for c in crafted()])
@@ -105,3 +107,38 @@ def test_per_class_per_case_and_their_means(tmp_path) -> None:
     rows = (tmp_path / "eval_per_case.csv").read_text().splitlines()
     assert rows[0] == "case,class,dice,iou,hd95,nsd" and len(rows) == 5
     assert summarise({})["cases"] == 0
+
+
+def test_report_files_and_summary_text(tmp_path) -> None:
+    """metrics.json (2-space JSON with the tolerance and the definitions), per_case.csv, no temporary files left,
+    and the printed table, character for character."""
+    import json
+
+    cases = {"c1": {"liver": {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "nsd": 1.0}},
+             "c2": {"liver": {"dice": 0.5, "iou": 0.25, "hd95": 3.0, "nsd": 0.5}}}  # fmt: skip
+    summary = write_reports(cases, tmp_path)
+    text = (tmp_path / "metrics.json").read_text()
+    assert text.startswith('{\n  "cases": 2,') and json.loads(text) == summary
+    assert summary["tolerance_mm"] == 1.0 and "HD95 and NSD" in summary["definitions"] and "Metrics Reloaded" in summary["definitions"]
+    assert (tmp_path / "per_case.csv").read_text().splitlines() == [
+        "case,class,dice,iou,hd95,nsd", "c1,liver,1.000000,1.000000,0.000000,1.000000",
+        "c2,liver,0.500000,0.250000,3.000000,0.500000"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "per_case.csv"]
+    assert format_summary(summary).splitlines() == [
+        "class               Dice     IoU   HD95 mm     NSD   (2 cases)",
+        "liver             0.7500  0.6250     1.500  0.7500",
+        "mean              0.7500  0.6250     1.500  0.7500",
+    ]
+    assert format_summary(summarise({})).splitlines() == ["class               Dice     IoU   HD95 mm     NSD   (0 cases)"]
+    assert write_reports(cases, tmp_path, tolerance_mm=2.5)["tolerance_mm"] == 2.5
+
+
+def test_label_masks_and_tolerances_reach_every_metric() -> None:
+    """0/1 uint8 masks score as booleans; the default tolerance is 1 mm; case_metrics passes its own on."""
+    _, ball, shifted = crafted()[0]
+    as_bool = binary_metrics(ball, shifted, SPACING)
+    assert binary_metrics(ball.astype(np.uint8), shifted.astype(np.uint8), SPACING) == as_bool
+    assert as_bool == binary_metrics(ball, shifted, SPACING, tolerance_mm=1.0)
+    labels_p, labels_r = ball.astype(np.uint8), shifted.astype(np.uint8)
+    wide = case_metrics(labels_p, labels_r, SPACING, ["background", "ball"], tolerance_mm=2.7)["ball"]
+    assert wide == binary_metrics(ball, shifted, SPACING, tolerance_mm=2.7) and wide["nsd"] > as_bool["nsd"]
