@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from dinov3ds.volume_metrics import binary_metrics, case_metrics, diagonal_mm, format_summary, summarise, write_reports
+from dinov3ds.volume_metrics import (
+    binary_metrics,
+    case_metrics,
+    diagonal_mm,
+    format_summary,
+    summarise,
+    write_reports,
+)
 
 SPACING = (0.8, 1.3, 2.5)
 
