@@ -101,7 +101,7 @@ def pmt_rate(batch: int, device: str = "cuda", repeats: int = 20) -> float:
     config = config_from_dict({"task": "segmentation", "backbone": {"name": "vitl16", "weights": "random", "dtype": "bfloat16"},
                                "data": {"num_classes": 150, "dataset": "segmentation_folder"}, "head": {"name": "pmt"}})  # fmt: skip
     model = Segmenter(backbone_from_config(config, device), 150, config, [str(i) for i in range(150)]).to(device).eval()
-    model.head.set_step(10**9)  # annealing finished: plain attention, no intermediate predictions
+    model.head.mask_probabilities.zero_()  # annealing finished: plain attention, no intermediate predictions
     images = torch.randn(batch, 3, 512, 512, device=device)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(3):

@@ -82,9 +82,13 @@ def test_attention_mask_follows_the_previous_prediction() -> None:
     head = tiny_segmenter().head
     masks = torch.full((1, 6, 8, 8), -1.0)
     masks[0, 2, :4, :4] = 1.0  # query 2 marks the top-left patch of a 2 x 2 grid
+    masks[0, 3] = 0.0  # 0 is not > 0: query 3 marks nothing
+    masks[0, 4, :2, :2] = 1.0  # bilinear, not nearest: the top-left patch's centre value is 0 here
     length = 6 + 5 + 4
     allowed = head._attention_mask(masks, (2, 2), length, torch.tensor(1.0))[0, 0]
+    assert allowed.dtype == torch.bool  # a float mask would be added to the scores, not mask them
     assert allowed[2, 11:].tolist() == [True, False, False, False]
+    assert not allowed[3, 11:].any() and not allowed[4, 11:].any()
     assert not allowed[0, 11:].any() and allowed[:, :11].all() and allowed[6:].all()
     assert head._attention_mask(masks, (2, 2), length, torch.tensor(0.0)).all()
 
@@ -266,3 +270,118 @@ def test_pixels_of_the_ignore_index_make_no_target_even_inside_the_class_range()
     torch.manual_seed(1)
     outside = MaskClassificationLoss(3, 255, num_points=16)(predictions, ignored)
     torch.testing.assert_close(inside, outside)
+
+
+def test_layers_are_the_references() -> None:
+    """Block settings that change no parameter count: RoPE layout of the backbone, LayerNorm eps 1e-5, layer
+    scale starting at 1, GELUs in the mask MLP and projections, two x2 up-sampling blocks for patch 16."""
+    model = tiny_segmenter()
+    head, backbone_attention = model.head, model.backbone.model.blocks[0].attn
+    for block in head.blocks:
+        assert block.attn.rotate_half == backbone_attention.rotate_half and block.attn.num_heads == 6
+        assert block.norm1.eps == block.norm2.eps == 1e-5
+        assert torch.equal(block.gamma_1, torch.ones(384)) and torch.equal(block.gamma_2, torch.ones(384))
+    assert [type(m).__name__ for m in head.mask_mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert [type(m).__name__ for m in head.projections[0]] == ["Linear", "GELU", "Linear"]
+    assert len(head.upscale) == 2 and head.upscale[0].depthwise.groups == 384
+
+
+def test_option_checks() -> None:
+    tiny_segmenter(num_queries=1, num_blocks=1)  # the smallest head is fine
+    for options, message in (({"num_queries": 0}, "num_queries=0"), ({"num_blocks": 0}, "num_blocks=0"),
+                             ({"annealing_start": [0, 0, 0]}, "together"),
+                             ({"annealing_start": [0, 5, 0], "annealing_end": [1, 4, 1]}, "start <= end"),
+                             ({"annealing_start": [0, 0, 0], "annealing_end": [1, 1]}, "3 steps each")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            tiny_segmenter(**options)
+    with pytest.raises(UserError, match="one width and stride"):
+        build_head("pmt", [384, 384, 384, 192], [16] * 4, 3, tokens_of("S"))
+    head = tiny_segmenter().head
+    head.set_step(10**6)  # no annealing configured: masked attention stays on
+    assert torch.equal(head.mask_probabilities, torch.ones(3))
+
+
+def test_taps_enter_the_blocks_as_the_reference_sums_them() -> None:
+    """Input of the first block: queries, then Σ over taps of (BN(t) + MLP(BN(t))) · scale, by hand."""
+    torch.manual_seed(0)
+    model = tiny_segmenter().eval()
+    head = model.head
+    with torch.no_grad():
+        for scale in head.scales:
+            scale.uniform_(0.5, 2.0)
+        for norm in head.tap_norms:
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    image = torch.randn(1, 3, 32, 48)
+    tokens = model.features(image)
+    seen = []
+    head.blocks[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0]), with_kwargs=True)
+    with torch.no_grad():
+        head(tokens, image)
+        summed = 0
+        for t, norm, projection, scale in zip(tokens, head.tap_norms, head.projections, head.scales):
+            normed = (t - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+            hidden = torch.nn.functional.gelu(normed @ projection[0].weight.T + projection[0].bias)
+            summed = summed + (normed + hidden @ projection[2].weight.T + projection[2].bias) * scale
+    expected = torch.cat([head.queries.weight[None], summed], dim=1)
+    torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_come_from_the_patch_tokens_in_grid_order() -> None:
+    """_predict: the patch tokens (after the queries and prefix tokens) laid out row by row on the grid."""
+    torch.manual_seed(0)
+    head = tiny_segmenter().head.eval()
+    x = torch.randn(1, 6 + 5 + 6, 384)  # 6 queries, 5 prefix tokens, a 2 x 3 grid
+    with torch.no_grad():
+        masks, classes = head._predict(x, (2, 3))
+        normed = head.norm(x)
+        grid = normed[0, 11:].reshape(2, 3, 384).permute(2, 0, 1)[None]
+        expected = torch.einsum("qc,chw->qhw", head.mask_mlp(normed[0, :6]), head.upscale(grid)[0])
+    torch.testing.assert_close(masks[0], expected)
+    torch.testing.assert_close(classes[0], head.classifier(normed[0, :6]))
+
+
+def test_rope_and_masked_attention_change_what_the_blocks_compute() -> None:
+    """The backbone's RoPE reaches the blocks (no RoPE gives another output), masked attention with
+    probability 1 differs from plain attention, and with masked_attention off the probability is ignored."""
+    torch.manual_seed(0)
+    model = tiny_segmenter().eval()
+    image = torch.randn(1, 3, 32, 48)
+    tokens = model.features(image)
+    head = model.head
+
+    def output(probability: float, rope: bool = True, head=head) -> torch.Tensor:
+        head.mask_probabilities.fill_(probability)
+        saved = head.tokens
+        if not rope:
+            head.tokens = TokenSource(saved.num_heads, saved.num_prefix_tokens, saved.rotate_half, None)
+        with torch.no_grad():
+            result = head(tokens, image)
+        head.tokens = saved
+        return result
+
+    plain = output(0.0)
+    assert not torch.allclose(output(0.0, rope=False), plain)
+    assert not torch.allclose(output(1.0), plain)
+    torch.manual_seed(0)
+    unmasked = tiny_segmenter(masked_attention=False).eval()
+    unmasked.head.load_state_dict(head.state_dict())
+    assert torch.equal(output(1.0, head=unmasked.head), output(0.0, head=unmasked.head))
+
+
+def test_semantic_logits_upsample_the_masks_first() -> None:
+    from dinov3ds.heads.pmt import semantic_logits
+
+    torch.manual_seed(0)
+    masks, classes = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4)
+    upsampled = torch.nn.functional.interpolate(masks, size=(16, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(semantic_logits(masks, classes, (16, 20)).exp(), semantic_scores(upsampled, classes))
+
+
+def test_each_image_draws_its_own_queries_to_unmask() -> None:
+    torch.manual_seed(0)
+    head = tiny_segmenter(num_queries=6).head
+    masks = torch.full((2, 6, 8, 8), -1.0)
+    allowed = head._attention_mask(masks, (2, 2), 6 + 5 + 4, torch.tensor(0.5))
+    seeing = allowed[:, 0, :6, 11:].all(-1)  # queries that see every patch: the ones drawn to be unmasked
+    assert seeing.any() and not torch.equal(seeing[0], seeing[1])

@@ -90,15 +90,18 @@ class PMTHead(SegmentationHead):
             raise UserError("head 'pmt' needs taps of one width and stride (a ViT's blocks)")
         if num_queries < 1 or num_blocks < 1:
             raise UserError(f"head 'pmt': num_queries={num_queries}, num_blocks={num_blocks}; both must be >= 1")
-        start, end = annealing_start or [0] * num_blocks, annealing_end or [0] * num_blocks
-        if len(start) != num_blocks or len(end) != num_blocks or any(s > e for s, e in zip(start, end)):
+        if (annealing_start is None) != (annealing_end is None):
+            raise UserError("head 'pmt': give annealing_start and annealing_end together (or neither: masks stay on)")
+        if annealing_start is not None and (len(annealing_start) != num_blocks or len(annealing_end) != num_blocks
+                                            or any(s > e for s, e in zip(annealing_start, annealing_end))):  # fmt: skip
             raise UserError(f"head 'pmt': annealing_start and annealing_end need {num_blocks} steps each, start <= end")
         width = in_channels[0]
         self.tokens = tokens
         self.num_queries = num_queries
         self.patch_size = strides[0]
         self.masked_attention = masked_attention
-        self.schedule = (list(start), list(end), annealing_power)
+        # None: masked attention on at every step, as the reference without annealing
+        self.schedule = (list(annealing_start), list(annealing_end), annealing_power) if annealing_start else None
         self.register_buffer("mask_probabilities", torch.ones(num_blocks))
         self.tap_norms = nn.ModuleList(nn.BatchNorm1d(width) for _ in in_channels)
         self.projections = nn.ModuleList(
@@ -121,6 +124,8 @@ class PMTHead(SegmentationHead):
 
     def set_step(self, step: int) -> None:
         """Anneal each block's masked-attention probability to the training step (called before each step)."""
+        if self.schedule is None:
+            return
         start, end, power = self.schedule
         for index in range(len(self.blocks)):
             self.mask_probabilities[index] = annealed_probability(step, start[index], end[index], power)
