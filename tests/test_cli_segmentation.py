@@ -169,7 +169,7 @@ def test_pmt_learns_at_least_as_well_as_linear_in_the_same_steps(folder_dataset,
     scores = {}
     for head, options in (
         ("linear", ["optim.lr=3e-2"]),
-        ("pmt", ["optim.lr=1e-3", "head.options={num_queries: 8, num_blocks: 2, annealing_end: [20, 30]}",
+        ("pmt", ["optim.lr=1e-3", "head.options={num_queries: 8, num_blocks: 2, annealing_start: [0, 0], annealing_end: [20, 30]}",
                  "loss.mask={num_points: 512}"]),
     ):  # fmt: skip
         run = tmp_path / head

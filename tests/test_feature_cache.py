@@ -227,3 +227,28 @@ def test_the_backbone_dtype_is_part_of_the_key(backbone, root, tmp_path, monkeyp
     model, dataset, config = classifier_and_train_split(half, root)
     cached_features(model, dataset, config)
     assert len(stores(tmp_path / "cache")) == 2
+
+
+def test_stored_blocks_are_the_last_four_and_any_the_model_reads(backbone, root):
+    from dinov3ds.training.feature_cache import stored_blocks
+
+    deep = load_backbone("vits16", "random", depth=6)
+    model, _, _ = classifier_and_train_split(deep, root, "head.pooling=cls")
+    assert stored_blocks(model) == [2, 3, 4, 5]
+    model.layers = [0]
+    assert stored_blocks(model) == [0, 2, 3, 4, 5]
+    shallow, _, _ = classifier_and_train_split(backbone, root)
+    assert stored_blocks(shallow) == [0, 1]  # a 2-block model keeps both
+
+
+def test_batches_read_from_the_store_equal_its_rows(backbone, root, tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    model, dataset, config = classifier_and_train_split(backbone, root)
+    store = cached_features(model, dataset, config)
+    rows = [store[i] for i in (3, 0, 2)]
+    batch = store.__getitems__([3, 0, 2])
+    assert len(batch) == 3
+    for (features, label), (expected, expected_label) in zip(batch, rows):
+        assert torch.equal(features, expected) and torch.equal(label, expected_label)
+    [(features, labels)] = list(torch.utils.data.DataLoader(store, batch_size=len(store)))
+    assert torch.equal(features, store.tensors[0]) and torch.equal(labels, store.tensors[1])
