@@ -288,6 +288,7 @@ def test_layers_are_the_references() -> None:
 
 def test_option_checks() -> None:
     tiny_segmenter(num_queries=1, num_blocks=1)  # the smallest head is fine
+    tiny_segmenter(annealing_start=[5, 5, 5], annealing_end=[5, 5, 5])  # switched off at once: allowed
     for options, message in (({"num_queries": 0}, "num_queries=0"), ({"num_blocks": 0}, "num_blocks=0"),
                              ({"annealing_start": [0, 0, 0]}, "together"),
                              ({"annealing_start": [0, 5, 0], "annealing_end": [1, 4, 1]}, "start <= end"),
