@@ -330,3 +330,26 @@ def test_miou_over_the_ground_truth_classes_beside_mmsegs():
     assert "mean over the 4 classes in the labels or predictions" in table and "over the 2 classes in the labels" in table
     empty = SegmentationMetric(num_classes=2).compute()
     assert math.isnan(empty["mIoU_gt"])
+
+
+def test_images_are_counted_once_each():
+    """`images` is what eval prints next to the scores: a batch [B, H, W] is B images, a map [H, W] one."""
+    metric = SegmentationMetric(num_classes=2)
+    metric.update(torch.zeros(3, 4, 5, dtype=torch.long), torch.zeros(3, 4, 5, dtype=torch.long))
+    metric.update(torch.zeros(4, 5, dtype=torch.long), torch.ones(4, 5, dtype=torch.long))
+    assert metric.compute()["images"] == 4
+    classification = ClassificationMetric(3, (1,))
+    classification.update(torch.randn(7, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    assert classification.compute()["images"] == 7
+
+
+def test_table_of_every_class_present_and_of_none():
+    metric = SegmentationMetric(num_classes=2)
+    metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
+    table = format_per_class_table(metric.compute(), ["background", "x"]).splitlines()
+    assert table[-1] == ("mIoU 100.00 (mmseg: mean over the 2 classes in the labels or predictions); "
+                         "mIoU_gt 100.00 (mean over the 2 classes in the labels)")  # fmt: skip
+    assert table[0] == "class           IoU      Acc     Dice"  # as wide as "background"
+    nothing = format_per_class_table(SegmentationMetric(num_classes=2).compute(), ["a", "b"]).splitlines()
+    assert nothing[0] == "class      IoU      Acc     Dice" and len(nothing) == 2
+    assert nothing[1].endswith("; 2 classes in neither are not listed")

@@ -105,6 +105,10 @@ class HeadConfig(Section):
     pooling: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # classification: which tokens feed the linear layer
     last_blocks: int = Field(1, ge=1, le=64)  # classification: concatenate the pooled features of the last N blocks
     batchnorm: bool = False  # classification: BatchNorm (no affine) before the linear layer
+    # classification probe grid, as DINOv3's linear evaluation ([1, 4] and [cls, cls+avg]): one head per
+    # combination (and per optim.lr_grid rate) trained at once on one pass of features; the best is kept
+    grid_last_blocks: Annotated[list[Annotated[int, Field(ge=1, le=64)]], Field(min_length=1)] | None = None
+    grid_pooling: Annotated[list[Literal["cls", "avg", "cls+avg"]], Field(min_length=1)] | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # head-specific options, e.g. {base_channels: 128}
 
 

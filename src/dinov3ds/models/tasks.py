@@ -96,11 +96,14 @@ class LinearClassificationHead(nn.Module):
     helps a single learning rate cope with features of very different scales.
     """
 
-    def __init__(self, in_features: int, num_classes: int, batchnorm: bool = False):
+    def __init__(self, in_features: int, num_classes: int, batchnorm: bool = False, seed: int | None = None):
         super().__init__()
         self.norm = nn.BatchNorm1d(in_features, affine=False) if batchnorm else nn.Identity()
-        self.linear = nn.Linear(in_features, num_classes)
-        nn.init.normal_(self.linear.weight, std=0.01)
+        self.linear = nn.utils.skip_init(nn.Linear, in_features, num_classes)  # draws nothing from the global RNG
+        # A seed of its own: the start depends on the seed and the size only, not on what drew random numbers
+        # before, so a head in a probe grid starts where the same head trained alone starts.
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        nn.init.normal_(self.linear.weight, std=0.01, generator=generator)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -144,7 +147,7 @@ class Classifier(_TaskModel):
         width = backbone.feature_channels(self.layers)[-1]
         cls_parts = head.last_blocks if head.pooling in ("cls", "cls+avg") else 0
         self.feature_dim = width * (cls_parts + (1 if head.pooling in ("avg", "cls+avg") else 0))
-        self.head = LinearClassificationHead(self.feature_dim, num_classes, head.batchnorm)
+        self.head = LinearClassificationHead(self.feature_dim, num_classes, head.batchnorm, config.seed)
 
     def features(self, images: Tensor) -> Tensor:
         """The vector the linear head sees (also what the feature cache stores): as DINOv3's linear evaluation

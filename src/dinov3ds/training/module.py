@@ -1,7 +1,8 @@
 """The LightningModule: one training step, validation, optimizer and checkpoint contents for any task.
 
 What differs by task (loss, metric, monitored value, what validation predicts) comes from a task object
-(`training.tasks`); the learning-rate grid of a linear probe is its own small module. Devices, precision,
+(`training.tasks`); the grid of a linear probe (pooling x blocks x learning rates) is its own module
+(`training.probe_grid`). Devices, precision,
 logging and resuming are Lightning's.
 """
 
@@ -13,14 +14,14 @@ import random
 import lightning.pytorch as L
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dinov3ds import __version__
 from dinov3ds.config import Config
 from dinov3ds.errors import UserError
-from dinov3ds.metrics import ClassificationMetric
 from dinov3ds.models.checkpoints import FORMAT_VERSION
-from dinov3ds.models.tasks import Classifier, LinearClassificationHead, Segmenter
+from dinov3ds.models.tasks import Classifier, Segmenter
+from dinov3ds.training.probe_grid import ProbeGrid, probe_settings
 from dinov3ds.training.tasks import task_for
 
 
@@ -53,40 +54,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(python_state.tolist()), gauss))
 
 
-class LearningRateGrid(nn.Module):
-    """DINOv3's linear evaluation: one linear head per learning rate, trained at once on the same features.
-
-    After each validation the best head is copied into the model's own head, so a checkpoint is an
-    ordinary single-head checkpoint.
-    """
-
-    def __init__(self, model: Classifier, learning_rates: list[float], num_classes: int, batchnorm: bool) -> None:
-        super().__init__()
-        self.learning_rates = list(learning_rates)
-        self.heads = nn.ModuleList(LinearClassificationHead(model.feature_dim, num_classes, batchnorm)
-                                   for _ in learning_rates)  # fmt: skip
-        self.metrics = nn.ModuleList(ClassificationMetric(num_classes, top_k=(1, min(5, num_classes))) for _ in self.heads)
-
-    def logits(self, features: Tensor) -> list[Tensor]:
-        return [head(features) for head in self.heads]
-
-    def parameter_groups(self) -> list[dict]:
-        return [{"params": head.parameters(), "lr": lr} for head, lr in zip(self.heads, self.learning_rates)]
-
-    def update(self, features: Tensor, target: Tensor) -> None:
-        for metric, logits in zip(self.metrics, self.logits(features)):
-            metric.update(logits, target)
-
-    def select_best(self, target_head: nn.Module) -> tuple[int, list[dict]]:
-        """Index of the head with the best top-1 and every head's result; copies the best into `target_head`."""
-        results = [metric.compute() for metric in self.metrics]
-        for metric in self.metrics:
-            metric.reset()
-        best = max(range(len(results)), key=lambda i: results[i]["top1"])
-        target_head.load_state_dict(self.heads[best].state_dict())
-        return best, results
-
-
 class TaskModule(L.LightningModule):
     """Loss, metrics, optimizer and checkpoint contents for a Classifier or a Segmenter."""
 
@@ -110,13 +77,11 @@ class TaskModule(L.LightningModule):
         self.shown_loss: float | None = None  # the loss read at the last logging interval
         self.register_buffer("nonfinite_loss", torch.zeros((), dtype=torch.bool), persistent=False)
 
-    def _build_grid(self, config: Config, model) -> LearningRateGrid | None:
-        if not config.optim.lr_grid:
+    def _build_grid(self, config: Config, model) -> ProbeGrid | None:
+        if probe_settings(config) is None:
             return None
-        if not isinstance(model, Classifier):
-            raise UserError("optim.lr_grid is for classification linear probes; remove it for segmentation")
-        model.head.requires_grad_(False)  # trained through the grid; holds a copy of the best head
-        return LearningRateGrid(model, config.optim.lr_grid, self.num_classes, config.head.batchnorm)
+        model.head.requires_grad_(False)  # trained through the grid; becomes a copy of the best head
+        return ProbeGrid(config, model.backbone.feature_channels(model.layers)[-1], self.num_classes)
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.model.head(inputs) if self.from_features else self.model(inputs)
@@ -130,8 +95,8 @@ class TaskModule(L.LightningModule):
             losses = [self.criterion(logits, target) for logits in self.grid.logits(self._features(inputs))]
             # Each head's gradient comes from its own loss (the heads share nothing), so the sum is what is
             # minimised; the mean is what is shown, comparable with a single head's loss.
-            for lr, head_loss in zip(self.grid.learning_rates, losses):
-                self.log(f"train/loss_lr{lr:g}", head_loss, on_step=True, on_epoch=False)
+            for tag, head_loss in zip(self.grid.tags, losses):
+                self.log(f"train/loss_{tag}", head_loss, on_step=True, on_epoch=False)
             loss_sum = torch.stack(losses).sum()
             self._observe(loss_sum / len(losses), batch_index)
             return loss_sum
@@ -175,11 +140,14 @@ class TaskModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.grid is not None:
-            best, results = self.grid.select_best(self.model.head)
-            for lr, grid_result in zip(self.grid.learning_rates, results):
-                self.log(f"val/top1_lr{lr:g}", float(grid_result["top1"]))
-            self.log("val/best_lr", float(self.grid.learning_rates[best]))
-            result = results[best]
+            results = self.grid.select_best()
+            self.model.head = self.grid.frozen_copy(self.grid.best)  # what forward, reports and checkpoints use
+            for tag, grid_result in zip(self.grid.tags, results):
+                self.log(f"val/top1_{tag}", float(grid_result["top1"]))
+            winner = self.grid.settings[self.grid.best]
+            self.log("val/best_lr", float(winner.lr))
+            self.log("val/best_last_blocks", float(winner.last_blocks))
+            result = results[self.grid.best]
         else:
             result = self.val_metric.compute()
             self.val_metric.reset()
@@ -218,6 +186,17 @@ class TaskModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """A grid's heads are clipped one by one (one norm over all of them would tie each head to the others)."""
+        if self.grid is None or gradient_clip_val is None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        for group in optimizer.param_groups:  # one group per head
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(group["params"], gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
+
     def _parameter_groups(self) -> list[dict]:
         """The head at `lr`; unfrozen backbone blocks at `backbone_lr`, decayed by `layer_decay` per block
         towards the input (earlier layers hold more general features and should move less)."""
@@ -247,11 +226,15 @@ class TaskModule(L.LightningModule):
         frozen = {name for name, p in self.model.backbone.named_parameters(prefix="model.backbone") if not p.requires_grad}
         frozen |= {name for name, _ in self.model.backbone.named_buffers(prefix="model.backbone")}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        config = self.config.model_dump(mode="json")
+        if self.grid is not None:  # the head saved is the grid's best: its model is built with its own pooling
+            config = self.grid.winner_config(config)
+            checkpoint["probe_grid_best"] = self.grid.best
         checkpoint["dinov3ds"] = {
             "format_version": FORMAT_VERSION,
             "dinov3ds_version": __version__,
             "task": self.config.task,
-            "config": self.config.model_dump(mode="json"),
+            "config": config,
             "class_names": list(self.class_names),
             "num_classes": self.num_classes,
             "backbone": self.model.backbone.identity,
@@ -268,6 +251,10 @@ class TaskModule(L.LightningModule):
             _set_rng_state(checkpoint["rng_states"])
         if checkpoint.get("best_validation") is not None:
             self.best = checkpoint["best_validation"]
+        if self.grid is not None and checkpoint.get("probe_grid_best") is not None:
+            # Lightning loads the state dict next: the model's head must already have the saved winner's size.
+            self.grid.best = int(checkpoint["probe_grid_best"])
+            self.model.head = self.grid.frozen_copy(self.grid.best)
         # Lightning restarts a non-stateful loader at the start of the epoch; skip the batches already trained.
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
         done = int(progress.get("current", {}).get("completed", 0))

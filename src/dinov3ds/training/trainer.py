@@ -40,6 +40,7 @@ from dinov3ds.models.tasks import (
 from dinov3ds.training.feature_cache import cached_features
 from dinov3ds.training.interrupt import GracefulInterrupt
 from dinov3ds.training.module import TaskModule
+from dinov3ds.training.probe_grid import input_config
 from dinov3ds.training.run_folder import MetricsHistory, claim_run_folder
 
 logger = logging.getLogger("dinov3ds")
@@ -77,8 +78,9 @@ class TrainResult:
 def build_model(config: Config, class_names: list[str], backbone) -> Classifier | Segmenter:
     """The model for the config's task around an already loaded backbone."""
     check_head_name(config, "config")
-    model_class = Classifier if config.task == "classification" else Segmenter
-    return model_class(backbone, len(class_names), config, class_names)
+    if config.task == "classification":  # a probe grid's model computes the widest vector its heads read
+        return Classifier(backbone, len(class_names), input_config(config), class_names)
+    return Segmenter(backbone, len(class_names), config, class_names)
 
 
 class IntervalLossProgressBar(TQDMProgressBar):
@@ -177,7 +179,7 @@ def _resume_checkpoint(config: Config, output_dir: Path, resume: bool | str | Pa
         readable = [p for p in sorted(folder.glob("*.ckpt"), key=lambda p: -p.stat().st_mtime) if p != path and _readable(p)]
         offer = f"; the newest readable checkpoint is {readable[0]}: --resume-from {readable[0]}" if readable else ""
         raise UserError(f"{error}{offer}") from None
-    before, now = stored.config, config.model_dump(mode="json")
+    before, now = _comparable(stored.config), _comparable(config.model_dump(mode="json"))
     for key in RESUME_SETTINGS:
         difference = _first_difference(_dotted(before, key), _dotted(now, key), key)
         if difference:
@@ -187,6 +189,17 @@ def _resume_checkpoint(config: Config, output_dir: Path, resume: bool | str | Pa
                 "value to continue it, or train into a new output_dir"
             )
     return path
+
+
+def _comparable(config: dict) -> dict:
+    """`config` without what a probe grid decides: a grid's checkpoint records its winner's pooling and block
+    count, which the config it continues from need not name."""
+    head = dict(config.get("head", {}))
+    if head.get("grid_pooling"):
+        head.pop("pooling", None)
+    if head.get("grid_last_blocks"):
+        head.pop("last_blocks", None)
+    return {**config, "head": head}
 
 
 def _first_difference(old, new, key: str) -> tuple[str, object, object] | None:
