@@ -8,6 +8,8 @@ from dinov3ds.errors import UserError
 from dinov3ds.training.losses import (
     CrossEntropyLoss,
     DiceLoss,
+    FocalLoss,
+    LovaszSoftmaxLoss,
     build_loss,
     logits_to_labels,
     logits_to_probabilities,
@@ -260,3 +262,28 @@ def test_the_seeds_mri_recipe_is_ten_focal_plus_three_dice():
     recipe = build_loss("focal+dice", num_classes=2, weights={"focal": 10.0, "dice": 3.0})(logits, target)
     focal, dice = build_loss("focal", num_classes=2)(logits, target), build_loss("dice", num_classes=2)(logits, target)
     torch.testing.assert_close(recipe, 10 * focal + 3 * dice)
+
+
+@pytest.mark.parametrize("pixels", [2, 5])
+def test_lovasz_with_a_class_absent_in_the_middle_and_few_pixels(pixels):
+    """Class 1 absent (classes after it still count); two kept pixels (the shortest sorted list with a step)."""
+    logits = torch.randn(1, 3, 1, pixels, generator=torch.Generator().manual_seed(pixels))
+    labels = [0, 2, 2, 0, 2][:pixels]
+    target = torch.tensor([[labels]])
+    probabilities = logits.softmax(1).permute(0, 2, 3, 1).reshape(-1, 3)
+    expected = lovasz_by_definition(probabilities, target.reshape(-1))
+    torch.testing.assert_close(build_loss("lovasz", num_classes=3)(logits, target), expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_focal_and_lovasz_defaults():
+    """gamma 2 and ignore 255 when built directly; the focal mean is over the valid pixels of several."""
+    logits = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([[[0, 1], [IGNORE, 2]], [[2, IGNORE], [1, 1]]])
+    probabilities = logits.softmax(1)
+    keep = target != IGNORE
+    p = probabilities.gather(1, target.clamp(max=2).unsqueeze(1))[:, 0][keep]
+    expected = ((1 - p) ** 2 * -torch.log(p)).mean()
+    torch.testing.assert_close(FocalLoss()(logits, target), expected)
+    flat = probabilities.permute(0, 2, 3, 1).reshape(-1, 3)[keep.reshape(-1)]
+    expected = lovasz_by_definition(flat, target.reshape(-1)[keep.reshape(-1)])
+    torch.testing.assert_close(LovaszSoftmaxLoss()(logits, target), expected.float(), rtol=1e-5, atol=1e-6)
