@@ -3,6 +3,7 @@ places it cannot be written. Edits that must invalidate it are in test_feature_c
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -148,3 +149,20 @@ def test_a_rank_the_folder_never_sees_is_a_one_line_error(root, tmp_path, monkey
     with pytest.raises(UserError, match=r"rank\(s\) \[1\] never appeared there.*DINOV3DS_CACHE") as error:
         cached_features(model, dataset, config)
     assert "\n" not in str(error.value)
+
+
+def test_a_key_folder_with_another_stores_leftovers_is_started_afresh(root, tmp_path, monkeypatch):
+    """A cache entry is replaced, never refused (`dinov3ds features --out` refuses such a folder instead)."""
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    model, dataset, config = model_and_split(root)
+    settings = feature_cache.store_settings(model, dataset, config)
+    folder = tmp_path / "cache" / "features" / feature_cache.store_key(settings)
+    folder.mkdir(parents=True)
+    (folder / "settings.json").write_text('{"format": "dinov3ds-feature-store/1", "files": []}')
+    write_shard(folder / "shard-00000.safetensors", {"cls": torch.ones(3, 4, 8), "mean": torch.ones(3, 8),
+                                                     "labels": torch.zeros(3, dtype=torch.long)}, ["a", "b", "c"])  # fmt: skip
+    (folder / "shard-00001.safetensors.99.tmp").write_bytes(b"half a shard")
+    features = cached_features(model, dataset, config).tensors[0]
+    torch.testing.assert_close(features, extract_features(model, dataset, config)[0], rtol=0, atol=0)
+    assert not list(folder.glob("*.tmp"))
+    assert json.loads((folder / "settings.json").read_text()) == settings

@@ -32,7 +32,15 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
 from dinov3ds.config import Config, cache_dir
-from dinov3ds.data.feature_shards import shard_count, shard_is_complete, shard_path, write_shard
+from dinov3ds.data.feature_shards import FORMAT as SHARDS_FORMAT
+from dinov3ds.data.feature_shards import (
+    claim_settings,
+    shard_count,
+    shard_is_complete,
+    shard_path,
+    write_index,
+    write_shard,
+)
 from dinov3ds.errors import DataWarning, UserError
 
 logger = logging.getLogger("dinov3ds")
@@ -119,20 +127,13 @@ def _launch_id() -> str:
 
 
 def _claim(folder: Path, settings: dict) -> None:
-    """Rank 0: keep the folder's shards when they are of these settings (a resume), else start it afresh."""
-    path = folder / "settings.json"
+    """Rank 0: keep the folder's shards when they are of these settings (a resume), else start it afresh.
+    Where `dinov3ds features --out` refuses a folder of other settings, a cache entry is simply replaced."""
     try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        found = None
-    if found != settings:
+        claim_settings(folder, settings, overwrite=False)
+    except UserError:
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        temporary = path.with_name(f"settings.json.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(settings))
-        os.replace(temporary, path)
-    for leftover in folder.glob("*.tmp"):  # a killed run's half-written shard
-        leftover.unlink(missing_ok=True)
+        claim_settings(folder, settings, overwrite=False)
 
 
 def _ranks_missing(folder: Path, world: int) -> list[int]:
@@ -175,18 +176,10 @@ def build_store(model, dataset: Dataset, config: Config, folder: Path, settings:
         shards = [(shard_path(folder, i), min(size, rows - i * size)) for i in range(shard_count(rows, size))]
         while not all(shard_is_complete(path, n) for path, n in shards):
             time.sleep(0.5)
-        _write_index(folder, rows, size)
+        write_index(folder, rows, size)
     else:
         while not (folder / "index.json").is_file():
             time.sleep(0.5)
-
-
-def _write_index(folder: Path, rows: int, shard_size: int) -> None:
-    index = {"format": STORE_FORMAT, "rows": rows, "shard_size": shard_size,
-             "shards": [shard_path(folder, i).name for i in range(shard_count(rows, shard_size))]}  # fmt: skip
-    temporary = folder / f"index.json.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(index))
-    os.replace(temporary, folder / "index.json")
 
 
 class ShardRows:
@@ -231,8 +224,8 @@ class StoredFeatures(Dataset):
 
     def __init__(self, folder: Path, model, blocks: list[int]) -> None:
         index = json.loads((folder / "index.json").read_text())
-        if index.get("format") != STORE_FORMAT:
-            raise ValueError("another store format")
+        if index.get("format") != SHARDS_FORMAT:
+            raise ValueError("another shard format")
         self.rows = index["rows"]
         self.arrays = {name: ShardRows(folder, index["shards"], name, self.rows, index["shard_size"])
                        for name in ("cls", "mean", "labels")}  # fmt: skip
