@@ -4,6 +4,9 @@ rebuilds."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -94,6 +97,9 @@ def test_grid_heads_train_exactly_as_each_head_alone_and_the_best_is_kept(traine
     # The checkpoint is the winner's, as if trained alone: config, head weights.
     checkpoint = read_checkpoint(grid.last_checkpoint)
     assert (checkpoint.config["head"]["pooling"], checkpoint.config["head"]["last_blocks"]) == (winner.pooling, winner.last_blocks)
+    assert (checkpoint.config["optim"]["lr"], checkpoint.config["optim"]["lr_grid"]) == (winner.lr, None)
+    assert checkpoint.config["head"]["grid_pooling"] is None  # eval and predict rebuild one head, not the grid
+    assert checkpoint.run_config["head"]["grid_pooling"] == ["cls", "cls+avg"]  # what --resume compares
     lone = read_checkpoint(alone[winner].last_checkpoint).head_state_dict
     assert checkpoint.head_state_dict.keys() == lone.keys()
     assert all(torch.equal(checkpoint.head_state_dict[k], lone[k]) for k in lone)
@@ -169,3 +175,20 @@ def test_gradient_clipping_takes_each_head_alone(algorithm):
     if algorithm == "norm":  # head 0 is within the limit alone: untouched, though the grid's total norm is not
         size = sum(p.numel() for p in module.grid.heads[0].parameters())
         assert float(module.grid.heads[0].linear.weight.grad[0, 0]) == pytest.approx(0.5 / size**0.5)
+
+
+def test_the_cli_names_the_winner_and_eval_rebuilds_it(tmp_path, monkeypatch, capsys):
+    from dinov3ds.cli import main
+
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    root = make_classification_folder(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=4, size=32)
+    run, best = tmp_path / "run", tmp_path / "run" / "checkpoints" / "best.ckpt"
+    assert main(["train", *TINY, *GRID, f"data.root={root}", "trainer.max_epochs=2", f"output_dir={run}"]) == 0
+    printed = capsys.readouterr().out
+    head = read_checkpoint(best).config["head"]
+    [line] = [line for line in printed.splitlines() if line.startswith("probe grid winner:")]
+    assert line.startswith(f"probe grid winner: pooling {head['pooling']}, last {head['last_blocks']} block(s), lr ")
+    [best_line] = [line for line in printed.splitlines() if line.startswith("best checkpoint:")]
+    assert main(["eval", "--checkpoint", str(best), "--out", str(tmp_path / "eval")]) == 0
+    scores = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert scores["top1"] == pytest.approx(float(re.search(r"val/top1=([0-9.]+)", best_line).group(1)), abs=1e-4)

@@ -30,6 +30,9 @@ def run_train(args: argparse.Namespace) -> None:
     if result.best_checkpoint is not None and best.get("metrics"):
         scores = "  ".join(f"{k}={v:.4f}" for k, v in sorted(best["metrics"].items()))
         print(f"best checkpoint: {result.best_checkpoint} (epoch {best['epoch']}, step {best['step']}): {scores}")
+        if "probe" in best:
+            probe = best["probe"]
+            print(f"probe grid winner: pooling {probe['pooling']}, last {probe['last_blocks']} block(s), lr {probe['lr']:g}")
     else:
         print(f"best checkpoint: {result.best_checkpoint}")
     scores = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if k.startswith("val/"))

@@ -32,7 +32,8 @@ BACKBONE_PREFIX = "model.backbone."
 @dataclass(frozen=True)
 class HeadCheckpoint:
     task: str
-    config: dict
+    config: dict  # what rebuilds the head in this file
+    run_config: dict  # the training run's own (a probe grid's, where `config` is its winner's); --resume compares it
     class_names: list[str]
     num_classes: int
     backbone: dict
@@ -111,6 +112,7 @@ def read_checkpoint(path: str | Path, expected_task: str | None = None) -> HeadC
         return HeadCheckpoint(
             task=meta["task"],
             config=meta["config"],
+            run_config=meta.get("run_config", meta["config"]),
             class_names=[str(name) for name in meta["class_names"]],
             num_classes=int(meta["num_classes"]),
             backbone=dict(meta["backbone"]),

@@ -8,6 +8,7 @@ logging and resuming are Lightning's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -171,6 +172,8 @@ class TaskModule(L.LightningModule):
             scalars = {f"val/{k}": float(v) for k, v in result.items()
                        if isinstance(v, float) or (torch.is_tensor(v) and v.numel() == 1)}  # fmt: skip
             self.best = {"score": score, "epoch": self.current_epoch, "step": self.global_step, "metrics": scalars}
+            if self.grid is not None:  # which head of the grid that was
+                self.best["probe"] = dataclasses.asdict(self.grid.settings[self.grid.best])
 
     def configure_optimizers(self):
         optim = self.config.optim
@@ -227,9 +230,6 @@ class TaskModule(L.LightningModule):
         frozen |= {name for name, _ in self.model.backbone.named_buffers(prefix="model.backbone")}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         config = self.config.model_dump(mode="json")
-        if self.grid is not None:  # the head saved is the grid's best: its model is built with its own pooling
-            config = self.grid.winner_config(config)
-            checkpoint["probe_grid_best"] = self.grid.best
         checkpoint["dinov3ds"] = {
             "format_version": FORMAT_VERSION,
             "dinov3ds_version": __version__,
@@ -239,6 +239,12 @@ class TaskModule(L.LightningModule):
             "num_classes": self.num_classes,
             "backbone": self.model.backbone.identity,
         }
+        if self.grid is not None:
+            # The head saved is the grid's best: the file describes that head alone, and keeps the run's own
+            # config (the grid) for --resume to compare with.
+            checkpoint["dinov3ds"]["config"] = self.grid.winner_config(config)
+            checkpoint["dinov3ds"]["run_config"] = config
+            checkpoint["probe_grid_best"] = self.grid.best
         checkpoint["rng_states"] = _rng_state()
         checkpoint["best_validation"] = self.best
 

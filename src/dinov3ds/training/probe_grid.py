@@ -143,7 +143,10 @@ class ProbeGrid(nn.Module):
         return head.requires_grad_(False)
 
     def winner_config(self, config: dict) -> dict:
-        """`config` (a dumped Config) with the best head's pooling and block count: what rebuilds its model."""
+        """`config` (a dumped Config) as the config of the best head alone: its pooling, block count and
+        learning rate, no grid. What eval, predict and export rebuild from the checkpoint."""
         setting = self.settings[self.best]
-        head = {**config["head"], "pooling": setting.pooling, "last_blocks": setting.last_blocks}
-        return {**config, "head": head}
+        head = {**config["head"], "pooling": setting.pooling, "last_blocks": setting.last_blocks,
+                "grid_pooling": None, "grid_last_blocks": None}  # fmt: skip
+        optim = {**config["optim"], "lr": setting.lr, "lr_grid": None}
+        return {**config, "head": head, "optim": optim}

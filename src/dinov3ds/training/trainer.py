@@ -179,7 +179,7 @@ def _resume_checkpoint(config: Config, output_dir: Path, resume: bool | str | Pa
         readable = [p for p in sorted(folder.glob("*.ckpt"), key=lambda p: -p.stat().st_mtime) if p != path and _readable(p)]
         offer = f"; the newest readable checkpoint is {readable[0]}: --resume-from {readable[0]}" if readable else ""
         raise UserError(f"{error}{offer}") from None
-    before, now = _comparable(stored.config), _comparable(config.model_dump(mode="json"))
+    before, now = stored.run_config, config.model_dump(mode="json")
     for key in RESUME_SETTINGS:
         difference = _first_difference(_dotted(before, key), _dotted(now, key), key)
         if difference:
@@ -189,17 +189,6 @@ def _resume_checkpoint(config: Config, output_dir: Path, resume: bool | str | Pa
                 "value to continue it, or train into a new output_dir"
             )
     return path
-
-
-def _comparable(config: dict) -> dict:
-    """`config` without what a probe grid decides: a grid's checkpoint records its winner's pooling and block
-    count, which the config it continues from need not name."""
-    head = dict(config.get("head", {}))
-    if head.get("grid_pooling"):
-        head.pop("pooling", None)
-    if head.get("grid_last_blocks"):
-        head.pop("last_blocks", None)
-    return {**config, "head": head}
 
 
 def _first_difference(old, new, key: str) -> tuple[str, object, object] | None:
