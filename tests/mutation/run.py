@@ -44,7 +44,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     # head and size (35 forwards, 7 channels_last passes); they take most of the time and every mutant they
     # could catch changes a value or a count the other tests pin, so they are left out here.
     "heads": ("heads/{__init__,base,linear,segdino,dpt,unet,unet_sum,unet_adapter}.py",
-              ["tests/test_heads.py", "tests/test_head_references.py", "-k", SHAPE_TESTS_LEFT_OUT]),
+              ["tests/test_heads.py", "tests/test_head_values.py", "tests/test_head_references.py", "-k",
+               SHAPE_TESTS_LEFT_OUT]),
     "adapter": ("heads/{vit_adapter,deformable_attention,fapm}.py",
                 ["tests/test_fapm.py", "tests/test_head_references.py", "tests/test_heads.py", "-k", SHAPE_TESTS_LEFT_OUT]),
     "mask_loss": ("training/mask_classification.py", ["tests/test_pmt.py"]),
