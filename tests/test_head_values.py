@@ -140,6 +140,26 @@ def test_dpt_reassembly_widths_follow_isl_org() -> None:
     assert widths([768] * 4, [4, 8, 16, 32]) == [768] * 4  # equal widths at different strides: not a ViT
 
 
+@pytest.mark.parametrize("variant", ["paper", "upstream"])
+def test_segdino_on_convnext_stages_resizes_each_branch_to_the_first(variant: str) -> None:
+    """Stages at strides 4-32: branches 2-4 are resized (half-pixel centres) to the first branch's map."""
+    head = build_head("segdino", *CONVNEXT, 2, hidden_channels=4, variant=variant)
+    image = torch.randn(1, 3, 64, 96)
+    features = [torch.randn(1, c, 64 // s, 96 // s) for c, s in zip(*CONVNEXT)]
+
+    def branch(index: int) -> torch.Tensor:
+        project, refine = head.branches[index]
+        assert refine.bias is None
+        return F.conv2d(F.conv2d(features[index], project.weight, project.bias), refine.weight, padding=1)
+
+    first = branch(0) if variant == "paper" else F.conv_transpose2d(branch(0), head.first_up.weight, stride=4)
+    maps = [first] + [F.interpolate(branch(i), size=first.shape[-2:], mode="bilinear", align_corners=False)
+                      for i in (1, 2, 3)]  # fmt: skip
+    logits = F.conv2d(torch.cat(maps, dim=1), head.classifier.weight, head.classifier.bias)
+    expected = F.interpolate(logits, size=(64, 96), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(head(features, image), expected)
+
+
 def test_unet_is_the_seeds_pairwise_fusion() -> None:
     head = randomise_batchnorms(build_head("unet", [32] * 4, [16] * 4, 2))
     features, image = [torch.randn(1, 32, 3, 5) for _ in range(4)], torch.randn(1, 3, 48, 80)
