@@ -186,3 +186,180 @@ def test_overfits_one_tiny_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] <= 0.5 * losses[0], losses
+
+
+# --- values of the adapter's pieces, float64, against their definitions ------------------------------------
+
+
+def randomised(module: torch.nn.Module) -> torch.nn.Module:
+    """float64, every parameter drawn at random (Deformable DETR's init zeroes the query paths), eval mode."""
+    module = module.double().eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.running_var.uniform_(0.5, 2)
+                layer.running_mean.uniform_(-1, 1)
+    return module
+
+
+def test_attention_module_equals_its_definition_over_two_levels():
+    """Value projection, offsets in pixels of each level ((x, y) / (W, H)), softmax over levels x points, the
+    sampling by the naive loops above, output projection."""
+    attention = randomised(MultiScaleDeformableAttention(8, num_heads=2, num_levels=2, num_points=2, value_ratio=0.5))
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 3, 8, generator=generator, dtype=torch.float64)
+    points = torch.rand(1, 3, 2, generator=generator, dtype=torch.float64)
+    value = torch.randn(1, sum(h * w for h, w in SHAPES), 8, generator=generator, dtype=torch.float64)
+    projected = F.linear(value, attention.value_proj.weight, attention.value_proj.bias).view(1, -1, 2, 2)
+    offsets = F.linear(query, attention.sampling_offsets.weight, attention.sampling_offsets.bias).view(1, 3, 2, 2, 2, 2)
+    logits = F.linear(query, attention.attention_weights.weight, attention.attention_weights.bias).view(1, 3, 2, 4)
+    weights = logits.softmax(-1).view(1, 3, 2, 2, 2)
+    sizes = torch.tensor([[w, h] for h, w in SHAPES], dtype=torch.float64)  # (W, H) per level
+    locations = points[:, :, None, None, None, :] + offsets / sizes[:, None, :]
+    sampled = naive_deformable_attention(projected, SHAPES, locations, weights)
+    expected = F.linear(sampled, attention.output_proj.weight, attention.output_proj.bias)
+    torch.testing.assert_close(attention(query, points, value, SHAPES), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_sampling_offsets_start_in_each_heads_direction():
+    """Deformable DETR's start: head m looks along angle 2πm/H, the direction scaled so its larger
+    coordinate is 1, point p at distance p + 1, on every level; the query paths are zero."""
+    heads, levels, points = 8, 2, 3
+    attention = MultiScaleDeformableAttention(16, num_heads=heads, num_levels=levels, num_points=points)
+    bias = attention.sampling_offsets.bias.view(heads, levels, points, 2)
+    for m in range(heads):
+        angle = 2 * math.pi * m / heads
+        largest = max(abs(math.cos(angle)), abs(math.sin(angle)))
+        for level in range(levels):
+            for p in range(points):
+                expected = [math.cos(angle) / largest * (p + 1), math.sin(angle) / largest * (p + 1)]
+                torch.testing.assert_close(bias[m, level, p], torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    assert attention.sampling_offsets.weight.abs().sum() == 0
+    assert attention.attention_weights.weight.abs().sum() == 0 and attention.attention_weights.bias.abs().sum() == 0
+
+
+def test_reference_points_are_pixel_centres_in_x_y_order():
+    from dinov3ds.heads.vit_adapter import reference_points
+
+    points = reference_points([(2, 3), (1, 2)], torch.zeros(1, dtype=torch.float64))
+    expected = [((j + 0.5) / 3, (i + 0.5) / 2) for i in range(2) for j in range(3)] + [(0.25, 0.5), (0.75, 0.5)]
+    assert points.dtype == torch.float64 and points.shape == (1, 8, 2)
+    torch.testing.assert_close(points[0], torch.tensor(expected, dtype=torch.float64))
+
+
+def conv_ffn_by_definition(ffn, tokens, shapes):
+    x = F.linear(tokens, ffn.fc1.weight, ffn.fc1.bias)
+    parts, start = [], 0
+    for height, width in shapes:
+        grid = x[:, start : start + height * width].transpose(1, 2).reshape(x.shape[0], -1, height, width)
+        parts.append(F.conv2d(grid, ffn.depthwise.weight, ffn.depthwise.bias, padding=1, groups=grid.shape[1])
+                     .flatten(2).transpose(1, 2))  # fmt: skip
+        start += height * width
+    return F.linear(F.gelu(torch.cat(parts, dim=1)), ffn.fc2.weight, ffn.fc2.bias)
+
+
+def test_extractor_is_two_pre_norm_residuals():
+    from timm.layers import DropPath
+
+    from dinov3ds.heads.vit_adapter import Extractor, reference_points
+
+    extractor = randomised(Extractor(8, num_heads=2, num_points=2, value_ratio=0.5, ffn_ratio=0.5, drop_path=0.0))
+    assert [n.eps for n in (extractor.query_norm, extractor.feature_norm, extractor.ffn_norm)] == [1e-6] * 3
+    shapes = [(2, 3), (1, 2)]
+    generator = torch.Generator().manual_seed(2)
+    query = torch.randn(1, 8, 8, generator=generator, dtype=torch.float64)
+    feature = torch.randn(1, 8, 2, 2, generator=generator, dtype=torch.float64)
+    points = reference_points(shapes, query)
+
+    def norm(layer, x):
+        return F.layer_norm(x, (8,), layer.weight, layer.bias, 1e-6)
+
+    tokens = norm(extractor.feature_norm, feature.flatten(2).transpose(1, 2))
+    attended = query + extractor.attention(norm(extractor.query_norm, query), points, tokens, [(2, 2)])
+    expected = attended + conv_ffn_by_definition(extractor.ffn, norm(extractor.ffn_norm, attended), shapes)
+    torch.testing.assert_close(extractor(query, points, feature, shapes), expected)
+    assert isinstance(Extractor(8, 2, 2, 0.5, 0.5, drop_path=0.3).drop_path, DropPath)
+    assert Extractor(8, 2, 2, 0.5, 0.5, drop_path=0.3).drop_path.drop_prob == 0.3
+    assert isinstance(Extractor(8, 2, 2, 0.5, 0.5, drop_path=0.0).drop_path, torch.nn.Identity)
+
+
+def test_adapter_reads_each_tap_once_then_the_last_again_and_adds_the_taps():
+    from dinov3ds.heads.vit_adapter import Adapter, reference_points
+
+    adapter = randomised(Adapter(8, 4, num_heads=2, num_points=2, value_ratio=0.5, ffn_ratio=0.5, drop_path=0.0,
+                                 extra_extractors=2))  # fmt: skip
+    pool = adapter.spatial_prior.stem[-1]
+    assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)  # ViT-Adapter's stem
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randn(1, 3, 64, 96, generator=generator, dtype=torch.float64)
+    taps = [torch.randn(1, 8, 4, 6, generator=generator, dtype=torch.float64) for _ in range(4)]
+    read = []
+    for extractor in adapter.extractors:
+        extractor.register_forward_hook(lambda module, inputs, output: read.append(inputs[2]))
+    found = adapter(taps, image)
+    assert [next(i for i, tap in enumerate(taps) if tap is seen) for seen in read] == [0, 1, 2, 3, 3, 3]
+    c1, c2, c3, c4 = adapter.spatial_prior(image)
+    coarse = [c2, c3, c4]
+    query = torch.cat([(c + e[:, None, None]).flatten(2).transpose(1, 2) for c, e in zip(coarse, adapter.level_embed)], 1)
+    shapes = [tuple(c.shape[-2:]) for c in coarse]
+    points = reference_points(shapes, query)
+    for index, extractor in enumerate(adapter.extractors):
+        query = extractor(query, points, taps[min(index, 3)], shapes)
+    sizes = [h * w for h, w in shapes]
+    c2, c3, c4 = (q.transpose(1, 2).reshape(1, 8, h, w) for q, (h, w) in zip(query.split(sizes, 1), shapes))
+    maps = [F.conv_transpose2d(c2, adapter.up.weight, adapter.up.bias, stride=2) + c1, c2, c3, c4]
+    for i, (m, tap) in enumerate(zip(maps, taps)):
+        summed = m + F.interpolate(tap, size=m.shape[-2:], mode="bilinear", align_corners=False)
+        norm = adapter.norms[i]
+        expected = F.batch_norm(summed, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0, norm.eps)
+        torch.testing.assert_close(found[i], expected)
+
+
+def test_fapm_projection_squeeze_excitation_and_upsampling_by_definition():
+    from dinov3ds.heads.fapm import FidelityAwareProjection, LearnableUpsample, SqueezeExcitation
+
+    se = randomised(SqueezeExcitation(32))
+    assert se.gate[1].out_channels == 2 and SqueezeExcitation(16).gate[1].out_channels == 1  # reduction 16, at least 1
+    x = torch.randn(1, 32, 3, 5, dtype=torch.float64)
+    hidden = F.relu(F.conv2d(x.mean((2, 3), keepdim=True), se.gate[1].weight, se.gate[1].bias))
+    gate = torch.sigmoid(F.conv2d(hidden, se.gate[3].weight, se.gate[3].bias))
+    torch.testing.assert_close(se(x), x * gate)
+
+    fapm = randomised(FidelityAwareProjection(8, 6, (6, 4)))
+    assert isinstance(fapm.shortcut[0], torch.nn.Identity) and isinstance(fapm.shortcut[1], torch.nn.Conv2d)
+    maps = [torch.randn(1, 8, 4, 4, dtype=torch.float64), torch.randn(1, 8, 2, 2, dtype=torch.float64)]
+    for i, (out, x) in enumerate(zip(fapm(maps), maps)):
+        gamma, beta = fapm.film[i](fapm.shared(x)).chunk(2, dim=1)
+        z = gamma * fapm.specific[i](x) + beta
+        torch.testing.assert_close(out, fapm.refine[i](z) + fapm.shortcut[i](z))
+    slopes = {m.negative_slope for m in FAPMHead([64] * 4, [16] * 4, 2, num_heads=4).modules()
+              if isinstance(m, torch.nn.LeakyReLU)}  # fmt: skip
+    assert slopes == {0.01}  # nnU-Net's
+
+    up = randomised(LearnableUpsample(2))
+    x = torch.randn(1, 2, 2, 8, dtype=torch.float64)
+
+    def up2(t):
+        return F.conv_transpose2d(t, up.up2.weight, up.up2.bias, stride=2)
+
+    torch.testing.assert_close(up(x, (8, 32)), up2(up2(x)))  # exact ×4 on both sides
+    # ×2 fits the width only once: one transposed conv, then bilinear to the size (both sides must fit).
+    torch.testing.assert_close(up(x, (8, 16)), F.interpolate(up2(x), size=(8, 16), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(up(x, (9, 33)), F.interpolate(up2(up2(x)), size=(9, 33), mode="bilinear", align_corners=False))
+
+
+def test_fapm_options_sizes_and_convnext_projections():
+    with pytest.raises(UserError, match="colour"):
+        FAPMHead([64] * 4, [16] * 4, 2, colour="red")  # forwarded to the base class, which refuses it
+    with pytest.raises(UserError, match="num_heads 64 does not divide the value width 32"):
+        FAPMHead([64] * 4, [16] * 4, 2, num_heads=64)
+    convnext = FAPMHead([96, 192, 384, 768], [4, 8, 16, 32], 2)
+    assert [type(p) for p in convnext.tap_projections] == [torch.nn.Conv2d] * 3 + [torch.nn.Identity]
+    assert all(p.kernel_size == (1, 1) and p.out_channels == 768 for p in convnext.tap_projections[:3])
+    head = FAPMHead([32] * 4, [16] * 4, 2, adapter_dim=16, conv_channels=4, rank=8, out_channels=(4, 4, 8, 8),
+                    num_heads=2, drop_path=0.0).eval()  # fmt: skip
+    with torch.no_grad():  # 32 x 64 is the smallest input allowed: two stride-32 cells
+        assert head(vit_features(32, 1, 32, 64), torch.randn(1, 3, 32, 64)).shape == (1, 2, 32, 64)
