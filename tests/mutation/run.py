@@ -10,7 +10,8 @@ records which tests reach each function and runs only those per mutant. The summ
 kill rate, each survivor's original and mutated line) is printed and written to
 tests/mutation/results/<name>.json. A survivor that cannot change behaviour is listed, with the reason, in
 tests/mutation/equivalent.json (matched by its mutated line) and left out of the kill rate;
-`--summarise` recomputes a summary from the scratch copy after that file changes, without rerunning.
+`--summarise` recomputes a summary from the scratch copy after that file changes, without rerunning;
+`--retest` runs only the last run's survivors again after tests were added (same source, same test files).
 """
 
 from __future__ import annotations
@@ -141,13 +142,30 @@ def summarise(name: str, folder: Path, environment: dict[str, str]) -> dict:
     }
 
 
-def run(name: str, work: Path, children: int, mutate: bool = True) -> dict:
-    folder = prepare(name, work) if mutate else work / name
+def refresh_tests(name: str, folder: Path) -> list[str]:
+    """For `--retest`: the scratch copy gets the current tests; returns the last run's survivors. The source
+    and the module's test list must be what that run mutated and ran (else every verdict is stale)."""
+    source, tests = MODULES[name]
+    for pattern in source_globs(source):
+        for path in ROOT.glob(pattern):
+            if path.read_bytes() != (folder / path.relative_to(ROOT)).read_bytes():
+                raise SystemExit(f"{path} changed since the last run of {name}: run it in full")
+    if mutmut_section(source, tests) not in (folder / "pyproject.toml").read_text():
+        raise SystemExit(f"the tests of {name} changed since its last run: run it in full")
+    shutil.rmtree(folder / "tests")
+    shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__", "results"))
+    return [row["mutant"] for row in json.loads((RESULTS / f"{name}.json").read_text())["survivors"]]
+
+
+def run(name: str, work: Path, children: int, mutate: bool = True, retest: bool = False) -> dict:
+    folder = work / name if retest or not mutate else prepare(name, work)
     environment = {**os.environ, "PYTHONPATH": str(folder)}  # `tests.` imports resolve inside the copy
     if mutate:
+        # mutmut keeps the verdicts of functions that did not change and runs the named mutants again.
+        names = refresh_tests(name, folder) if retest else []
         with open(folder / "mutmut.log", "w") as log:  # mutmut redraws a progress line per mutant
-            subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=folder,
-                           env=environment, stdout=log, stderr=subprocess.STDOUT, check=False)  # fmt: skip
+            subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names],
+                           cwd=folder, env=environment, stdout=log, stderr=subprocess.STDOUT, check=False)  # fmt: skip
     summary = summarise(name, folder, environment)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -173,6 +191,8 @@ def main() -> int:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="parallel mutant runs")
     parser.add_argument("--list", action="store_true", help="list the modules and their tests")
     parser.add_argument("--summarise", action="store_true", help="summarise the last run again, mutating nothing")
+    parser.add_argument("--retest", action="store_true",
+                        help="run only the last run's survivors again, against the current tests")  # fmt: skip
     parser.add_argument("--table", action="store_true", help="print the committed results as a Markdown table")
     args = parser.parse_args()
     if args.table:
@@ -186,7 +206,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(MODULES)}")
     for name in args.modules:
-        summary = run(name, args.work, args.children, mutate=not args.summarise)
+        summary = run(name, args.work, args.children, mutate=not args.summarise, retest=args.retest)
         print(f"{name}: {summary['mutants']} mutants, {summary['killed']} killed, {summary['survived']} survived, "
               f"{summary['equivalent']} equivalent: kill rate {summary['kill_rate']}")  # fmt: skip
         for row in summary["survivors"]:
