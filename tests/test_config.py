@@ -4,6 +4,7 @@ is one line naming the file or the override that caused it."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,22 @@ def test_train_without_a_config_says_so(capsys):
     assert main(["train"]) == 2
     error = capsys.readouterr().err
     assert "train needs --config" in error and error.count("\n") == 1
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert config.task in ("classification", "segmentation")
+
+
+def test_the_imagenet_protocol_config_is_metas_whole_grid() -> None:
+    from dinov3ds.training.probe_grid import input_config, probe_settings
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "classification_imagenet_linear.yaml")
+    settings = probe_settings(config)
+    assert len(settings) == 2 * 2 * 13  # n_last_blocks {1, 4} x avgpool {off, on} x 13 learning rates
+    assert {(s.pooling, s.last_blocks) for s in settings} == {("cls", 1), ("cls", 4), ("cls+avg", 1), ("cls+avg", 4)}
+    assert (input_config(config).head.pooling, input_config(config).head.last_blocks) == ("cls+avg", 4)
