@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dinov3ds.data.synthetic import make_classification_folder
@@ -55,7 +56,8 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert metrics_one.keys() == metrics_two.keys() and "val/top1" in metrics_one
     for key in metrics_one:
         assert abs(metrics_one[key] - metrics_two[key]) <= 1e-4, (key, metrics_one[key], metrics_two[key])
-    assert json.loads((tmp_path / "ddp" / "val_metrics.json").read_text())["top1"] == metrics_two["val/top1"]
+    # metrics.csv holds what Lightning logged, in float32: 0.65 there reads 0.6499999762
+    assert json.loads((tmp_path / "ddp" / "val_metrics.json").read_text())["top1"] == pytest.approx(metrics_two["val/top1"], abs=1e-7)
 
     # Only rank 0 wrote: one report on stdout, one set of files, no per-rank duplicates.
     assert double.stdout.count("best checkpoint:") == 1, double.stdout
