@@ -54,11 +54,19 @@ def test_read_checkpoint_splits_head_and_fine_tuned_backbone_weights(tmp_path):
     checkpoint = read_checkpoint(write(tmp_path, raw_checkpoint()), expected_task="segmentation")
     assert checkpoint.task == "segmentation" and checkpoint.num_classes == 2
     assert checkpoint.class_names == ["sky", "road"] and checkpoint.format_version == FORMAT_VERSION
-    assert checkpoint.config == {"task": "segmentation"}
+    assert checkpoint.config == checkpoint.run_config == {"task": "segmentation"}  # no grid: one config
     assert checkpoint.backbone == {"name": "vits16", "weights": "random", "sha256": ""}
     assert set(checkpoint.head_state_dict) == {"classifier.weight", "classifier.bias"}
     assert torch.equal(checkpoint.head_state_dict["classifier.bias"], torch.tensor([1.0, -1.0]))
     assert set(checkpoint.backbone_state_dict) == {"blocks.0.norm1.weight"}
+
+
+def test_a_probe_grids_checkpoint_keeps_the_runs_own_config_apart(tmp_path):
+    raw = raw_checkpoint("classification")
+    raw["dinov3ds"]["run_config"] = {"task": "classification", "optim": {"lr_grid": [0.1, 0.01]}}
+    checkpoint = read_checkpoint(write(tmp_path, raw))
+    assert checkpoint.config == {"task": "classification"}  # the winner's, what rebuilds the head
+    assert checkpoint.run_config["optim"]["lr_grid"] == [0.1, 0.01]  # what --resume compares
 
 
 def test_expected_task_mismatch_names_both_tasks(tmp_path):
