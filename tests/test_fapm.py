@@ -349,6 +349,9 @@ def test_fapm_projection_squeeze_excitation_and_upsampling_by_definition():
     # ×2 fits the width only once: one transposed conv, then bilinear to the size (both sides must fit).
     torch.testing.assert_close(up(x, (8, 16)), F.interpolate(up2(x), size=(8, 16), mode="bilinear", align_corners=False))
     torch.testing.assert_close(up(x, (9, 33)), F.interpolate(up2(up2(x)), size=(9, 33), mode="bilinear", align_corners=False))
+    square = torch.randn(1, 2, 2, 2, dtype=torch.float64)  # the height allows one ×2, the width three
+    torch.testing.assert_close(up(square, (4, 16)), F.interpolate(up2(square), size=(4, 16), mode="bilinear",
+                                                                  align_corners=False))  # fmt: skip
 
 
 def test_fapm_options_sizes_and_convnext_projections():
