@@ -216,6 +216,12 @@ def test_unet_adapter_decoder_widths_identities_and_defaults() -> None:
     assert all(p.kernel_size == (1, 1) and p.out_channels == 768 for p in convnext.tap_projections[:3])
     drop = [m.drop_prob for m in build_head("unet_adapter", [384] * 4, [16] * 4, 2).modules() if hasattr(m, "drop_prob")]
     assert drop and set(drop) == {0.3}  # the seed's DropPath
+    head.eval()
+    seen = []
+    head.classifier.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.no_grad():
+        logits = head([torch.randn(1, 32, 4, 6) for _ in range(4)], torch.randn(1, 3, 64, 96))
+    torch.testing.assert_close(logits, F.interpolate(seen[0], size=(64, 96), mode="bilinear", align_corners=False))
     from dinov3ds.errors import UserError
 
     with pytest.raises(UserError, match="4 decoder_channels"):
@@ -235,5 +241,5 @@ def test_a_head_remembers_its_taps_and_classes(name: str) -> None:
 def test_build_head_gives_a_token_head_its_token_source() -> None:
     tokens = TokenSource(num_heads=2, num_prefix_tokens=1, rotate_half=False, rope=None)
     head = build_head("pmt", [32] * 4, [16] * 4, 3, tokens, num_queries=4, num_blocks=1)
-    assert head.tokens is tokens
+    assert head.tokens is tokens and head.num_queries == 4  # the options reach the head too
     assert (head.in_channels, head.strides, head.num_classes) == ([32] * 4, [16] * 4, 3)
