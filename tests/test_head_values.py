@@ -216,16 +216,21 @@ def test_unet_adapter_decoder_widths_identities_and_defaults() -> None:
     assert all(p.kernel_size == (1, 1) and p.out_channels == 768 for p in convnext.tap_projections[:3])
     drop = [m.drop_prob for m in build_head("unet_adapter", [384] * 4, [16] * 4, 2).modules() if hasattr(m, "drop_prob")]
     assert drop and set(drop) == {0.3}  # the seed's DropPath
-    head.eval()
-    seen = []
-    head.classifier.register_forward_hook(lambda module, inputs, output: seen.append(output))
-    with torch.no_grad():
-        logits = head([torch.randn(1, 32, 4, 6) for _ in range(4)], torch.randn(1, 3, 64, 96))
-    torch.testing.assert_close(logits, F.interpolate(seen[0], size=(64, 96), mode="bilinear", align_corners=False))
     from dinov3ds.errors import UserError
 
     with pytest.raises(UserError, match="4 decoder_channels"):
         build_head("unet_adapter", [32] * 4, [16] * 4, 2, decoder_channels=[32, 16, 8])
+
+
+def test_unet_adapter_resizes_its_stride_4_logits_with_half_pixel_centres() -> None:
+    head = build_head("unet_adapter", [32] * 4, [16] * 4, 2, decoder_channels=[32, 16, 16, 8], conv_channels=16,
+                      num_heads=4).eval()  # fmt: skip
+    seen = []
+    head.classifier.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.no_grad():
+        logits = head([torch.randn(1, 32, 4, 6) for _ in range(4)], torch.randn(1, 3, 64, 96))
+    assert seen[0].shape[-2:] == (16, 24)
+    torch.testing.assert_close(logits, F.interpolate(seen[0], size=(64, 96), mode="bilinear", align_corners=False))
 
 
 # --- every head ----------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ kill rate, each survivor's original and mutated line) is printed and written to
 tests/mutation/results/<name>.json. A survivor that cannot change behaviour is listed, with the reason, in
 tests/mutation/equivalent.json (matched by its mutated line) and left out of the kill rate;
 `--summarise` recomputes a summary from the scratch copy after that file changes, without rerunning;
-`--retest` runs only the last run's survivors again after tests were added (same source, same test files).
+`--retest` runs only the last run's survivors again after tests were added (same source, same test files;
+mutmut maps a test to the functions it reaches when it first sees it, so add new test functions rather than
+extending old ones).
 """
 
 from __future__ import annotations
