@@ -192,3 +192,17 @@ def test_the_cli_names_the_winner_and_eval_rebuilds_it(tmp_path, monkeypatch, ca
     assert main(["eval", "--checkpoint", str(best), "--out", str(tmp_path / "eval")]) == 0
     scores = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
     assert scores["top1"] == pytest.approx(float(re.search(r"val/top1=([0-9.]+)", best_line).group(1)), abs=1e-4)
+
+
+def test_an_augmented_grid_reads_the_wide_vector_from_the_backbone(tmp_path, monkeypatch):
+    """Meta's protocol augments, so nothing is stored: each batch's widest vector comes from the backbone."""
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    root = make_classification_folder(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=2, size=32)
+    result = train(load_config(None, [*TINY, *GRID, "data.augment=true", f"data.root={root}", "trainer.max_epochs=1",
+                                      f"output_dir={tmp_path / 'run'}"]))  # fmt: skip
+    tags = ProbeGrid(load_config(None, [*TINY, *GRID]), 8, 3).tags
+    assert {f"val/top1_{tag}" for tag in tags} <= set(result.metrics)
+    assert not (tmp_path / "cache").exists()
+    classifier = Classifier.from_checkpoint(result.last_checkpoint)
+    head = read_checkpoint(result.last_checkpoint).config["head"]
+    assert (classifier.pooling, len(classifier.layers)) == (head["pooling"], head["last_blocks"])
