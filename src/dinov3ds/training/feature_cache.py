@@ -42,12 +42,12 @@ from dinov3ds.data.feature_shards import (
     write_shard,
 )
 from dinov3ds.errors import DataWarning, UserError
+from dinov3ds.models.tasks import TORCH_DTYPES
 
 logger = logging.getLogger("dinov3ds")
 STORE_FORMAT = "dinov3ds-feature-store/1"
 PROBE_BLOCKS = 4  # DINOv3's linear evaluation reads the CLS tokens of the last 1 or 4 blocks
 RANK_WAIT_S = 120.0  # how long rank 0 waits for every other rank to show up in the store's folder
-DTYPES = {"float16": (torch.float16, np.float16, "F16"), "float32": (torch.float32, np.float32, "F32")}
 
 
 def _file_fingerprint(path: str, mode: str) -> list:
@@ -97,7 +97,7 @@ def _loader(dataset: Dataset, config: Config) -> DataLoader:
 @torch.inference_mode()
 def _extract_rows(model, dataset: Dataset, config: Config, blocks: list[int], desc: str) -> dict[str, torch.Tensor]:
     """cls [N, B, D], mean [N, D] (patch mean of the last block) and labels [N] of `dataset`, in order."""
-    dtype = DTYPES[config.cache.dtype][0]
+    dtype = TORCH_DTYPES[config.cache.dtype]
     cls, mean, labels = [], [], []
     for images, target in tqdm(_loader(dataset, config), desc=desc, disable=not config.trainer.progress_bar):
         taps = model.backbone.get_intermediate_layers(images.to(model.device, non_blocking=True), blocks, norm=True)
@@ -185,8 +185,8 @@ def build_store(model, dataset: Dataset, config: Config, folder: Path, settings:
 class ShardRows:
     """Rows of one array across the shards, read on demand with os.pread (no memory map to grow the RSS)."""
 
-    def __init__(self, folder: Path, shards: list[str], name: str, rows: int, shard_size: int) -> None:
-        self.locations, self.shard_size, self.rows = [], shard_size, rows
+    def __init__(self, folder: Path, shards: list[str], name: str, shard_size: int) -> None:
+        self.locations, self.shard_size = [], shard_size
         for shard in shards:
             path = folder / shard
             with open(path, "rb") as handle:
@@ -197,7 +197,7 @@ class ShardRows:
             entry = header[name]
             dtype = {"F16": np.float16, "F32": np.float32, "I64": np.int64}[entry["dtype"]]
             shape = entry["shape"]
-            self.locations.append((path, 8 + length + entry["data_offsets"][0], dtype, tuple(shape[1:]), shape[0]))
+            self.locations.append((path, 8 + length + entry["data_offsets"][0], dtype, tuple(shape[1:])))
         self.handles: dict[int, int] = {}
 
     def __getstate__(self) -> dict:  # file descriptors stay in their process; workers open their own
@@ -205,7 +205,7 @@ class ShardRows:
 
     def read(self, rows: list[int]) -> np.ndarray:
         """Rows [len(rows), ...] in the order asked, one pread per row into one buffer."""
-        _, _, dtype, shape, _ = self.locations[0]
+        _, _, dtype, shape = self.locations[0]
         width = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         out = np.empty((len(rows), *shape), dtype=dtype)
         buffer = out.reshape(len(rows), -1).view(np.uint8)
@@ -227,7 +227,7 @@ class StoredFeatures(Dataset):
         if index.get("format") != SHARDS_FORMAT:
             raise ValueError("another shard format")
         self.rows = index["rows"]
-        self.arrays = {name: ShardRows(folder, index["shards"], name, self.rows, index["shard_size"])
+        self.arrays = {name: ShardRows(folder, index["shards"], name, index["shard_size"])
                        for name in ("cls", "mean", "labels")}  # fmt: skip
         self.model, self.blocks = model, blocks
 

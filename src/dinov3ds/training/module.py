@@ -2,8 +2,7 @@
 
 What differs by task (loss, metric, monitored value, what validation predicts) comes from a task object
 (`training.tasks`); the grid of a linear probe (pooling x blocks x learning rates) is its own module
-(`training.probe_grid`). Devices, precision,
-logging and resuming are Lightning's.
+(`training.probe_grid`). Devices, precision, logging and resuming are Lightning's.
 """
 
 from __future__ import annotations

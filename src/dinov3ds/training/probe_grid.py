@@ -27,9 +27,7 @@ class ProbeSetting:
     """One head of the grid."""
 
     pooling: str  # cls, avg or cls+avg
-    last_blocks: (
-        int  # CLS tokens of this many last blocks (1 for avg, which reads the last block's patch mean)
-    )
+    last_blocks: int  # CLS tokens of this many last blocks (1 for avg: it reads the last block's patch mean)
     lr: float
 
 

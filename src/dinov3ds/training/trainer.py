@@ -226,7 +226,6 @@ def _fit(config: Config, output_dir: Path, checkpoint: Path | None) -> TrainResu
     if config.trainer.compile:
         size = config.data.image_size - config.data.image_size % backbone.input_multiple or backbone.input_multiple
         backbone.compile_blocks(torch.zeros(1, 3, size, size, dtype=backbone.dtype, device=device))
-    logger.info("trainable parameters: %s", f"{sum(p.numel() for p in model.head.parameters()):,}")
     from_features = (
         config.task == "classification" and not config.data.augment and config.cache_features
         and config.backbone.unfreeze_last_blocks == 0  # features of a backbone that trains cannot be cached
@@ -236,6 +235,8 @@ def _fit(config: Config, output_dir: Path, checkpoint: Path | None) -> TrainResu
             cached_features(model, splits.train, config), cached_features(model, splits.val, config), splits.class_names
         )
     module = TaskModule(model, config, splits.class_names, from_features=from_features)
+    # Counted on the module: a probe grid's heads and fine-tuned blocks train, the model's own head may not.
+    logger.info("trainable parameters: %s", f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,}")
     eval_batch = config.data.eval_batch_size or (config.data.batch_size if config.task == "classification" else 1)
     trainer = build_trainer(config, output_dir, module.monitor)
     val_loader = make_loader(splits.val, config, batch_size=eval_batch, train=False)
