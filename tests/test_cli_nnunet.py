@@ -18,11 +18,11 @@ import pytest
 
 from dinov3ds.cli import main
 from dinov3ds.config import with_overrides
+from dinov3ds.config.medical import SlicePreprocessing
 from dinov3ds.data.build import resolve_dataset_settings
 from dinov3ds.data.nnunet import class_indices, load_case, read_nnunet
 from dinov3ds.data.synthetic import make_nnunet_dataset
 from dinov3ds.errors import UserError
-from dinov3ds.medical_config import SlicePreprocessing
 from dinov3ds.models.checkpoints import read_checkpoint
 from tests.conftest import tiny
 from tests.test_dicom import write_series

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dinov3ds.cli import main
-from dinov3ds.config import MAX_YAML_NODES, load_config
+from dinov3ds.config import load_config
+from dinov3ds.config.loading import MAX_YAML_NODES
 from dinov3ds.errors import UserError
 
 

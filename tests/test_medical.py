@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from dinov3ds.config.medical import SlicePreprocessing
 from dinov3ds.data.medical import load_mri_slice, prepare_volumes, preprocess_slice
 from dinov3ds.data.synthetic import make_head_phantom
 from dinov3ds.data.volumes import load_volume, save_like, volume_to_uint16
 from dinov3ds.errors import UserError
-from dinov3ds.medical_config import SlicePreprocessing
 from dinov3ds.metrics import dice_and_iou
 from dinov3ds.models.volume_inference import predict_volume
 

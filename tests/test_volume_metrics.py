@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dinov3ds.volume_metrics import (
+from dinov3ds.metrics.volumes import (
     binary_metrics,
     case_metrics,
     diagonal_mm,

@@ -36,7 +36,7 @@ SHAPE_TESTS_LEFT_OUT = ("not channels_last and not forward_gives_logits_at_input
 
 # module name → (file under src/dinov3ds, test files that exercise it)
 MODULES: dict[str, tuple[str, list[str]]] = {
-    "metrics": ("metrics.py", ["tests/test_metrics.py"]),
+    "metrics": ("metrics/images.py", ["tests/test_metrics.py"]),
     "inference": ("models/inference.py", ["tests/test_inference.py"]),
     "checkpoints": ("models/checkpoints.py", ["tests/test_checkpoints.py", "tests/test_engine.py"]),
     "weights": ("models/weight*.py", ["tests/test_weights.py", "tests/test_weight_sources.py", "tests/test_backbones.py"]),
@@ -54,7 +54,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "mask_loss": ("training/mask_classification.py", ["tests/test_pmt.py"]),
     "pmt": ("heads/pmt.py", ["tests/test_pmt.py"]),
     "volumes": ("data/volumes.py", ["tests/test_volumes.py", "tests/test_medical.py"]),
-    "volume_metrics": ("volume_metrics.py", ["tests/test_volume_metrics.py"]),
+    "volume_metrics": ("metrics/volumes.py", ["tests/test_volume_metrics.py"]),
 }
 
 

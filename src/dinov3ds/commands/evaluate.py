@@ -85,8 +85,8 @@ def evaluate_volumes(checkpoint_path: str | Path, config: Config, out: OutputFol
     surface Dice per case (`eval_per_case.csv`) and their means (`eval_metrics.json`)."""
     from dinov3ds.commands.volumes import slice_predictor
     from dinov3ds.data.nnunet import load_case, read_nnunet
+    from dinov3ds.metrics.volumes import case_metrics, format_summary, write_reports
     from dinov3ds.models.volume_inference import predict_volume
-    from dinov3ds.volume_metrics import case_metrics, format_summary, write_reports
 
     for name in ("eval_metrics.json", "eval_per_case.csv"):
         out.claim(name)

@@ -5,7 +5,7 @@ Two phases, so that many volumes can be split over devices and a rerun can resum
 1. predict: each volume's labels (and probabilities) written atomically as `<case>_pred.nii.gz`; with
    `--devices N` N processes take every N-th volume; with `--resume` a volume whose prediction is already
    there is skipped (it was renamed into place whole, so it is complete);
-2. report: `volumes.jsonl`, and with `--labels` `metrics.json` and `per_case.csv` (`dinov3ds.volume_metrics`),
+2. report: `volumes.jsonl`, and with `--labels` `metrics.json` and `per_case.csv` (`dinov3ds.metrics.volumes`),
    computed from the files written.
 """
 
@@ -28,11 +28,11 @@ from dinov3ds.data.dicom import load_dicom_series
 from dinov3ds.data.transforms import round_to_multiple
 from dinov3ds.data.volumes import LABEL_SUFFIXES, NIFTI_SUFFIXES, load_volume, save_like, volume_stem
 from dinov3ds.errors import UserError
+from dinov3ds.metrics.volumes import case_metrics, format_summary, write_reports
 from dinov3ds.models.checkpoints import read_checkpoint
 from dinov3ds.models.hardware import resolve_device
 from dinov3ds.models.tasks import Segmenter, checkpoint_config, load_model
 from dinov3ds.models.volume_inference import predict_volume
-from dinov3ds.volume_metrics import case_metrics, format_summary, write_reports
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 REPORTS = ("volumes.jsonl", "metrics.json", "per_case.csv")

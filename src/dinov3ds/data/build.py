@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from torch.utils.data import Dataset
 
 from dinov3ds.config import Config, cache_dir
+from dinov3ds.config.medical import SlicePreprocessing
 from dinov3ds.data.classification import IMAGENETTE_CLASSES, ImageFolderDataset
 from dinov3ds.data.io import load_image
 from dinov3ds.data.layout import MaskLabels, SegmentationLayout, ade20k_layout, ade20k_split
@@ -23,7 +24,6 @@ from dinov3ds.data.transforms import (
     classification_train_transform,
 )
 from dinov3ds.errors import UserError
-from dinov3ds.medical_config import SlicePreprocessing
 
 Stats = tuple[float, float, float]
 

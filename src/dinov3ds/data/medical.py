@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dinov3ds.config.medical import SlicePreprocessing
 from dinov3ds.data.volumes import load_volume, pair_volumes, volume_stem, volume_to_uint16
 from dinov3ds.errors import UserError
-from dinov3ds.medical_config import SlicePreprocessing
 
 SPLITS = ("train", "val", "test")
 

@@ -1,6 +1,6 @@
 """Medical volumes to the backbone's RGB slices: one function (`slice_image`) at training and at inference.
 
-Intensity by modality (`data.medical`, see medical_config.py): MRI slices are quantised to the volume's
+Intensity by modality (`data.medical`, see config/medical.py): MRI slices are quantised to the volume's
 uint16 range and z-scored, clipped and gamma-lifted per slice (as `prepare-volumes` slices are); CT slices
 are clipped to a window or to the training foreground's percentile range in HU and scaled to 0-255. R, G, B
 are up to three volume channels, or with `context` the slices i - c, i, i + c of one channel (2.5D).
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dinov3ds.config.medical import SlicePreprocessing
 from dinov3ds.data.medical import preprocess_slice
 from dinov3ds.data.nnunet import Case, NnunetDataset, load_case
 from dinov3ds.data.volumes import to_uint16, uint16_range
 from dinov3ds.errors import UserError
-from dinov3ds.medical_config import SlicePreprocessing
 
 CACHE_VERSION = 1
 SAMPLES_PER_CASE = 100_000  # foreground voxels drawn per case for the CT percentiles

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dinov3ds.config.medical import SlicePreprocessing
 from dinov3ds.data.volume_slices import channel_ranges, in_plane_size, resample, slice_image
 from dinov3ds.errors import UserError
-from dinov3ds.medical_config import SlicePreprocessing
 
 SlicePredictor = Callable[[np.ndarray], np.ndarray]
 ARGMAX_CHUNK = 16

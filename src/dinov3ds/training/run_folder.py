@@ -49,7 +49,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _take_lock(folder: Path) -> Path:
+def _take_lock(folder: Path, what: str) -> Path:
     """Create the lock file atomically; a lock left by a dead process on this machine is taken over."""
     lock = folder / LOCK_NAME
     me = f"{os.getpid()} {socket.gethostname()}"
@@ -63,8 +63,8 @@ def _take_lock(folder: Path) -> Path:
             if pid is not None and (host != socket.gethostname() or _pid_alive(pid)):
                 where = f"pid {pid}" + (f" on {host}" if host != socket.gethostname() else "")
                 raise UserError(
-                    f"output_dir {folder} is in use by another dinov3ds run ({where}); wait for it to finish or "
-                    f"choose another output_dir (delete {lock} if that run is gone)"
+                    f"{what} {folder} is in use by another dinov3ds run ({where}); wait for it to finish or "
+                    f"choose another {what} (delete {lock} if that run is gone)"
                 ) from None
             logger.warning("taking over %s left by a run that is no longer running (%s)", lock, " ".join(owner))
             lock.unlink(missing_ok=True)
@@ -73,6 +73,17 @@ def _take_lock(folder: Path) -> Path:
             handle.write(me + "\n")
         return lock
     raise UserError(f"cannot lock {lock}; delete it if no dinov3ds run uses {folder}")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder` for this process alone (a lock file with pid and host) while the block runs; a second
+    writer is refused with a line naming the first (`what` names the setting, e.g. "--out")."""
+    lock = _take_lock(folder, what)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -86,8 +97,7 @@ def claim_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> Iterator
         probe.unlink()
     except OSError as error:
         raise UserError(f"output_dir {folder} is not writable ({error.strerror}); choose another output_dir") from None
-    lock = _take_lock(folder)
-    try:
+    with folder_lock(folder, "output_dir"):
         existing = holds_a_run(folder)
         if existing and not resume:
             if not overwrite:
@@ -98,8 +108,6 @@ def claim_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> Iterator
             logger.warning("--overwrite: removing the earlier run in %s (%s)", folder, ", ".join(existing))
             _remove_run(folder)
         yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 class MetricsHistory:

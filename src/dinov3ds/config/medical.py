@@ -1,7 +1,7 @@
 """The `data.medical` config section: how a slice of an MRI or CT volume becomes the backbone's RGB input.
 
 One set of options for training and inference, stored in every checkpoint, so a model sees the same
-arrays at both. Kept apart from `config.py` because it is the one section with rules between its fields.
+arrays at both. Kept apart from `schema.py` because it is the one section with rules between its fields.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def write_reports(cases: dict[str, dict[str, dict[str, float]]], folder: Path, p
                   tolerance_mm: float = 1.0) -> dict:  # fmt: skip
     """`<prefix>metrics.json` (means, definitions) and `<prefix>per_case.csv` (one row per case and class)."""
     summary = {**summarise(cases), "tolerance_mm": tolerance_mm,
-               "definitions": "see dinov3ds.volume_metrics: HD95 and NSD on 6-connected surfaces in mm; "
+               "definitions": "see dinov3ds.metrics.volumes: HD95 and NSD on 6-connected surfaces in mm; "
                               "both masks empty = perfect, one empty = worst (Metrics Reloaded)"}  # fmt: skip
     rows = [[case, name, *(f"{values[m]:.6f}" for m in METRICS)] for case, per_class in sorted(cases.items())
             for name, values in per_class.items()]  # fmt: skip
