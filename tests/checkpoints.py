@@ -139,7 +139,7 @@ def _convnext_to_official(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def sha256_file(path: Path) -> str:
-    """Plain SHA-256, independent of dinov3ds.models.weights so the name check tests the library, not itself."""
+    """Plain SHA-256, independent of dinov3ds.models.weights.hashes so the name check tests the library, not itself."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 22):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import dinov3ds.models.weights
+import dinov3ds.models.weights.hashes
 from dinov3ds.errors import UserError
 from dinov3ds.models.backbones import Backbone, load_backbone
 from dinov3ds.models.variants import VARIANTS, get_spec
@@ -299,7 +299,7 @@ def test_tensor_file_without_a_backbone(tmp_path):
 
 @pytest.fixture
 def hash_calls(monkeypatch) -> list[int]:
-    """Counts SHA-256 computations made through dinov3ds.models.weights."""
+    """Counts SHA-256 computations made through dinov3ds.models.weights.hashes."""
     calls: list[int] = []
     real = hashlib.sha256
 
@@ -307,7 +307,7 @@ def hash_calls(monkeypatch) -> list[int]:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dinov3ds.models.weights.hashlib, "sha256", counting)
+    monkeypatch.setattr(dinov3ds.models.weights.hashes.hashlib, "sha256", counting)
     return calls
 
 
@@ -315,7 +315,7 @@ def test_hash_is_cached_until_the_file_changes(tmp_path, vits16_file, hash_calls
     path = _copy(vits16_file, tmp_path / vits16_file.name)
     load_backbone("vits16", path, depth=1)
     assert len(hash_calls) == 1
-    assert (dinov3ds.models.weights.cache_dir() / "sha256.json").is_file()
+    assert (dinov3ds.models.weights.hashes.cache_dir() / "sha256.json").is_file()
     load_backbone("vits16", path, depth=1)
     assert len(hash_calls) == 1
     stat = path.stat()

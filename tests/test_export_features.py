@@ -10,11 +10,10 @@ from PIL import Image
 from dinov3ds.cli import main
 from dinov3ds.commands.export import export_onnx, export_torchscript
 from dinov3ds.commands.features import extract_to_npz, knn_evaluate, knn_predict, pca_pictures
-from dinov3ds.config import load_config
+from dinov3ds.config import cache_dir, load_config
 from dinov3ds.data.synthetic import make_classification_folder, make_segmentation_folder
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.tasks import load_model
-from dinov3ds.models.weights import cache_dir
 from dinov3ds.training.trainer import train
 from tests.conftest import tiny
 

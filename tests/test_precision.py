@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from dinov3ds.cli import main
-from dinov3ds.config import load_config
+from dinov3ds.config import cache_dir, load_config
 from dinov3ds.data.build import build_datasets
 from dinov3ds.data.synthetic import make_classification_folder
 from dinov3ds.errors import UserError
 from dinov3ds.models import hardware, tasks
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.tasks import Classifier, backbone_dtype, backbone_from_config, load_model
-from dinov3ds.models.weights import cache_dir
 from dinov3ds.training.feature_cache import cached_features
 from dinov3ds.training.trainer import train
 from tests.conftest import reference_dir, tiny

@@ -8,18 +8,17 @@ import json
 import pytest
 import torch
 
+from dinov3ds.config import cache_dir
 from dinov3ds.errors import UserError
-from dinov3ds.models.weight_formats import describe
-from dinov3ds.models.weights import (
-    WeightFile,
-    cache_dir,
-    load_state_dict_file,
-    pickle_refusal_reason,
-    sha256_of,
-    verify_hash,
-    weight_files,
-    weights_digest,
-)
+from dinov3ds.models.weights.files import TensorFile, pickle_refusal_reason, weight_files
+from dinov3ds.models.weights.formats import describe
+from dinov3ds.models.weights.hashes import WeightFile, sha256_of, verify_hash, weights_digest
+
+
+def load_state_dict_file(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a file or folder, read through the loader's one-at-a-time reader."""
+    with TensorFile(path) as tensors:
+        return {name: tensors.read(name).clone() for name in tensors.shapes}
 
 
 def test_cache_dir_is_the_environment_variable_or_the_users_cache(monkeypatch, tmp_path):

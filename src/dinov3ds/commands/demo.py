@@ -17,7 +17,8 @@ from dinov3ds.data.synthetic import make_classification_folder, make_segmentatio
 from dinov3ds.data.transforms import classification_eval_transform
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.tasks import Segmenter
-from dinov3ds.models.variants import find_weight_file, get_spec
+from dinov3ds.models.variants import get_spec
+from dinov3ds.models.weights.sources import find_weight_file
 from dinov3ds.training.trainer import train
 from dinov3ds.viz import default_palette, save_color_png, save_pca_image
 

@@ -82,8 +82,8 @@ def run_download(args: argparse.Namespace) -> None:
 
 
 def run_backbones(args: argparse.Namespace) -> None:
-    from dinov3ds.models.loading import sources_found
     from dinov3ds.models.variants import VARIANTS
+    from dinov3ds.models.weights import sources_found
 
     print(f"{'name':<18}{'family':<9}{'dim':>6}{'depth':>6}  {'taps':<16}{'data':<10}weights found here")
     for spec in VARIANTS.values():

@@ -1,6 +1,6 @@
 """DINOv3 backbones: a frozen model of any official variant with its final-norm outputs and feature taps.
 
-Every variant is timm's architecture filled from the weights the user has (`models.loading`). Parity with
+Every variant is timm's architecture filled from the weights the user has (`models.weights`). Parity with
 Meta's implementation is proven by `tests/test_backbone_parity.py` against the reference outputs in
 `shared/fixtures`, and with timm's and transformers' own forwards by `tests/test_weight_sources.py`.
 """
@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from dinov3ds.errors import UserError
 from dinov3ds.heads.base import TokenSource
 from dinov3ds.models.hardware import resolve_device, slow_dtype_message
-from dinov3ds.models.loading import find_source, load_weights, random_model
 from dinov3ds.models.variants import BackboneSpec, get_spec
+from dinov3ds.models.weights import load_weights, random_model
 
 logger = logging.getLogger("dinov3ds")
 
@@ -244,10 +244,10 @@ def load_backbone(
     device = resolve_device(device)
     if isinstance(weights, str) and weights == "random":
         _announce(f"RANDOM WEIGHTS for {spec.name}: features are meaningless (tests and demos only)")
-        model = random_model(spec, arch_overrides, seed=0).to(dtype)
+        model = random_model(spec, arch_overrides, seed=0, dtype=dtype)
         identity = {"name": spec.name, "weights": "random", "seed": 0, "overrides": arch_overrides}
     else:
-        model, identity = load_weights(spec, find_source(spec, weights), arch_overrides, dtype, device)
+        model, identity = load_weights(spec, weights, arch_overrides, dtype, device)
     slow = slow_dtype_message(dtype, device)
     if slow:
         _announce(slow)

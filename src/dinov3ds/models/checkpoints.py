@@ -20,9 +20,10 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dinov3ds.errors import UserError
-from dinov3ds.models import hub
-from dinov3ds.models.variants import checkpoint_dirs
-from dinov3ds.models.weights import pickle_refusal_reason, weights_digest
+from dinov3ds.models.weights import hub
+from dinov3ds.models.weights.files import pickle_refusal_reason
+from dinov3ds.models.weights.hashes import weights_digest
+from dinov3ds.models.weights.sources import checkpoint_dirs
 
 FORMAT_VERSION = 1
 HEAD_PREFIX = "model.head."

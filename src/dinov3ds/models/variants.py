@@ -6,9 +6,7 @@ here and nowhere else, the way timm keeps a pretrained config per model.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from dinov3ds.errors import UserError
@@ -143,18 +141,3 @@ def get_spec(name: str) -> BackboneSpec:
     if key not in VARIANTS:
         raise UserError(f"unknown backbone '{name}'; valid names: {', '.join(VARIANTS)}")
     return VARIANTS[key]
-
-
-def checkpoint_dirs() -> list[Path]:
-    """Folders searched for official weight files: $DINOV3DS_CHECKPOINTS first, then ./checkpoints."""
-    dirs = [Path(p) for p in os.environ.get("DINOV3DS_CHECKPOINTS", "").split(os.pathsep) if p]
-    return [*dirs, Path("checkpoints")]
-
-
-def find_weight_file(spec: BackboneSpec) -> Path | None:
-    """The official weight file for `spec` if it lies in one of `checkpoint_dirs()`."""
-    for folder in checkpoint_dirs():
-        candidate = folder / spec.weight_file
-        if candidate.is_file():
-            return candidate
-    return None
