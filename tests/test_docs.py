@@ -33,3 +33,12 @@ def test_planted_bug_table_lists_every_bug_with_its_tests() -> None:
         assert f"| {bug.file} |" in row
         for test in bug.tests:
             assert f"`{test}`" in row, f"{bug.name}: {test} missing from its row"
+
+
+def test_every_file_the_architecture_page_names_exists() -> None:
+    """docs/architecture.md's maps name real files: a moved or renamed module must move on the page too."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:src|tests)/[\w/]+\.py)(?:::\w+)?`", page))
+    named |= {f"src/dinov3ds/{path}" for path in re.findall(r"`((?:commands|training|models|data|heads|config|metrics)/[\w/]+\.py)`", page)}
+    assert len(named) >= 40, sorted(named)
+    assert sorted(path for path in named if not (ROOT / path).is_file()) == []
