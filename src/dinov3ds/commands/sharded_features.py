@@ -8,13 +8,17 @@ split over processes and resumable.
 Process r of N computes shards r, r + N, r + 2N, ...; a shard already complete on disk is skipped. With
 `--devices N` this command starts the N processes itself (one per GPU, or N CPU processes with
 `--device cpu`); under torchrun or SLURM each process is one rank and they meet at two barriers (torch.distributed,
-gloo): after rank 0 has claimed the folder and before it writes the index.
+gloo): after rank 0 has claimed the folder and before it writes the index. The folder is held by one run (a
+lock file, `run_folder.folder_lock`, taken by the process that claims it, never by its own ranks), and a write
+that fails (a full disk) is one line: the shards already written stay, and the same command resumes from them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +29,10 @@ from dinov3ds.data import feature_shards
 from dinov3ds.errors import UserError
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.hardware import resolve_device
+from dinov3ds.models.loading import find_source
 from dinov3ds.models.variants import get_spec
-from dinov3ds.models.weights import find_source, weights_digest
+from dinov3ds.models.weights import weights_digest
+from dinov3ds.training.run_folder import folder_lock
 
 logger = logging.getLogger("dinov3ds")
 
@@ -65,11 +71,12 @@ def run_rank(job: ShardJob, rank: int, world: int) -> int:
         start = shard * job.shard_size
         chunk = list(job.paths[start : start + job.shard_size])
         path = feature_shards.shard_path(job.folder, shard)
-        if feature_shards.shard_is_complete(path, len(chunk)):
+        if feature_shards.shard_is_complete(path, chunk):
             continue
         tensors = features_of(backbone, chunk, image_size=job.image_size, batch_size=job.batch_size,
                               num_workers=job.workers, patches=job.patches, progress=False)  # fmt: skip
-        feature_shards.write_shard(path, tensors, chunk)
+        with _writing(job.folder):
+            feature_shards.write_shard(path, tensors, chunk)
         written += 1
         logger.info("rank %d: wrote %s (%d images)", rank, path.name, len(chunk))
     return written
@@ -81,8 +88,31 @@ def _spawned(rank: int, job: ShardJob, world: int) -> None:
     run_rank(job, rank, world)
 
 
-def _claim(job: ShardJob, overwrite: bool) -> None:
-    feature_shards.claim_settings(job.folder, job.settings(_identity(job)), overwrite)
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """A write into --out that fails is one line; the complete shards stay for the next run to resume from."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(f"--out {folder}: cannot write there ({error.strerror}); free disk space (or fix the folder's "
+                        "permissions) and run the same command again: it resumes from the shards written") from None  # fmt: skip
+
+
+@contextlib.contextmanager
+def _holding(job: ShardJob, overwrite: bool) -> Iterator[None]:
+    """Lock --out for this run (its ranks write inside it) and claim it for the job's settings."""
+    settings = job.settings(_identity(job))
+    with _writing(job.folder):
+        job.folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(job.folder, "--out"):
+        with _writing(job.folder):
+            feature_shards.claim_settings(job.folder, settings, overwrite)
+        yield
+
+
+def _write_index(job: ShardJob) -> dict:
+    with _writing(job.folder):
+        return feature_shards.write_index(job.folder, job.paths, job.shard_size)
 
 
 def _identity(job: ShardJob) -> dict:
@@ -99,12 +129,18 @@ def extract_shards(job: ShardJob, devices: int = 1, overwrite: bool = False) -> 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         return _as_launched_rank(job, world, overwrite)
-    _claim(job, overwrite)
-    if devices > 1:
-        torch.multiprocessing.spawn(_spawned, args=(job, devices), nprocs=devices, join=True)
-    else:
-        run_rank(job, 0, 1)
-    return feature_shards.write_index(job.folder, len(job.paths), job.shard_size)
+    with _holding(job, overwrite):
+        if devices > 1:
+            try:
+                torch.multiprocessing.spawn(_spawned, args=(job, devices), nprocs=devices, join=True)
+            except torch.multiprocessing.ProcessRaisedException as error:
+                last = str(error).strip().splitlines()[-1]  # the rank's own one line, after its traceback
+                if "UserError: " not in last:
+                    raise
+                raise UserError(last.split("UserError: ", 1)[1]) from None
+        else:
+            run_rank(job, 0, 1)
+        return _write_index(job)
 
 
 def _as_launched_rank(job: ShardJob, world: int, overwrite: bool) -> dict:
@@ -113,14 +149,13 @@ def _as_launched_rank(job: ShardJob, world: int, overwrite: bool) -> dict:
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo")
     try:
-        if rank == 0:
-            _claim(job, overwrite)
-        dist.barrier()
-        run_rank(job, rank, world)
-        dist.barrier()
-        index = feature_shards.write_index(job.folder, len(job.paths), job.shard_size) if rank == 0 else {}
-        dist.barrier()
-        return index
+        with _holding(job, overwrite) if rank == 0 else contextlib.nullcontext():
+            dist.barrier()
+            run_rank(job, rank, world)
+            dist.barrier()
+            index = _write_index(job) if rank == 0 else {}
+            dist.barrier()
+            return index
     finally:
         dist.destroy_process_group()
 

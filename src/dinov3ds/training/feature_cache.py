@@ -2,7 +2,8 @@
 
     <cache>/features/<key>/settings.json            what the features are of (backbone, files, transform, ...)
     <cache>/features/<key>/shard-00000.safetensors  rows [0, S): cls [S, B, D], mean [S, D], labels [S]
-    <cache>/features/<key>/index.json               written last, once every shard is complete
+    <cache>/features/<key>/index.json               written last, once every shard is complete: each shard's
+                                                    name, size and SHA-256, checked before the store is used
 
 Each row holds the CLS tokens of the last B blocks (4, or more when `head.last_blocks` asks) and the patch
 mean of the last block, in `cache.dtype` (float16 by default): every pooling and block count a linear probe
@@ -11,17 +12,21 @@ depend on: the backbone (variant, weight hash, overrides, dtype), the files (pat
 their bytes with `cache.fingerprint: content`), their labels, the transform, the stored blocks and dtype.
 
 Processes started by torchrun (RANK / WORLD_SIZE) split the shards, shard i to rank i mod N, and rank 0
-writes the index once all are there: the folder must be one every rank sees. A killed extraction resumes
-from the shards on disk. Rows are read with `os.pread`, so memory does not grow with the number of rows.
+writes the index once all are there: the folder must be one every rank sees. Rank 0 holds the folder's lock
+(`run_folder.folder_lock`) while the launch writes, so a second run never writes into it: alone, it extracts
+without the store (one warning naming the writer); as a multi-process launch, it stops with that line. A
+killed extraction resumes from the shards on disk; a finished store that fails its check (an edited index,
+a shard missing, altered, linked twice or outside the folder) is rebuilt with one warning. Rows are read
+with `os.pread`, so memory does not grow with the number of rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -32,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
 from dinov3ds.config import Config, cache_dir
-from dinov3ds.data.feature_shards import FORMAT as SHARDS_FORMAT
 from dinov3ds.data.feature_shards import (
+    checked_shards,
     claim_settings,
     shard_count,
     shard_is_complete,
@@ -43,6 +48,7 @@ from dinov3ds.data.feature_shards import (
 )
 from dinov3ds.errors import DataWarning, UserError
 from dinov3ds.models.tasks import TORCH_DTYPES
+from dinov3ds.training.run_folder import folder_lock
 
 logger = logging.getLogger("dinov3ds")
 STORE_FORMAT = "dinov3ds-feature-store/1"
@@ -127,21 +133,25 @@ def _launch_id() -> str:
 
 
 def _claim(folder: Path, settings: dict) -> None:
-    """Rank 0: keep the folder's shards when they are of these settings (a resume), else start it afresh.
-    Where `dinov3ds features --out` refuses a folder of other settings, a cache entry is simply replaced."""
+    """Rank 0, holding the lock: keep the folder's shards when they are of these settings (a resume; a finished
+    store that failed its check keeps only the shards that match their record), else start it afresh. Where
+    `dinov3ds features --out` refuses a folder of other settings, a cache entry is simply replaced. The rank
+    markers of earlier launches go: the other ranks start once this launch's rank 0 has written its own."""
     try:
         claim_settings(folder, settings, overwrite=False)
     except UserError:
-        shutil.rmtree(folder, ignore_errors=True)
-        claim_settings(folder, settings, overwrite=False)
+        claim_settings(folder, settings, overwrite=True)
+    for marker in folder.glob("rank-*.started"):
+        marker.unlink()
 
 
 def _ranks_missing(folder: Path, world: int) -> list[int]:
-    def here(rank: int) -> bool:
-        marker = folder / f"rank-{rank}.started"
-        return marker.is_file() and marker.read_text() == _launch_id()
+    return [rank for rank in range(world) if not _rank_started(folder, rank)]
 
-    return [rank for rank in range(world) if not here(rank)]
+
+def _rank_started(folder: Path, rank: int) -> bool:
+    marker = folder / f"rank-{rank}.started"
+    return marker.is_file() and marker.read_text() == _launch_id()
 
 
 def _wait_for_ranks(folder: Path, world: int) -> None:
@@ -154,29 +164,30 @@ def _wait_for_ranks(folder: Path, world: int) -> None:
 
 
 def build_store(model, dataset: Dataset, config: Config, folder: Path, settings: dict) -> None:
-    """Extract the shards of this rank that are missing, then (rank 0) the index once every shard is there."""
+    """Extract the shards of this rank that are missing, then (rank 0) the index once every shard is there.
+    Rank 0 holds the folder's lock (cached_features takes it); the others write only after its marker."""
     rank, world = _process_rank()
     rows, size = len(dataset), settings["shard_size"]
+    paths = [path for path, _ in dataset.samples]
     if rank == 0:
         _claim(folder, settings)
     else:
-        while not (folder / "settings.json").is_file():
+        while not _rank_started(folder, 0):
             time.sleep(0.5)
     (folder / f"rank-{rank}.started").write_text(_launch_id())
     for index in range(rank, shard_count(rows, size), world):
         start, stop = index * size, min((index + 1) * size, rows)
         path = shard_path(folder, index)
-        if shard_is_complete(path, stop - start):
+        if shard_is_complete(path, paths[start:stop]):
             continue  # written before a kill: resume from it
         arrays = _extract_rows(model, Subset(dataset, range(start, stop)), config, settings["blocks"],
                                f"features {index + 1}/{shard_count(rows, size)}")  # fmt: skip
-        write_shard(path, arrays, [p for p, _ in dataset.samples[start:stop]])
+        write_shard(path, arrays, paths[start:stop])
     if rank == 0:
         _wait_for_ranks(folder, world)
-        shards = [(shard_path(folder, i), min(size, rows - i * size)) for i in range(shard_count(rows, size))]
-        while not all(shard_is_complete(path, n) for path, n in shards):
+        while not all(shard_is_complete(shard_path(folder, i), paths[i * size : (i + 1) * size]) for i in range(shard_count(rows, size))):
             time.sleep(0.5)
-        write_index(folder, rows, size)
+        write_index(folder, paths, size)
     else:
         while not (folder / "index.json").is_file():
             time.sleep(0.5)
@@ -185,10 +196,9 @@ def build_store(model, dataset: Dataset, config: Config, folder: Path, settings:
 class ShardRows:
     """Rows of one array across the shards, read on demand with os.pread (no memory map to grow the RSS)."""
 
-    def __init__(self, folder: Path, shards: list[str], name: str, shard_size: int) -> None:
+    def __init__(self, shards: list[Path], name: str, shard_size: int) -> None:
         self.locations, self.shard_size = [], shard_size
-        for shard in shards:
-            path = folder / shard
+        for path in shards:
             with open(path, "rb") as handle:
                 length = int.from_bytes(handle.read(8), "little")
                 if length > path.stat().st_size - 8:
@@ -222,14 +232,12 @@ class ShardRows:
 class StoredFeatures(Dataset):
     """(feature vector float32, label) per row of a finished store, in the model's pooling and blocks."""
 
-    def __init__(self, folder: Path, model, blocks: list[int]) -> None:
-        index = json.loads((folder / "index.json").read_text())
-        if index.get("format") != SHARDS_FORMAT:
-            raise ValueError("another shard format")
-        self.rows = index["rows"]
-        self.arrays = {name: ShardRows(folder, index["shards"], name, index["shard_size"])
-                       for name in ("cls", "mean", "labels")}  # fmt: skip
-        self.model, self.blocks = model, blocks
+    def __init__(self, folder: Path, model, settings: dict) -> None:
+        """The store of `settings` in `folder`, its index and shards checked first (ShardFault, a ValueError)."""
+        self.rows, size = len(settings["files"]), settings["shard_size"]
+        shards = checked_shards(folder, json.loads((folder / "index.json").read_text()), self.rows, size)
+        self.arrays = {name: ShardRows(shards, name, size) for name in ("cls", "mean", "labels")}
+        self.model, self.blocks = model, settings["blocks"]
 
     def __len__(self) -> int:
         return self.rows
@@ -255,21 +263,14 @@ class StoredFeatures(Dataset):
 
 
 def _checked_store(folder: Path, model, settings: dict) -> StoredFeatures | None:
-    """The finished store in `folder`, or None (one warning, folder removed) if anything in it is off."""
+    """The finished store in `folder`, or None (one warning naming what is off; rank 0 then rebuilds it)."""
     try:
         if json.loads((folder / "settings.json").read_text()) != settings:
-            raise ValueError("settings differ")
-        rows, size = len(settings["files"]), settings["shard_size"]
-        if not all(shard_is_complete(shard_path(folder, i), min(size, rows - i * size)) for i in range(shard_count(rows, size))):
-            raise ValueError("rows missing")  # checked by safetensors' own parser before we read a byte
-        store = StoredFeatures(folder, model, settings["blocks"])
-        if store.rows != rows:
-            raise ValueError("rows missing")
-        return store
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        warnings.warn(f"feature store {folder} is incomplete, corrupt or from another version; extracting again",
+            raise ValueError("settings.json differs")
+        return StoredFeatures(folder, model, settings)  # every shard's size and SHA-256 checked before a row is read
+    except (OSError, ValueError, KeyError, TypeError) as fault:
+        warnings.warn(f"feature store {folder} ({fault}) is incomplete, corrupt or from another version; extracting again",
                       DataWarning, stacklevel=3)  # fmt: skip
-        shutil.rmtree(folder, ignore_errors=True)
         return None
 
 
@@ -289,13 +290,25 @@ def cached_features(model, dataset: Dataset, config: Config) -> Dataset:
         return store
     # The extraction's loader draws seeds from the global RNG; forked, so a run that fills the store trains
     # on the same shuffles as one that finds it full.
-    with torch.random.fork_rng(devices=[]):
+    rank, world = _process_rank()
+    with torch.random.fork_rng(devices=[]), contextlib.ExitStack() as held:
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            try:
+                if rank == 0:
+                    held.enter_context(folder_lock(folder, "DINOV3DS_CACHE"))
+            except UserError as busy:  # another run is writing this store
+                if world > 1:
+                    raise  # the ranks of one launch must read the same rows: it stops instead
+                return _unstored(model, dataset, config, str(busy))
             build_store(model, dataset, config, folder, settings)
         except OSError as error:  # a read-only mount, no permission, a full disk
-            warnings.warn(f"feature store {folder} cannot be written ({error.strerror}); training without it",
-                          DataWarning, stacklevel=2)  # fmt: skip
-            return TensorDataset(*extract_features(model, dataset, config))
+            return _unstored(model, dataset, config, f"feature store {folder} cannot be written ({error.strerror})")
     logger.info("feature store written: %s (%d rows)", folder, len(dataset))
-    return StoredFeatures(folder, model, settings["blocks"])
+    return StoredFeatures(folder, model, settings)
+
+
+def _unstored(model, dataset: Dataset, config: Config, reason: str) -> Dataset:
+    """The features extracted in memory when the store cannot be written (or another run is writing it)."""
+    warnings.warn(f"{reason}; training without it", DataWarning, stacklevel=3)
+    return TensorDataset(*extract_features(model, dataset, config))
