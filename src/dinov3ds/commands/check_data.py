@@ -22,6 +22,7 @@ from dinov3ds.config import Config
 from dinov3ds.data.build import image_loader, segmentation_layout
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image, load_mask
 from dinov3ds.data.layout import Pairing
+from dinov3ds.data.nnunet import load_case, read_nnunet
 from dinov3ds.errors import UserError
 
 
@@ -31,6 +32,7 @@ class DataReport:
     task: str
     checked: dict[str, int] = field(default_factory=dict)  # split → samples decoded
     problems: list[str] = field(default_factory=list)  # one line each, naming the file and the fix
+    unit: str | None = None  # what `checked` counts, when not images or image/mask pairs
 
     @property
     def ok(self) -> bool:
@@ -38,7 +40,7 @@ class DataReport:
 
     def summary(self) -> str:
         counts = ", ".join(f"{split}: {count}" for split, count in self.checked.items())
-        unit = "images" if self.task == "classification" else "image/mask pairs"
+        unit = self.unit or ("images" if self.task == "classification" else "image/mask pairs")
         return f"{self.root}: {unit} checked ({counts}); {len(self.problems) or 'no'} problems"
 
 
@@ -162,6 +164,28 @@ def _check_segmentation(config: Config, report: DataReport, workers: int) -> Non
         report.problems += _parallel(check_pair, pairs, workers)
 
 
+def _check_nnunet(config: Config, report: DataReport, workers: int) -> None:
+    """An nnU-Net / MSD dataset: dataset.json, the case files and the fold, then every training case read as
+    training reads it (channel grids, label grid, label values); a structural problem stops the scan."""
+    data = config.data
+    try:
+        dataset = read_nnunet(data.root)
+        train, val = dataset.split(data.fold, data.val_fraction, config.seed)
+    except UserError as error:
+        report.problems.append(str(error))
+        return
+
+    def check_case(case) -> list[str]:
+        try:
+            load_case(case, dataset)
+        except UserError as error:
+            return [str(error)]
+        return []
+
+    report.unit, report.checked = "cases", {"train": len(train), "val": len(val)}
+    report.problems += _parallel(check_case, [*train, *val], min(workers, 2))  # volumes are large: two at a time
+
+
 def check_dataset(config: Config, workers: int | None = None) -> DataReport:
     """Decode and check every sample of the config's train and val splits; never stops at the first problem."""
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
@@ -173,6 +197,8 @@ def check_dataset(config: Config, workers: int | None = None) -> DataReport:
         return report
     if config.task == "classification":
         _check_classification(config, report, workers)
+    elif config.data.dataset == "nnunet":
+        _check_nnunet(config, report, workers)
     else:
         _check_segmentation(config, report, workers)
     return report

@@ -84,7 +84,7 @@ def evaluate_volumes(checkpoint_path: str | Path, config: Config, out: OutputFol
     """An nnU-Net / MSD checkpoint: every validation case predicted as a volume, per-class Dice, IoU, HD95 and
     surface Dice per case (`eval_per_case.csv`) and their means (`eval_metrics.json`)."""
     from dinov3ds.commands.volumes import slice_predictor
-    from dinov3ds.data.nnunet import load_case, read_nnunet
+    from dinov3ds.data.nnunet import load_case, mask_ignored, read_nnunet
     from dinov3ds.metrics.volumes import case_metrics, format_summary, write_reports
     from dinov3ds.models.volume_inference import predict_volume
 
@@ -103,7 +103,7 @@ def evaluate_volumes(checkpoint_path: str | Path, config: Config, out: OutputFol
             axes=inference.volume_axes or [inference.volume_axis], zooms=zooms, batch_size=inference.volume_batch_size,
             progress=config.trainer.progress_bar,
         )  # fmt: skip
-        cases[case.case_id] = case_metrics(labels, label, zooms, model.class_names)
+        cases[case.case_id] = case_metrics(*mask_ignored(labels, label), zooms, model.class_names)
     summary = write_reports(cases, out.root, prefix="eval_")
     print(format_summary(summary))
     return summary

@@ -25,8 +25,18 @@ import torch.nn.functional as F
 from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored
 from dinov3ds.config import Config
 from dinov3ds.data.dicom import load_dicom_series
+from dinov3ds.data.nnunet import mask_ignored
 from dinov3ds.data.transforms import round_to_multiple
-from dinov3ds.data.volumes import LABEL_SUFFIXES, NIFTI_SUFFIXES, load_volume, save_like, volume_stem
+from dinov3ds.data.volumes import (
+    LABEL_SUFFIXES,
+    NIFTI_SUFFIXES,
+    check_same_grid,
+    integer_labels,
+    load_volume,
+    read_header,
+    save_like,
+    volume_stem,
+)
 from dinov3ds.errors import UserError
 from dinov3ds.metrics.volumes import case_metrics, format_summary, write_reports
 from dinov3ds.models.checkpoints import read_checkpoint
@@ -54,8 +64,7 @@ class VolumeInput:
         images = [load_volume(path, expect_3d=False) for path in self.files]
         parts = []
         for path, image in zip(self.files, images, strict=True):
-            if image.shape[:3] != images[0].shape[:3] or not np.allclose(image.affine, images[0].affine, atol=1e-4):
-                raise UserError(f"{path} is not on the grid of {self.files[0].name}; resample the case's channels onto one grid")
+            check_same_grid(path, image, self.files[0], images[0])
             data = np.asarray(image.dataobj, dtype=np.float32)
             if data.ndim not in (3, 4):
                 raise UserError(f"{path}: expected a 3D volume (or 4D with channels last), got shape {data.shape}")
@@ -64,18 +73,31 @@ class VolumeInput:
 
 
 def volume_inputs(nifti_files: list[Path], dicom_folders: list[Path]) -> list[VolumeInput]:
-    """Cases from files (nnU-Net channel files of one folder grouped by case) and DICOM folders, in order."""
+    """Cases from files (nnU-Net channel files of one folder grouped by case) and DICOM folders, in order. Two
+    files for one channel of a case (`case.nii.gz` beside `case_0000.nii.gz`), or one case id in two input
+    folders, are refused naming both files: outputs and labels are found by case id, one would replace the other."""
     grouped: dict[tuple[Path, str], dict[int, Path]] = {}
     for path in nifti_files:
         match = CHANNEL_FILE.match(volume_stem(path))
         key = (path.parent, match["case"] if match else volume_stem(path))
-        grouped.setdefault(key, {})[int(match["channel"]) if match else 0] = path
+        channel = int(match["channel"]) if match else 0
+        if channel in grouped.get(key, {}):
+            raise UserError(f"{grouped[key][channel]} and {path} are both channel {channel} of case {key[1]}; "
+                            "remove or rename one")  # fmt: skip
+        grouped.setdefault(key, {})[channel] = path
     inputs = []
     for (_, case), channels in grouped.items():
         if sorted(channels) != list(range(len(channels))):
             raise UserError(f"case {case}: channel files {sorted(channels)} are not numbered 0000, 0001, ...; add the missing ones")
         inputs.append(VolumeInput(case, tuple(channels[c] for c in range(len(channels)))))
-    return inputs + [VolumeInput(folder.name, (folder,), dicom=True) for folder in dicom_folders]
+    inputs += [VolumeInput(folder.name, (folder,), dicom=True) for folder in dicom_folders]
+    first: dict[str, Path] = {}
+    for item in inputs:
+        if item.name in first:
+            raise UserError(f"{first[item.name]} and {item.files[0]} are both case {item.name!r}; their outputs and labels "
+                            "would be one file: predict the folders in separate runs, or rename one")  # fmt: skip
+        first[item.name] = item.files[0]
+    return inputs
 
 
 def slice_predictor(model: Segmenter):
@@ -97,12 +119,28 @@ def slice_predictor(model: Segmenter):
 
 
 def _stored_values(config: Config, num_classes: int) -> np.ndarray:
-    """Class index → the value a label file stores (dataset.json's ids, from data.label_map)."""
+    """Class index → the value a label file stores (dataset.json's ids, from data.label_map; the ignored id
+    maps to no class and is never written)."""
     label_map = config.data.label_map or {}
     values = np.arange(num_classes)
     for stored, index in label_map.items():
-        values[index] = stored
+        if index < num_classes:
+            values[index] = stored
     return values
+
+
+def _ignored_values(config: Config) -> set[int]:
+    """Stored label values that count for nothing (nnU-Net's "ignore" label, mapped to data.ignore_index)."""
+    return {stored for stored, index in (config.data.label_map or {}).items() if index == config.data.ignore_index}
+
+
+def check_labels(items: list[VolumeInput], labels: Path | None) -> None:
+    """Before any prediction: every case has its label volume, and a NIfTI case's label lies on its grid (shape,
+    spacing, origin, direction, as nnU-Net's integrity check; DICOM cases are checked once read)."""
+    for item in items:
+        label_path = matching_label(item, labels)
+        if label_path is not None and not item.dicom:
+            check_same_grid(label_path, read_header(label_path), item.files[0], read_header(item.files[0]))
 
 
 def _write_atomically(array: np.ndarray, reference: nib.Nifti1Image, path: Path, dtype) -> None:
@@ -163,6 +201,8 @@ def report(config: Config, names: list[str], items: list[VolumeInput], targets: 
            labels: Path | None) -> list[dict]:  # fmt: skip
     """Phase 2: volumes.jsonl, and per-class metrics when labels are given, from the written files."""
     index_of = {int(v): i for i, v in enumerate(_stored_values(config, len(names)))}
+    ignore = config.data.ignore_index
+    index_of.update(dict.fromkeys(_ignored_values(config), ignore))
     rows, cases = [], {}
     for item in items:
         prediction_path = targets[item.name][0]
@@ -171,14 +211,13 @@ def report(config: Config, names: list[str], items: list[VolumeInput], targets: 
         if label_path is not None:
             predicted = nib.load(prediction_path)
             truth = load_volume(label_path)
-            if truth.shape != predicted.shape:
-                raise UserError(f"label volume {label_path} has shape {truth.shape}, the image {item.files[0]} has {predicted.shape}")
-            stored = np.rint(np.asarray(truth.dataobj)).astype(np.int64)
+            check_same_grid(label_path, truth, item.files[0], predicted)  # the prediction lies on the input's grid
+            stored = integer_labels(np.asarray(truth.dataobj), label_path)
             unknown = sorted(set(np.unique(stored).tolist()) - set(index_of))
             if unknown:
                 raise UserError(f"{label_path} holds label values {unknown[:5]} the model does not know; check the label file")
             lookup = np.vectorize(index_of.get, otypes=[np.int64])
-            cases[item.name] = case_metrics(lookup(np.asarray(predicted.dataobj)), lookup(stored),
+            cases[item.name] = case_metrics(*mask_ignored(lookup(np.asarray(predicted.dataobj)), lookup(stored), ignore),
                                             predicted.header.get_zooms()[:3], names)  # fmt: skip
             row["classes"] = cases[item.name]
             shown = item.files[0].name if not item.dicom and len(item.files) == 1 else item.name
@@ -206,6 +245,7 @@ def predict_volumes(model: Segmenter | None, items: list[VolumeInput], out: Outp
     config = checkpoint_config(saved, checkpoint, overrides)
     if config.data.medical is None:
         raise UserError("this checkpoint was not trained on medical slices (data.medical is unset); volumes need a medical model")
+    check_labels(items, labels)
     root = input_root([item.files[0] for item in items])
     targets, todo = {}, []
     for item in items:

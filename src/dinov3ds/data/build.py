@@ -15,7 +15,7 @@ from dinov3ds.data.classification import IMAGENETTE_CLASSES, ImageFolderDataset
 from dinov3ds.data.io import load_image
 from dinov3ds.data.layout import MaskLabels, SegmentationLayout, ade20k_layout, ade20k_split
 from dinov3ds.data.medical import load_mri_slice
-from dinov3ds.data.nnunet import read_nnunet
+from dinov3ds.data.nnunet import IGNORE_CLASS, read_nnunet
 from dinov3ds.data.segmentation import ADE20K_CLASSES, SegmentationFolderDataset
 from dinov3ds.data.transforms import (
     SegmentationEvalTransform,
@@ -116,9 +116,13 @@ def _segmentation_split(config: Config, split: str, mean: Stats, std: Stats, inp
 
 def resolve_dataset_settings(config: Config) -> None:
     """Fill in what an nnU-Net / MSD dataset says about itself, so the saved config and every checkpoint hold
-    it: class names from dataset.json, `data.medical` for its modality (MRI defaults, or CT), and for CT
-    without a window the percentile range of the training cases' foreground. Other datasets: nothing."""
+    it: class names from dataset.json, `data.medical` for its modality (MRI defaults, or CT), the stored label
+    ids (its "ignore" label's to `data.ignore_index`), and for CT without a window the percentile range of the
+    training cases' foreground. The split is checked here too, before a run folder is written: an empty or
+    overlapping fold must not cost an epoch. Segmentation folders: each split must hold pairs. Others: nothing."""
     data = config.data
+    if data.dataset in ("segmentation_folder", "ade20k") and config.task == "segmentation":
+        _check_pairs_exist(config)
     if data.dataset != "nnunet":
         return
     _check_root(config)
@@ -129,14 +133,29 @@ def resolve_dataset_settings(config: Config) -> None:
     data.class_names, data.num_classes = names, len(names)
     medical = _with_dataset_modality(data.medical or SlicePreprocessing(), dataset.modality, data.root)
     medical = medical.model_copy(update={"volume_channels": len(dataset.channel_names)})
-    if any(value != index for index, value in enumerate(dataset.label_values)):  # stored ids, e.g. 0, 1, 2, 4
-        data.label_map = {value: index for index, value in enumerate(dataset.label_values)}
+    label_map = {value: index for index, value in enumerate(dataset.label_values)}
+    if dataset.ignore_value is not None:
+        if data.ignore_index != IGNORE_CLASS:
+            raise UserError(f"data.ignore_index is {data.ignore_index}, but {data.root}/dataset.json's \"ignore\" label is "
+                            f"read as {IGNORE_CLASS}; remove data.ignore_index")  # fmt: skip
+        label_map[dataset.ignore_value] = IGNORE_CLASS
+    if any(value != index for value, index in label_map.items()):  # stored ids, e.g. 0, 1, 2, 4
+        data.label_map = label_map
+    train_cases, _ = dataset.split(data.fold, data.val_fraction, config.seed)
     if medical.modality == "ct" and medical.window is None and medical.intensity_range is None:
         from dinov3ds.data.volume_slices import ct_intensity_range
 
-        train_cases, _ = dataset.split(data.fold, data.val_fraction, config.seed)
         medical = medical.model_copy(update={"intensity_range": ct_intensity_range(train_cases, dataset, medical.percentiles)})
     data.medical = medical
+
+
+def _check_pairs_exist(config: Config) -> None:
+    """An empty split of a segmentation folder, said before training writes anything."""
+    layout, splits = segmentation_layout(config)
+    for split in dict.fromkeys(splits):
+        if layout.image_folder(split).is_dir() and layout.mask_folder(split).is_dir() and not layout.pair(split).pairs:
+            raise UserError(f"no image/mask pairs under {layout.image_folder(split)} and {layout.mask_folder(split)}; "
+                            "check root, split and mask_suffix")  # fmt: skip
 
 
 def _with_dataset_modality(medical: SlicePreprocessing, modality: str, root: str) -> SlicePreprocessing:

@@ -18,7 +18,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dinov3ds.config.medical import SlicePreprocessing
-from dinov3ds.data.volumes import load_volume, pair_volumes, volume_stem, volume_to_uint16
+from dinov3ds.data.volumes import (
+    check_same_grid,
+    integer_labels,
+    load_volume,
+    pair_volumes,
+    volume_stem,
+    volume_to_uint16,
+)
 from dinov3ds.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -136,15 +143,9 @@ def read_split_csv(path: Path) -> dict[str, list[str]]:
 
 
 def label_ids(data: np.ndarray, label_map: dict[int, int] | None, source: Path) -> np.ndarray:
-    """Integer label ids as uint8 (the annotation PNGs are 8-bit), after an optional remapping."""
-    if np.issubdtype(data.dtype, np.floating):
-        rounded = np.rint(data)
-        if not np.array_equal(rounded, data):
-            raise UserError(
-                f"{source}: label volume holds non-integer values; save it with integer label ids"
-            )
-        data = rounded
-    ids = data.astype(np.int64)
+    """Integer label ids as uint8 (the annotation PNGs are 8-bit), after an optional remapping; a fractional
+    value is refused, naming the first one and its voxel."""
+    ids = integer_labels(data, source)
     if label_map:
         mapped = ids.copy()
         for old, new in label_map.items():
@@ -161,6 +162,21 @@ def save_png(array: np.ndarray, path: Path) -> None:
     """Write a 2D uint8 or uint16 array as a grayscale PNG (mode L or I;16)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+def _check_no_split_empties(pairs: list[tuple[Path, Path]], split_of_name: dict[str, str], axis: int,
+                            label_map: dict[int, int] | None) -> None:  # fmt: skip
+    """With skip_empty, a split whose volumes' labels are all background would end with no slices: said before
+    any file is written (the labels are read twice, the scans once)."""
+    kept = dict.fromkeys(split_of_name.values(), 0)
+    for image_path, label_path in pairs:
+        ids = label_ids(np.asanyarray(load_volume(label_path).dataobj), label_map, label_path)
+        in_plane = tuple(a for a in range(3) if a != axis)
+        kept[split_of_name[volume_stem(image_path)]] += int(np.count_nonzero(ids.any(axis=in_plane)))
+    empty = [split for split, count in kept.items() if count == 0]
+    if empty:
+        raise UserError(f"--skip-empty would leave split {empty[0]} with no slices (its labels are all background); "
+                        "drop --skip-empty or put volumes with labelled structures in it")  # fmt: skip
 
 
 def prepare_volumes(
@@ -195,16 +211,19 @@ def prepare_volumes(
         names, val_fraction, test_fraction, seed
     )  # fmt: skip
     split_of_name = {name: split for split, members in chosen.items() for name in members}
+    if skip_empty:
+        _check_no_split_empties(pairs, split_of_name, axis, label_map)
     records = []
     for image_path, label_path in pairs:
         name = volume_stem(image_path)
-        image = np.asanyarray(load_volume(image_path).dataobj)
-        label = np.asanyarray(load_volume(label_path).dataobj)
+        image_file, label_file = load_volume(image_path), load_volume(label_path)
+        image, label = np.asanyarray(image_file.dataobj), np.asanyarray(label_file.dataobj)
         if image.shape != label.shape:
             raise UserError(
                 f"{image_path} has shape {image.shape} but its label {label_path} has shape {label.shape}; "
                 "resample the label onto the image grid"
             )
+        check_same_grid(label_path, label_file, image_path, image_file)
         intensity = volume_to_uint16(image, source=str(image_path))
         ids = label_ids(label, label_map, label_path)
         split = split_of_name[name]
