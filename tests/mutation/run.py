@@ -40,7 +40,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "inference": ("models/inference.py", ["tests/test_inference.py"]),
     "checkpoints": ("models/checkpoints.py", ["tests/test_checkpoints.py", "tests/test_engine.py"]),
     "weights": ("models/weights/*.py", ["tests/test_weights.py", "tests/test_weight_sources.py", "tests/test_backbones.py"]),
-    "feature_cache": ("training/feature_cache.py", ["tests/test_feature_cache.py", "tests/test_feature_store.py"]),
+    "feature_cache": ("training/feature_cache.py", ["tests/test_feature_cache.py", "tests/test_feature_store.py", "tests/test_hostile_round3_store.py"]),
     "transforms": ("data/transforms.py", ["tests/test_data.py"]),
     "losses": ("training/losses.py", ["tests/test_losses.py"]),
     # The heads in three rows (pmt below), each with its own tests. test_heads.py's shape checks run over every
