@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from dinov3ds.commands.output_files import OutputFolder
 from dinov3ds.errors import UserError
+from dinov3ds.models.finetune import merge_adapters
 from dinov3ds.models.tasks import Classifier, Segmenter, load_model
 
 logger = logging.getLogger("dinov3ds")
@@ -50,6 +51,10 @@ def export_onnx(model: Classifier | Segmenter, out: Path, height: int, width: in
         raise UserError("ONNX export needs the export extra: pip install 'dinov3ds[export]'") from None
     wrapper = ExportedModel(model.float()).eval()
     example = _example(model, height, width, batch=1)
+    check = _example(model, height, width, batch=2 if dynamic_batch else 1)
+    with torch.no_grad():
+        expected = wrapper(check).cpu().numpy()  # before LoRA / DoRA updates are merged: the graph must equal this
+    merge_adapters(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-dependent Python in timm; sizes are fixed
@@ -61,9 +66,6 @@ def export_onnx(model: Classifier | Segmenter, out: Path, height: int, width: in
     if metadata:
         _add_metadata(out, metadata)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    check = _example(model, height, width, batch=2 if dynamic_batch else 1)
-    with torch.no_grad():
-        expected = wrapper(check).cpu().numpy()
     produced = session.run(None, {"images": check.cpu().numpy()})[0]
     return float(np.abs(produced - expected).max())
 
@@ -82,14 +84,15 @@ def _add_metadata(path: Path, metadata: dict) -> None:
 def export_torchscript(model: Classifier | Segmenter, out: Path, height: int, width: int) -> float:
     """Trace to TorchScript and return the max abs difference to eager PyTorch on another random input."""
     wrapper = ExportedModel(model.float()).eval()
-    example = _example(model, height, width, batch=1)
+    example, check = _example(model, height, width, batch=1), _example(model, height, width, batch=2)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        expected = wrapper(check)  # before LoRA / DoRA updates are merged
+        merge_adapters(model)
         traced = torch.jit.trace(wrapper, example, check_trace=False)
         traced.save(str(out))
-        check = _example(model, height, width, batch=2)
-        return float((torch.jit.load(str(out), map_location=check.device)(check) - wrapper(check)).abs().max())
+        return float((torch.jit.load(str(out), map_location=check.device)(check) - expected).abs().max())
 
 
 def serving_facts(model: Classifier | Segmenter, height: int, width: int) -> dict:

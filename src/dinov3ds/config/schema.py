@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
+    model_validator,
 )
 
 from dinov3ds.config.medical import SlicePreprocessing
@@ -43,6 +44,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(Section):
+    """peft's LoRA / DoRA on the transformer blocks' (ConvNeXt: the pointwise) linear layers."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # block layer names: ViT qkv, proj, fc1, fc2 (SwiGLU variants: fc1_g, fc1_x, fc2), ConvNeXt fc1, fc2;
+    # None = every one of them (never patch_embed.proj)
+    targets: list[str] | None = None
+
+
 class BackboneConfig(Section):
     name: str = "vits16"  # Meta's variant name, e.g. vits16, vitl16, vitl16_sat493m, convnext_tiny
     # None: Meta's file in checkpoints/, else the Hugging Face cache; a .pth / .safetensors file or model folder,
@@ -54,7 +66,20 @@ class BackboneConfig(Section):
     # eval/predict/features on a GPU with native bf16; else float32 (--float32 forces it at inference).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     overrides: dict[str, Any] = Field(default_factory=dict)  # timm architecture overrides (tests: depth)
-    unfreeze_last_blocks: int = Field(0, ge=0)  # fine-tune the last N blocks (saved in checkpoints); 0 = fully frozen
+    unfreeze_last_blocks: int = Field(0, ge=0)  # finetune last_blocks: how many (a value > 0 alone means last_blocks)
+    # How much of the backbone trains: frozen (the feature store works), the last blocks, LoRA / DoRA adapters
+    # (peft) on the blocks' linear layers, or all of it. Checkpoints keep only what trained.
+    finetune: Literal["frozen", "last_blocks", "lora", "dora", "full"] = "frozen"
+    lora: LoraConfig = Field(default_factory=lambda: LoraConfig())
+    grad_checkpointing: bool = False  # timm's: recompute block activations in backward (less memory, ~30 % slower)
+
+    @model_validator(mode="after")
+    def _finetune_mode(self) -> BackboneConfig:
+        if self.finetune == "frozen" and self.unfreeze_last_blocks:
+            object.__setattr__(self, "finetune", "last_blocks")  # the older spelling of the same setting
+        if self.finetune == "last_blocks" and not self.unfreeze_last_blocks:
+            raise ValueError("backbone.finetune=last_blocks needs backbone.unfreeze_last_blocks=N (N >= 1)")
+        return self
 
 
 class DataConfig(Section):
@@ -142,8 +167,10 @@ class OptimConfig(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor as a fraction of lr
     # linear probe: train one head per lr at once, keep the best
     lr_grid: Annotated[list[Annotated[float, Field(gt=0, le=100)]], Field(min_length=1)] | None = None
-    backbone_lr: float | None = Field(None, gt=0)  # unfrozen blocks: peak lr of the last block (None = lr / 10)
-    layer_decay: float = Field(1.0, gt=0, le=1)  # unfrozen blocks: each earlier block's lr is multiplied by this
+    backbone_lr: float | None = Field(None, gt=0)  # trained backbone: its peak lr (None = lr x backbone_lr_scale)
+    backbone_lr_scale: float = Field(0.1, gt=0, le=10)  # trained backbone: its lr as a multiple of lr
+    # trained backbone: timm's layer-wise decay, each layer's lr is this times the next one's (1 = none)
+    layer_decay: float = Field(1.0, gt=0, le=1)
 
 
 class TrainerConfig(Section):

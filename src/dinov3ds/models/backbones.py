@@ -52,6 +52,7 @@ class Backbone(nn.Module):
         self.mean = spec.mean
         self.std = spec.std
         self.num_registers = int(model.num_prefix_tokens) - 1 if spec.family == "vit" else 0
+        self.trains = False  # set by models.finetune: a backbone that trains follows train() (LoRA dropout)
         self.requires_grad_(False)
         self.eval()
 
@@ -68,8 +69,8 @@ class Backbone(nn.Module):
         return next(self.model.parameters()).device
 
     def train(self, mode: bool = True) -> Backbone:
-        """Stay in eval mode: a frozen backbone must behave as it did in pretraining evaluation."""
-        return super().train(False)
+        """A frozen backbone stays in eval mode: it must behave as it did in pretraining evaluation."""
+        return super().train(mode and self.trains)
 
     def feature_channels(self, layers: list[int] | tuple[int, ...] | None = None) -> list[int]:
         layers = self.resolve_layers(layers)

@@ -27,6 +27,7 @@ from dinov3ds.errors import UserError
 from dinov3ds.heads import build_head, head_class
 from dinov3ds.models.backbones import Backbone, load_backbone
 from dinov3ds.models.checkpoints import HeadCheckpoint, read_checkpoint, resolve_backbone_weights
+from dinov3ds.models.finetune import add_adapters
 from dinov3ds.models.hardware import native_support, resolve_device
 from dinov3ds.models.inference import InferenceOptions, labels_at_size, run_inference
 
@@ -36,6 +37,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 # Settings the trained head's weights depend on: a checkpoint's config cannot override them.
 TRAINED_SETTINGS = ("task", "backbone.name", "backbone.layers", "backbone.overrides", "backbone.unfreeze_last_blocks",
+                    "backbone.finetune", "backbone.lora",
                     "head", "data.num_classes", "data.class_names")  # fmt: skip
 
 
@@ -45,7 +47,7 @@ def backbone_dtype(config: Config, device: str | torch.device, *, inference: boo
     name = config.backbone.dtype
     if name == "auto":
         bf16_training = config.trainer.precision in ("bf16-mixed", "bf16-true")
-        wanted = bf16_training and config.backbone.unfreeze_last_blocks == 0
+        wanted = bf16_training and config.backbone.finetune == "frozen"
         wanted = wanted or (inference and torch.device(device).type == "cuda")
         name = "bfloat16" if wanted and native_support(torch.bfloat16, device) else "float32"
     return TORCH_DTYPES[name]
@@ -321,6 +323,7 @@ def _restore(model_class, path: str | Path, device: str | torch.device, task: st
     config.backbone.weights = resolve_backbone_weights(checkpoint, path, config.backbone.weights)
     device = resolve_device(device)
     backbone = backbone_from_config(config, device, inference=True)
+    add_adapters(backbone, config.backbone)  # LoRA / DoRA layers, filled from the checkpoint below
     model = model_class(backbone, checkpoint.num_classes, config, checkpoint.class_names)
     try:
         model.head.load_state_dict(checkpoint.head_state_dict)

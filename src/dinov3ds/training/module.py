@@ -200,22 +200,24 @@ class TaskModule(L.LightningModule):
                 torch.nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
 
     def _parameter_groups(self) -> list[dict]:
-        """The head at `lr`; unfrozen backbone blocks at `backbone_lr`, decayed by `layer_decay` per block
-        towards the input (earlier layers hold more general features and should move less)."""
+        """The head at `lr`; what trains in the backbone at its own lr (`backbone_lr`, else `lr` x
+        `backbone_lr_scale`), scaled per layer by timm's layer-wise decay (earlier layers hold more general
+        features and should move less), with timm's no-weight-decay rule for biases, norms and tokens."""
+        from timm.optim import param_groups_layer_decay
+
         optim = self.config.optim
         backbone_ids = {id(p) for p in self.model.backbone.parameters()}
         groups = [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids],
                    "lr": optim.lr}]  # fmt: skip
-        top_lr = optim.backbone_lr if optim.backbone_lr is not None else optim.lr / 10
-        grouped: set[int] = set()
-        for depth_from_top, block in enumerate(reversed(self.model.backbone.blocks)):
-            trainable = [p for p in block.parameters() if p.requires_grad]
-            if trainable:
-                groups.append({"params": trainable, "lr": top_lr * optim.layer_decay**depth_from_top})
-                grouped |= {id(p) for p in trainable}
-        rest = [p for p in self.model.backbone.parameters() if p.requires_grad and id(p) not in grouped]
-        if rest:  # the final norm trains with the last block
-            groups.append({"params": rest, "lr": top_lr})
+        top_lr = optim.backbone_lr if optim.backbone_lr is not None else optim.lr * optim.backbone_lr_scale
+        timm_model = self.model.backbone.model
+        if not any(p.requires_grad for p in timm_model.parameters()):
+            return groups
+        no_decay = timm_model.no_weight_decay() if hasattr(timm_model, "no_weight_decay") else ()
+        decayed = param_groups_layer_decay(timm_model, weight_decay=optim.weight_decay, no_weight_decay_list=no_decay,
+                                           layer_decay=optim.layer_decay)  # fmt: skip
+        for group in decayed:  # timm leaves out parameters that do not train
+            groups.append({"params": group["params"], "lr": top_lr * group["lr_scale"], "weight_decay": group["weight_decay"]})
         return groups
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -28,6 +28,7 @@ from dinov3ds.data.build import DataSplits, build_datasets, resolve_dataset_sett
 from dinov3ds.data.sampling import ResumableSampler, SeededSamples
 from dinov3ds.errors import UserError
 from dinov3ds.models.checkpoints import AtomicCheckpointIO, load_checkpoint_file, read_checkpoint
+from dinov3ds.models.finetune import make_trainable, trainable_counts
 from dinov3ds.models.tasks import (
     TRAINED_SETTINGS,
     Classifier,
@@ -221,22 +222,25 @@ def _fit(config: Config, output_dir: Path, checkpoint: Path | None) -> TrainResu
     device = training_device(config)
     backbone = backbone_from_config(config, device)
     splits = build_datasets(config, backbone.mean, backbone.std, input_multiple(config, backbone))
-    backbone.unfreeze_last_blocks(config.backbone.unfreeze_last_blocks)
+    backbone_training = make_trainable(backbone, config.backbone)
     model = place_model(build_model(config, splits.class_names, backbone), device)
     if config.trainer.compile:
         size = config.data.image_size - config.data.image_size % backbone.input_multiple or backbone.input_multiple
         backbone.compile_blocks(torch.zeros(1, 3, size, size, dtype=backbone.dtype, device=device))
     from_features = (
         config.task == "classification" and not config.data.augment and config.cache_features
-        and config.backbone.unfreeze_last_blocks == 0  # features of a backbone that trains cannot be cached
+        and config.backbone.finetune == "frozen"  # features of a backbone that trains cannot be cached
     )  # fmt: skip
+    if config.cache_features and config.backbone.finetune != "frozen":
+        logger.info("backbone.finetune=%s: features are not cached (the backbone trains)", config.backbone.finetune)
     if from_features:
         splits = DataSplits(
             cached_features(model, splits.train, config), cached_features(model, splits.val, config), splits.class_names
         )
     module = TaskModule(model, config, splits.class_names, from_features=from_features)
     # Counted on the module: a probe grid's heads and fine-tuned blocks train, the model's own head may not.
-    logger.info("trainable parameters: %s", f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,}")
+    head, in_backbone = trainable_counts(backbone, sum(p.numel() for p in module.parameters() if p.requires_grad))
+    logger.info("trainable parameters: head %s, backbone %s (%s)", f"{head:,}", f"{in_backbone:,}", backbone_training)
     eval_batch = config.data.eval_batch_size or (config.data.batch_size if config.task == "classification" else 1)
     trainer = build_trainer(config, output_dir, module.monitor)
     val_loader = make_loader(splits.val, config, batch_size=eval_batch, train=False)
