@@ -23,12 +23,15 @@ from dinov3ds.cli import main
 from dinov3ds.config import with_overrides
 from dinov3ds.data.build import resolve_dataset_settings
 from dinov3ds.data.nnunet import IGNORE_CLASS, load_case, mask_ignored, read_nnunet
-from dinov3ds.data.synthetic import make_nnunet_dataset, make_segmentation_folder
+from dinov3ds.data.synthetic import make_nnunet_dataset
 from dinov3ds.data.volumes import load_volume
 from dinov3ds.errors import UserError
 from dinov3ds.training.tasks import SegmentationTask
+from tests import test_hostile_inputs as corpus
 from tests.conftest import tiny
-from tests.test_hostile_inputs import MARKER, Workspace, edit_checkpoint, offline, trained, tree_hash, workspace  # noqa: F401
+from tests.test_hostile_inputs import MARKER, Workspace, edit_checkpoint, tree_hash
+
+trained, workspace, offline = corpus.trained, corpus.workspace, corpus.offline  # the corpus's fixtures, registered here
 
 AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 SHAPE = (12, 12, 4)
@@ -340,10 +343,13 @@ def test_r3_20_the_volume_byte_limit_is_named_and_can_be_raised(tmp_path, monkey
 
 def test_r3_check_data_lists_every_broken_nnunet_case(workspace, capsys):
     """check-data reads an nnU-Net dataset as training does and lists each broken case, not only the first."""
-    root = dataset(workspace, lambda r: (with_label_values(r, "phantom_000", {(0, 0, 0): 0.5}), reshaped_channel(r)))
+    root = dataset(workspace)
     config = workspace.root / "nnunet.yaml"
     config.write_text(f"task: segmentation\ndata: {{dataset: nnunet, root: {root}}}\nhead: {{name: linear}}\n")
-    capsys.readouterr()
+    assert main(["check-data", "--config", str(config)]) == 0
+    assert "cases checked (train: 2, val: 1); no problems" in capsys.readouterr().out
+    with_label_values(root, "phantom_000", {(0, 0, 0): 0.5})
+    reshaped_channel(root)
     assert main(["check-data", "--config", str(config)]) == 2
     out = capsys.readouterr().out
     assert "phantom_000.nii.gz: label value 0.5 at voxel (0, 0, 0)" in out and "phantom_001_0001.nii.gz has shape" in out

@@ -4,7 +4,9 @@ Training finds a broken file only when a batch needs it, possibly hours in, and 
 scan decodes every image and every mask of both splits with the exact loaders training uses, and checks what
 training would check later: splits and class folders are not empty, every image has its mask and every mask
 its image, a mask has its image's size, and its label values (after `label_map` / `reduce_zero_label`) are
-below the number of classes or the ignore index. Each problem is one line naming the file and the fix.
+below the number of classes or the ignore index. An nnU-Net / MSD dataset (`data.dataset: nnunet`) is read as
+training reads it: dataset.json, the case files, the fold, then every case's channels and label (one grid,
+integer label ids dataset.json names). Each problem is one line naming the file and the fix.
 
     report = check_dataset(load_config("configs/my_data.yaml"))
     for line in report.problems: print(line)

@@ -1,4 +1,5 @@
-"""NIfTI volumes on disk: reading them checked, writing on a reference grid, pairing images with labels.
+"""NIfTI volumes on disk: reading them checked (declared size, voxel grids, integer labels), writing on a
+reference grid, pairing images with labels.
 
 Also the uint16 quantisation that `prepare_volumes` stores slices in and volume inference reproduces, so
 the two paths hand the same integers to `preprocess_slice`.
