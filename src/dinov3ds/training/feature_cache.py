@@ -169,23 +169,24 @@ def build_store(model, dataset: Dataset, config: Config, folder: Path, settings:
     rank, world = _process_rank()
     rows, size = len(dataset), settings["shard_size"]
     paths = [path for path, _ in dataset.samples]
+    images = [paths[i * size : (i + 1) * size] for i in range(shard_count(rows, size))]  # each shard's images
     if rank == 0:
         _claim(folder, settings)
     else:
         while not _rank_started(folder, 0):
             time.sleep(0.5)
     (folder / f"rank-{rank}.started").write_text(_launch_id())
-    for index in range(rank, shard_count(rows, size), world):
-        start, stop = index * size, min((index + 1) * size, rows)
+    for index in range(rank, len(images), world):
         path = shard_path(folder, index)
-        if shard_is_complete(path, paths[start:stop]):
+        if shard_is_complete(path, images[index]):
             continue  # written before a kill: resume from it
-        arrays = _extract_rows(model, Subset(dataset, range(start, stop)), config, settings["blocks"],
-                               f"features {index + 1}/{shard_count(rows, size)}")  # fmt: skip
-        write_shard(path, arrays, paths[start:stop])
+        start = index * size
+        arrays = _extract_rows(model, Subset(dataset, range(start, start + len(images[index]))), config,
+                               settings["blocks"], f"features {index + 1}/{len(images)}")  # fmt: skip
+        write_shard(path, arrays, images[index])
     if rank == 0:
         _wait_for_ranks(folder, world)
-        while not all(shard_is_complete(shard_path(folder, i), paths[i * size : (i + 1) * size]) for i in range(shard_count(rows, size))):
+        while not all(shard_is_complete(shard_path(folder, i), shard) for i, shard in enumerate(images)):
             time.sleep(0.5)
         write_index(folder, paths, size)
     else:
