@@ -58,12 +58,12 @@ class Rows(Dataset):  # the "images": a row number is all the stand-in needs
 dataset = Rows()
 dataset.samples = [(f"row-{i}", i % classes) for i in range(rows)]
 config = load_config(None, ["data.num_workers=0", "data.batch_size=1024", "trainer.progress_bar=false"])
-settings = {"format": feature_cache.STORE_FORMAT, "files": rows, "blocks": [0], "dtype": "float16", "shard_size": config.cache.shard_size}
+settings = {"format": feature_cache.STORE_FORMAT, "files": dataset.samples, "blocks": [0], "dtype": "float16", "shard_size": config.cache.shard_size}
 model = StandInModel()
 start = time.perf_counter()
 feature_cache.build_store(model, dataset, config, folder, settings)
 build_s = time.perf_counter() - start
-store = feature_cache.StoredFeatures(folder, model, [0])
+store = feature_cache.StoredFeatures(folder, model, settings)
 head = torch.nn.Linear(2 * width, classes)
 optimizer = torch.optim.SGD(head.parameters(), lr=0.01)
 loader = DataLoader(store, batch_size=batch, shuffle=True, num_workers=0)
