@@ -9,9 +9,22 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
+from typing import NoReturn
 
 from dinov3ds.commands import handlers
 from dinov3ds.errors import DataWarning, UserError
+
+
+class _Mistake(Exception):
+    """A command line argparse refuses (not argparse's own ArgumentError, which argparse catches itself)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors come back to `parse_arguments` (to be told as one line) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _Mistake(f"{message} (see {self.prog} --help)")
 
 
 def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) -> None:
@@ -36,7 +49,7 @@ def _add_device_argument(parser: argparse.ArgumentParser, float32: bool = False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dinov3ds", description="DINOv3 classifiers and segmenters.")
+    parser = _Parser(prog="dinov3ds", description="DINOv3 classifiers and segmenters.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -184,19 +197,34 @@ def _one_line(error: UserError) -> str:
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     """argparse takes a positional list only in one place; words after the options (`eval --checkpoint c
-    --out o key=value`) join the command's list of inputs or overrides instead of being refused."""
-    parser = build_parser()
-    args, leftover = parser.parse_known_args(argv)
-    trailing = getattr(args, "trailing", None)
-    if leftover and (trailing is None or any(word.startswith("-") for word in leftover)):
-        parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+    --out o key=value`) join the command's list of inputs or overrides instead of being refused, and so do
+    the words after `--`, whatever they start with. A mistake is a UserError (one line, exit 2); a file whose
+    name starts with '-' (which argparse reads as an option) is named, with the two ways to pass it."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, leftover = build_parser().parse_known_args(argv)
+        before, after = (leftover[: leftover.index("--")], leftover[leftover.index("--") + 1 :]) if "--" in leftover \
+            else (leftover, [])  # fmt: skip
+        trailing = getattr(args, "trailing", None)
+        if leftover and (trailing is None or any(word.startswith("-") for word in before)):
+            raise _Mistake(f"unrecognized arguments: {' '.join(leftover)} (see dinov3ds {args.command} --help)")
+    except _Mistake as error:
+        options = argv[: argv.index("--")] if "--" in argv else argv
+        dashed = next((word for word in options if word[:1] == "-" and len(word) > 1 and Path(word).exists()), None)
+        message = (f"{dashed} is a file whose name starts with '-', read as an option; put inputs after -- "
+                   f"(... -- {dashed}) or write ./{dashed}" if dashed else str(error))  # fmt: skip
+        raise UserError(message) from None
     if leftover:
-        getattr(args, trailing).extend(leftover)
+        getattr(args, trailing).extend([*before, *after])
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_arguments(argv)
+    try:
+        args = parse_arguments(argv)
+    except UserError as error:
+        print(f"dinov3ds: error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if not args.verbose:
         _quiet_libraries()

@@ -8,10 +8,12 @@ divides, so the numbers equal a one-process run's.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from dinov3ds.commands.output_files import OutputFolder
 from dinov3ds.config import Config
@@ -56,8 +58,16 @@ def evaluate(checkpoint_path: str | Path, overrides: list[str] | None = None, ou
     checkpoint); files already there are kept unless `overwrite`. Returns the metrics (on every rank)."""
     out = OutputFolder(Path(output_dir) if output_dir else default_output_dir(checkpoint_path), overwrite=overwrite)
     config = checkpoint_config(read_checkpoint(checkpoint_path), checkpoint_path, overrides)
-    if config.data.dataset == "nnunet":
-        return evaluate_volumes(checkpoint_path, config, out, overrides, device)
+    # One writer per folder; under DDP every rank runs this and rank 0 alone holds the folder and writes.
+    with out.held("--out") if rank_zero_only.rank == 0 else contextlib.nullcontext():
+        if config.data.dataset == "nnunet":
+            return evaluate_volumes(checkpoint_path, config, out, overrides, device)
+        return evaluate_images(checkpoint_path, config, out, overrides, device)
+
+
+def evaluate_images(checkpoint_path: str | Path, config: Config, out: OutputFolder, overrides: list[str] | None,
+                    device: str | torch.device) -> dict:  # fmt: skip
+    """A classification or segmentation checkpoint through `Trainer.validate` on its validation images."""
     for name in metric_files(config.task, prefix="eval"):
         out.claim(name)
     accelerator, devices, here = evaluation_placement(config, resolve_device(device))
@@ -75,7 +85,9 @@ def evaluate(checkpoint_path: str | Path, overrides: list[str] | None = None, ou
     trainer.validate(module, dataloaders=loader, verbose=False)
     result = module.last_validation
     if trainer.is_global_zero:
-        print(write_metrics(result, model.class_names, config.task, out.root, prefix="eval"))
+        with out.staged_files() as folder:
+            text = write_metrics(result, model.class_names, config.task, folder, prefix="eval")
+        print(text)
     return result
 
 
@@ -104,6 +116,7 @@ def evaluate_volumes(checkpoint_path: str | Path, config: Config, out: OutputFol
             progress=config.trainer.progress_bar,
         )  # fmt: skip
         cases[case.case_id] = case_metrics(*mask_ignored(labels, label), zooms, model.class_names)
-    summary = write_reports(cases, out.root, prefix="eval_")
+    with out.staged_files() as folder:
+        summary = write_reports(cases, folder, prefix="eval_")
     print(format_summary(summary))
     return summary

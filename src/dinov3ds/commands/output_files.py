@@ -1,17 +1,28 @@
 """Where a command writes: only under the folder the user named, never over an input, never the same file
-twice in one run, and never over a file already there unless the user said `--overwrite`.
+twice in one run, never over a file already there unless the user said `--overwrite`, never through a
+symbolic link, never a half-written file under the final name, and one command per folder at a time.
 
     out = OutputFolder(Path("preds"), inputs=images, overwrite=False)
-    path = out.claim(relative_output(image, root) .with_suffix ...)   # or raises a one-line UserError
+    with out.held("--out"):                                     # a second writer is refused, naming the first
+        path = out.claim(mirrored(image, root, ".labels.png"))  # or raises a one-line UserError
+        with staged(path) as temporary:                         # written privately, then renamed onto path
+            picture.save(temporary)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from dinov3ds.errors import UserError
+from dinov3ds.training.run_folder import folder_lock
+
+STAGE_PREFIX = ".dinov3ds-"  # private folders a write goes through; one left by a killed run is hidden
 
 
 class OutputFolder:
@@ -23,14 +34,35 @@ class OutputFolder:
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"--out {self.root} is a file; name a folder (it is created if missing)")
 
+    @contextlib.contextmanager
+    def held(self, what: str) -> Iterator[OutputFolder]:
+        """The folder, created if missing, locked for this process while the block runs (`what` names the
+        setting in the refusal); a folder this created is removed again if nothing was written in it."""
+        created = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create {self.root} ({error.strerror}); choose a writable {what}") from None
+        if not os.access(self.root, os.W_OK):
+            raise UserError(f"{self.root} is not writable; choose a writable {what}")
+        try:
+            with folder_lock(self.root, what):
+                yield self
+        finally:
+            if created:
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()  # only when empty
+
     def claim(self, relative: str | Path) -> Path:
         """The path `root/relative`, made writable, once it is sure that writing there loses nothing."""
-        path = self.root / relative
+        path = self._inside(relative)
         resolved = path.resolve()
         if resolved in self.inputs:
             raise UserError(f"{path} would overwrite the input {path}; choose another --out")
         if resolved in self.claimed:
             raise UserError(f"two inputs would both write {path}; give them different names or folders")
+        if path.is_dir():
+            raise UserError(f"{path} is a folder where a result file goes; move it away or choose another --out")
         if path.exists() and not self.overwrite:
             raise UserError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
         try:
@@ -41,6 +73,64 @@ class OutputFolder:
             raise UserError(f"{path.parent} is not writable; choose a writable --out")
         self.claimed.add(resolved)
         return path
+
+    def _inside(self, relative: str | Path) -> Path:
+        """`root/relative`, refused when a part of it below root is a symbolic link (a dangling one included):
+        writing there would land wherever the link points, outside the folder the user named."""
+        path = self.root
+        for part in Path(relative).parts:
+            if part == ".." or Path(part).is_absolute():
+                raise UserError(f"{relative} is not a name inside {self.root}; outputs stay inside --out")
+            path = path / part
+            if path.is_symlink():
+                raise UserError(f"{path} is a symbolic link; dinov3ds writes only inside {self.root}, never through "
+                                "a link: remove the link or choose another --out")  # fmt: skip
+        return path
+
+    @contextlib.contextmanager
+    def staged_files(self) -> Iterator[Path]:
+        """A private folder for a writer that puts several files in one folder (the metric reports): each
+        file it leaves there is renamed onto its name in root (claimed now if it was not before)."""
+        with _private_folder(self.root, self.root) as stage:
+            yield stage
+            for file in sorted(stage.iterdir()):
+                target = self.root / file.name
+                if target.resolve() not in self.claimed:
+                    self.claim(file.name)
+                os.replace(file, target)
+
+
+@contextlib.contextmanager
+def _private_folder(folder: Path, shown: Path) -> Iterator[Path]:
+    """A new folder in `folder`, made by this process alone (mode 0700), so no link can be waiting in it;
+    removed with whatever is left in it however the block ends. A write error is one line naming `shown`."""
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, suffix=".tmp", dir=folder))
+    except OSError as error:
+        raise UserError(f"cannot write in {folder} ({error.strerror}); choose a writable --out") from None
+    try:
+        yield stage
+    except OSError as error:
+        raise UserError(f"cannot write {shown} ({error.strerror}); free disk space or choose a writable --out") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A private name (same file name, same disk) that is renamed onto `path` when the block ends without an
+    error: a link at `path` is replaced, never written through, and a half-written file never has the name."""
+    path = Path(path)
+    with _private_folder(path.parent, path) as stage:
+        yield stage / path.name
+        os.replace(stage / path.name, path)
+
+
+@contextlib.contextmanager
+def written(path: Path, mode: str = "w", **options) -> Iterator[IO]:
+    """`open(path, mode, ...)` through `staged`: a new file (O_EXCL), on `path` once complete and closed."""
+    with staged(path) as temporary, open(temporary, mode.replace("w", "x"), **options) as handle:
+        yield handle
 
 
 def input_root(paths: list[Path]) -> Path:

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, printable
+from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, printable, staged, written
 from dinov3ds.commands.volumes import predict_volumes, volume_inputs
 from dinov3ds.data.dicom import is_dicom_series
-from dinov3ds.data.image_batches import image_batches
+from dinov3ds.data.image_batches import image_batches, regular_file
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform
 from dinov3ds.data.volumes import is_nifti
@@ -25,19 +25,29 @@ from dinov3ds.models.tasks import Classifier, Segmenter, load_model
 from dinov3ds.viz import default_palette, save_color_png, save_label_png
 
 
+def _input_name(path: Path) -> bool:
+    return is_nifti(path) or path.suffix.lower() in IMAGE_EXTENSIONS
+
+
 def collect_inputs(paths: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
-    """Split the command line into images, NIfTI files and DICOM series folders; folders are searched."""
+    """Split the command line into images, NIfTI files and DICOM series folders; folders are searched. A
+    FIFO, device or socket with an input's name is refused (`regular_file`): reading one can block forever."""
     images, volumes, series = [], [], []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise UserError(f"{path} does not exist; pass image files, folders, .nii/.nii.gz volumes or DICOM folders")
         if path.is_dir():
-            folders = [path, *sorted(p for p in path.rglob("*") if p.is_dir())]
-            series += [folder for folder in folders if is_dicom_series(folder)]
-            volumes += [p for p in sorted(path.rglob("*")) if p.is_file() and is_nifti(p)]
+            entries = sorted(path.rglob("*"))
+            for entry in entries:
+                if _input_name(entry) and entry.exists() and not entry.is_dir():
+                    regular_file(entry)
+            series += [folder for folder in [path, *(p for p in entries if p.is_dir())] if is_dicom_series(folder)]
+            volumes += [p for p in entries if p.is_file() and is_nifti(p)]
             images += find_images(path)
-        elif is_nifti(path):
+            continue
+        regular_file(path)
+        if is_nifti(path):
             volumes.append(path)
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(path)
@@ -66,11 +76,11 @@ def classify_files(model: Classifier, images: list[Path], topk: int) -> list[dic
 def predict_classification(model: Classifier, images: list[Path], out: OutputFolder, topk: int) -> list[dict]:
     jsonl, table = out.claim("predictions.jsonl"), out.claim("predictions.csv")
     results = classify_files(model, images, topk)
-    with open(jsonl, "w") as handle:
+    with written(jsonl) as handle:
         for row in results:
             handle.write(json.dumps(row) + "\n")
     # surrogateescape: a file name that is not UTF-8 is written back as its own bytes, never a crash
-    with open(table, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with written(table, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "label", "probability", "top_labels", "top_probabilities"])
         for row in results:
@@ -126,8 +136,10 @@ def predict_segmentation(model: Segmenter, images: list[Path], out: OutputFolder
         picture = np.asarray(load_image(images[index]))
         labels = labels_at_size(probabilities[None], picture.shape[:2])[0].cpu().numpy()
         label_path, overlay_path = targets[index]
-        save_label_png(labels + offset, label_path, num_classes=model.num_classes + offset)
-        save_color_png(labels, overlay_path, palette, image=picture)
+        with staged(label_path) as temporary:
+            save_label_png(labels + offset, temporary, num_classes=model.num_classes + offset)
+        with staged(overlay_path) as temporary:
+            save_color_png(labels, temporary, palette, image=picture)
     convention = f"class id + {offset} (0 = the dataset's ignored 'other')" if offset == 1 else f"class id + {offset}" if offset else "class ids from 0"
     print(f"wrote label maps ({convention}) and overlays for {len(images)} images to {out.root}")
 
@@ -149,13 +161,15 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: 
     if items and read_checkpoint(checkpoint).config.get("task") == "classification":
         raise UserError(f"{checkpoint} is a classification checkpoint and cannot segment volumes such as "
                         f"{items[0].files[0]}; pass images, or a segmentation checkpoint")  # fmt: skip
-    spread = devices > 1 and not images  # each process loads its own model: none here
-    model = None if spread else load_model(checkpoint, device=device, overrides=overrides)
-    if isinstance(model, Classifier):
-        predict_classification(model, images, folder, topk)
-        return
-    if images:
-        predict_segmentation(model, images, folder, mode, label_offset)
-    if items:
-        predict_volumes(model, items, folder, Path(labels) if labels else None, probabilities, checkpoint=str(checkpoint),
-                        overrides=list(overrides or []), device=device, devices=devices, resume=resume)  # fmt: skip
+    with folder.held("--out"):  # one writer per folder: a second run into it is refused, naming this one
+        spread = devices > 1 and not images  # each process loads its own model: none here
+        model = None if spread else load_model(checkpoint, device=device, overrides=overrides)
+        if isinstance(model, Classifier):
+            predict_classification(model, images, folder, topk)
+            return
+        if images:
+            predict_segmentation(model, images, folder, mode, label_offset)
+        if items:
+            predict_volumes(model, items, folder, Path(labels) if labels else None, probabilities,
+                            checkpoint=str(checkpoint), overrides=list(overrides or []), device=device, devices=devices,
+                            resume=resume)  # fmt: skip

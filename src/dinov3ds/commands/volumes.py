@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored
+from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, staged, written
 from dinov3ds.config import Config
 from dinov3ds.data.dicom import load_dicom_series
 from dinov3ds.data.nnunet import mask_ignored
@@ -144,14 +144,13 @@ def check_labels(items: list[VolumeInput], labels: Path | None) -> None:
 
 
 def _write_atomically(array: np.ndarray, reference: nib.Nifti1Image, path: Path, dtype) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    if array.ndim == 4:  # class probabilities [K, X, Y, Z] → channels last
-        image = nib.Nifti1Image(np.moveaxis(array, 0, -1).astype(dtype), reference.affine)
-        image.header.set_xyzt_units("mm")
-        nib.save(image, temporary)
-    else:
-        save_like(array, reference, temporary, dtype)
-    os.replace(temporary, path)
+    with staged(path) as temporary:  # a private name renamed onto path: never through a link, never half
+        if array.ndim == 4:  # class probabilities [K, X, Y, Z] → channels last
+            image = nib.Nifti1Image(np.moveaxis(array, 0, -1).astype(dtype), reference.affine)
+            image.header.set_xyzt_units("mm")
+            nib.save(image, temporary)
+        else:
+            save_like(array, reference, temporary, dtype)
 
 
 def predict_cases(model: Segmenter, items: list[VolumeInput], targets: dict[str, tuple[Path, Path | None]]) -> None:
@@ -227,11 +226,14 @@ def report(config: Config, names: list[str], items: list[VolumeInput], targets: 
             else:
                 print(f"{shown}: " + "  ".join(f"{c} Dice {v['dice']:.4f}" for c, v in cases[item.name].items()))
         rows.append(row)
-    out.claim("volumes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with written(out.claim("volumes.jsonl")) as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in rows))
     if cases:
         for name in REPORTS[1:]:
             out.claim(name)
-        print(format_summary(write_reports(cases, out.root)))
+        with out.staged_files() as folder:
+            summary = write_reports(cases, folder)
+        print(format_summary(summary))
     return rows
 
 

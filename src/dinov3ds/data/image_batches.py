@@ -8,6 +8,7 @@ million photos costs a header read each.
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,8 +17,25 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinov3ds.data.io import load_image
+from dinov3ds.errors import UserError
 
 ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
+           (stat.S_ISDIR, "a folder"))  # fmt: skip
+
+
+def regular_file(path: Path) -> Path:
+    """`path`, once `stat` says it is a regular file: opening a FIFO waits forever for a writer, a device may
+    never end, a socket cannot be read; each is refused before anything opens it."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror}); check the path") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in SPECIAL if test(mode)), "a special file")
+        raise UserError(f"{path} is {kind}, not a regular file (only those are opened: a FIFO or device could block "
+                        "forever); give the image or volume file itself")
+    return Path(path)
 
 
 def header_size(path: Path) -> tuple[int, int] | None:
@@ -80,7 +98,9 @@ def image_batches(
 ) -> DataLoader:
     """A loader of (images [B,3,H,W], original sizes [B,2], indices [B]). With `output_size` (the transform's
     size for an original (height, width)) batches hold only equal sizes; without it every image is assumed to
-    come out the same size (a centre crop)."""
+    come out the same size (a centre crop). Every path is checked to be a regular file first."""
+    for path in paths:
+        regular_file(path)
     if output_size is None:
         return DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
                           pin_memory=pin_memory)  # fmt: skip
