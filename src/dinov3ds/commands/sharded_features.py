@@ -29,9 +29,8 @@ from dinov3ds.data import feature_shards
 from dinov3ds.errors import UserError
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.hardware import resolve_device
-from dinov3ds.models.loading import find_source
 from dinov3ds.models.variants import get_spec
-from dinov3ds.models.weights import weights_digest
+from dinov3ds.models.weights import find_source, weights_digest
 from dinov3ds.training.run_folder import folder_lock
 
 logger = logging.getLogger("dinov3ds")
