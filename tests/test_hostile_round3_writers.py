@@ -24,18 +24,11 @@ from dinov3ds.cli import main
 from dinov3ds.commands.output_files import STAGE_PREFIX, OutputFolder, staged
 from dinov3ds.data.synthetic import make_nnunet_dataset
 from dinov3ds.errors import UserError
+from tests import test_hostile_inputs as corpus
 from tests.conftest import tiny
-from tests.test_hostile_inputs import (  # noqa: F401  (fixtures, registered by importing them)
-    MARKER,
-    Workspace,
-    evaluate,
-    offline,
-    predict,
-    save_image,
-    trained,
-    tree_hash,
-    workspace,
-)
+from tests.test_hostile_inputs import MARKER, Workspace, evaluate, predict, save_image, tree_hash
+
+trained, workspace, offline = corpus.trained, corpus.workspace, corpus.offline  # the corpus's fixtures, registered here
 
 NNUNET = ["task=segmentation", "data.dataset=nnunet", "data.image_size=32", "data.batch_size=8", "data.val_fraction=0.5",
           "trainer.max_epochs=1"]  # fmt: skip
