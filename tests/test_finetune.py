@@ -127,6 +127,17 @@ def test_lora_trains_the_backbone_keeps_only_adapters_and_rebuilds_everywhere(da
     merged = Classifier.from_checkpoint(result.last_checkpoint)
     logits = merged(images)
     assert merge_adapters(merged) == 2 * 4 and torch.allclose(merged(images), logits, atol=1e-5)
+    # the feature tools take the fine-tuned backbone from --checkpoint, and never share the frozen one's cache
+    assert "finetuned_sha256" in trained.backbone.identity
+    assert main(["pca", "--checkpoint", ckpt, str(image), "--out", str(tmp_path / "pca"), "--image-size", "32"]) == 0
+    assert main(["knn", "--checkpoint", ckpt, "--root", str(data), "--k", "3", "--image-size", "32"]) == 0
+    assert main(["features", "--checkpoint", ckpt, str(image), "--out", str(tmp_path / "f.npz"), "--image-size", "32",
+                 "--workers", "0"]) == 0  # fmt: skip
+    import numpy as np
+
+    stored = np.load(tmp_path / "f.npz")["cls"]
+    assert not np.allclose(stored, _features(backbone_from_config(config), trained.eval_transform()(
+        __import__("dinov3ds.data.io", fromlist=["load_image"]).load_image(image))[None]).numpy(), atol=1e-4)
 
 
 def test_frozen_training_leaves_the_backbone_untouched(data, tmp_path):

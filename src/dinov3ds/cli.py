@@ -32,6 +32,9 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) ->
     parser.add_argument("--weights", default=None,
                         help="Meta .pth, timm/transformers .safetensors or folder, hf-hub:<repo>, or 'random' "
                              "(default: checkpoints/, then the Hugging Face cache)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a dinov3ds checkpoint: use its backbone as trained (LoRA, unfrozen blocks) instead of "
+                             "--backbone/--weights")
     parser.add_argument("--image-size", type=int, default=image_size,
                         help="shorter side in pixels (rounded to a multiple of the patch size)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",

@@ -123,9 +123,11 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, featur
 
 def knn_evaluate(backbone_name: str, root: str | Path, *, weights: str | None = None, image_size: int = 224,
                  k: int = 20, temperature: float = 0.07, pooling: str = "cls+avg",
-                 overrides: dict | None = None, dtype: str = "float32", device: str = "auto") -> dict[str, float]:  # fmt: skip
+                 overrides: dict | None = None, dtype: str = "float32", device: str = "auto",
+                 backbone: Backbone | None = None) -> dict[str, float]:  # fmt: skip
     """k-NN top-1/top-5 on an image-folder dataset (train → val), features from the on-disk cache; also the
-    k actually used (at most the number of training images)."""
+    k actually used (at most the number of training images). `backbone`: one already built (a fine-tuned
+    checkpoint's) instead of `backbone_name` / `weights`."""
     if k < 1:
         raise UserError(f"--k {k}: the number of neighbours must be 1 or more")
     if not temperature > 0:
@@ -136,7 +138,10 @@ def knn_evaluate(backbone_name: str, root: str | Path, *, weights: str | None = 
     ])  # fmt: skip
     config.backbone.weights = weights
     config.backbone.overrides = overrides or {}
-    backbone = backbone_from_config(config, resolve_device(device), inference=True)
+    if backbone is None:
+        backbone = backbone_from_config(config, resolve_device(device), inference=True)
+    else:
+        config.backbone.name = backbone.spec.name
     splits = build_datasets(config, backbone.mean, backbone.std)
     model = Classifier(backbone, len(splits.class_names), config, splits.class_names).to(backbone.device)
     train = cached_features(model, splits.train, config).tensors

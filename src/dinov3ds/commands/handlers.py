@@ -129,7 +129,13 @@ def float32_override(args: argparse.Namespace) -> list[str]:
 
 
 def backbone_from_args(args: argparse.Namespace):
-    """The backbone named by --backbone/--weights in --dtype on --device (auto: bf16 on a native-bf16 GPU)."""
+    """The backbone named by --backbone/--weights, or the one a --checkpoint trained, in --dtype on --device
+    (auto: bf16 on a native-bf16 GPU)."""
+    if args.checkpoint is not None:
+        from dinov3ds.models.tasks import load_model
+
+        dtype = str(backbone_dtype_from_args(args)).removeprefix("torch.")
+        return load_model(args.checkpoint, device=args.device, overrides=[f"backbone.dtype={dtype}"]).backbone
     from dinov3ds.models.backbones import load_backbone
 
     return load_backbone(args.backbone, args.weights, dtype=backbone_dtype_from_args(args), device=args.device)
@@ -164,6 +170,8 @@ def run_features(args: argparse.Namespace) -> None:
 
     if args.devices < 1:
         raise UserError(f"--devices {args.devices}: give 1 or more")
+    if args.checkpoint is not None:
+        raise UserError("--checkpoint works with a .npz --out; sharded features take --backbone/--weights")
     job = job_from_arguments(args.paths, out, backbone=args.backbone, weights=args.weights,
                              dtype=backbone_dtype_from_args(args), device=args.device, image_size=args.image_size,
                              batch_size=args.batch_size, workers=args.workers, patches=not args.no_patches,
@@ -184,9 +192,10 @@ def run_pca(args: argparse.Namespace) -> None:
 def run_knn(args: argparse.Namespace) -> None:
     from dinov3ds.commands.features import knn_evaluate
 
+    backbone = backbone_from_args(args) if args.checkpoint is not None else None
     result = knn_evaluate(args.backbone, args.root, weights=args.weights, image_size=args.image_size, k=args.k,
                           temperature=args.temperature, pooling=args.pooling, dtype=args.dtype,
-                          device=args.device)  # fmt: skip
+                          device=args.device, backbone=backbone)  # fmt: skip
     clipped = f" (asked {args.k}; only {result['k']} training images)" if result["k"] < args.k else ""
     print(f"k-NN (k={result['k']}{clipped}, T={args.temperature}): top-1 {100 * result['top1']:.2f}  "
           f"top-5 {100 * result['top5']:.2f}")

@@ -9,9 +9,11 @@ never reaches `patch_embed.proj`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from dinov3ds.config import BackboneConfig
 from dinov3ds.errors import UserError
@@ -85,6 +87,23 @@ def make_trainable(backbone: Backbone, section: BackboneConfig) -> str:
     if section.grad_checkpointing and mode != "frozen":
         backbone.model.set_grad_checkpointing(True)
     return described
+
+
+def load_trained_weights(backbone: Backbone, state_dict: dict[str, Tensor]) -> None:
+    """Put what trained in the backbone (adapters, blocks, or all of it) back from a checkpoint, and mark the
+    backbone's identity with their digest: features of a fine-tuned backbone never meet the frozen one's in
+    the feature store."""
+    if not state_dict:
+        return
+    missing_from_model = set(state_dict) - set(backbone.state_dict())
+    if missing_from_model:
+        raise UserError(f"checkpoint has backbone weights this backbone lacks: {sorted(missing_from_model)[:3]}")
+    backbone.load_state_dict(state_dict, strict=False)
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    backbone.identity = {**backbone.identity, "finetuned_sha256": digest.hexdigest()}
 
 
 def merge_adapters(model: nn.Module) -> int:

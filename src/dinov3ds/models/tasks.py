@@ -27,7 +27,7 @@ from dinov3ds.errors import UserError
 from dinov3ds.heads import build_head, head_class
 from dinov3ds.models.backbones import Backbone, load_backbone
 from dinov3ds.models.checkpoints import HeadCheckpoint, read_checkpoint, resolve_backbone_weights
-from dinov3ds.models.finetune import add_adapters
+from dinov3ds.models.finetune import add_adapters, load_trained_weights
 from dinov3ds.models.hardware import native_support, resolve_device
 from dinov3ds.models.inference import InferenceOptions, labels_at_size, run_inference
 
@@ -66,15 +66,6 @@ def input_multiple(config: Config, backbone: Backbone) -> int:
     if config.task == "segmentation":
         return math.lcm(backbone.input_multiple, head_class(config.head.name).input_multiple)
     return backbone.input_multiple
-
-
-def load_finetuned_blocks(backbone: Backbone, state_dict: dict[str, Tensor]) -> None:
-    """Overwrite the official weights of blocks that were unfrozen and fine-tuned (saved in the checkpoint)."""
-    if state_dict:
-        missing_from_model = set(state_dict) - set(backbone.state_dict())
-        if missing_from_model:
-            raise UserError(f"checkpoint has backbone weights this backbone lacks: {sorted(missing_from_model)[:3]}")
-        backbone.load_state_dict(state_dict, strict=False)
 
 
 def _frozen_context(backbone: Backbone) -> contextlib.AbstractContextManager:
@@ -334,7 +325,7 @@ def _restore(model_class, path: str | Path, device: str | torch.device, task: st
             f"{path}: its head weights do not fit the head its own config describes ({detail[:200]}); the file "
             "was damaged or edited: use the checkpoint as training wrote it"
         ) from None
-    load_finetuned_blocks(backbone, checkpoint.backbone_state_dict)
+    load_trained_weights(backbone, checkpoint.backbone_state_dict)
     return place_model(model, device).eval()
 
 
