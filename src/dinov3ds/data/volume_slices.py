@@ -7,7 +7,8 @@ are up to three volume channels, or with `context` the slices i - c, i, i + c of
 
 Training reads volumes through `VolumeSlices`: each case's slices are made once, written to the cache
 folder as uint8 arrays and memory-mapped, so an epoch costs no NIfTI decoding and memory does not hold
-the dataset.
+the dataset. A cache folder that cannot be written (read-only, full) is one line naming it and the fix;
+a case half-written is never published (built under a private name, renamed when complete).
 """
 
 from __future__ import annotations
@@ -122,6 +123,14 @@ def _case_key(case: Case, options: SlicePreprocessing, axis: int, dataset: Nnune
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks now, so a full disk is an OSError here and not a SIGBUS (a crash
+    without a message) when a page of the map is written back later."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+
+
 def cached_case(case: Case, dataset: NnunetDataset, options: SlicePreprocessing, axis: int, cache: Path) -> Path:
     """A folder with `images.npy` (uint8 [N, H, W, C]) and `labels.npy` (uint8 [N, H, W]) of one case's slices
     along `axis`, made once and reused while the files and options are unchanged."""
@@ -135,19 +144,25 @@ def cached_case(case: Case, dataset: NnunetDataset, options: SlicePreprocessing,
     size = in_plane_size(channels.shape[1:], reference.header.get_zooms()[:3], axis, options.target_spacing)
     depth = channels.shape[axis + 1]
     building = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    images = np.lib.format.open_memmap(building / "images.npy", "w+", np.uint8, (depth, *size, options.channels))
-    labels = np.lib.format.open_memmap(building / "labels.npy", "w+", np.uint8, (depth, *size))
-    for index in range(depth):
-        images[index] = resample(slice_image(channels, ranges, index, axis, options), size, nearest=False)
-        labels[index] = resample(np.take(label, index, axis=axis), size, nearest=True)
-    images.flush(), labels.flush()
-    del images, labels
     try:
-        os.replace(building, folder)
-    except OSError:  # another process finished the same case first
         shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        images = np.lib.format.open_memmap(building / "images.npy", "w+", np.uint8, (depth, *size, options.channels))
+        labels = np.lib.format.open_memmap(building / "labels.npy", "w+", np.uint8, (depth, *size))
+        _reserve(building / "images.npy"), _reserve(building / "labels.npy")
+        for index in range(depth):
+            images[index] = resample(slice_image(channels, ranges, index, axis, options), size, nearest=False)
+            labels[index] = resample(np.take(label, index, axis=axis), size, nearest=True)
+        images.flush(), labels.flush()
+        del images, labels
+        os.replace(building, folder)
+    except OSError as error:
+        shutil.rmtree(building, ignore_errors=True)
+        if not (folder / "labels.npy").is_file():  # else another process finished the same case first
+            raise UserError(
+                f"the slice cache {cache} cannot be written ({error.strerror or error}): make it writable or free "
+                "space there, or set DINOV3DS_CACHE to a folder with room for the slices"
+            ) from None
     return folder
 
 

@@ -3,10 +3,16 @@
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
+from pydantic import Field
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
+
+MAX_WIDTH = 16384  # channels of a head's own layers: four times ViT-7B's width
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+Rate = Annotated[float, Field(ge=0, lt=1)]  # dropout and drop-path probabilities
 
 
 @dataclass(frozen=True)
@@ -22,8 +28,9 @@ class TokenSource:
 class SegmentationHead(nn.Module, ABC):
     """Turns backbone feature maps into per-pixel logits at the input resolution.
 
-    Subclasses declare their options as keyword-only arguments with defaults; `build_head` reads them
-    from the signature to validate a config, so a head never needs its own option parsing. A head whose
+    Subclasses declare their options as keyword-only arguments with defaults, each annotated with its type and
+    range (`Annotated[int, Field(ge=1, le=...)]`, `Width`, `Rate`); `build_head` reads them from the signature
+    to validate a config, so a head never needs its own option parsing. A head whose
     layers need the image side to be a multiple of more than the backbone's patch size says so in
     `input_multiple` (as segmentation_models.pytorch encoders declare their divisibility).
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.heads.base import SegmentationHead
+from dinov3ds.heads.base import SegmentationHead, Width
 
 DPT_WIDTHS = {1024: (256, 512, 1024, 1024), 768: (96, 192, 384, 768)}  # isl-org DPT: ViT-L and ViT-B
 
@@ -81,8 +81,8 @@ class DPTHead(SegmentationHead):
         strides: list[int],
         num_classes: int,
         *,
-        features: int = 256,
-        reassemble_channels: Sequence[int] | None = None,
+        features: Width = 256,
+        reassemble_channels: Sequence[Width] | None = None,
     ) -> None:
         super().__init__(in_channels, strides, num_classes)
         if len(in_channels) != len(self.target_strides):

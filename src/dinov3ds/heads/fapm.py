@@ -20,13 +20,19 @@ Designed for ViT taps (all at stride 16); taps of other widths or strides (ConvN
 the last tap's width with a 1x1 conv, our adaptation. Input sides must be multiples of 32.
 """
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.heads.base import SegmentationHead
+from dinov3ds.heads.base import Rate, SegmentationHead, Width
 from dinov3ds.heads.vit_adapter import NUM_TAPS, Adapter
+
+# value and FFN widths relative to adapter_dim: at least one channel per 16
+Ratio = Annotated[float, Field(ge=0.0625, le=16)]
 
 
 def norm_act(channels: int) -> list[nn.Module]:
@@ -137,16 +143,16 @@ class FAPMHead(SegmentationHead):
         strides: list[int],
         num_classes: int,
         *,
-        adapter_dim: int | None = None,
-        conv_channels: int = 64,
-        rank: int = 256,
-        out_channels: tuple[int, ...] = (32, 64, 128, 256),
-        num_heads: int = 16,
-        num_points: int = 4,
-        value_ratio: float = 0.5,
-        ffn_ratio: float = 0.25,
-        drop_path: float = 0.3,
-        extra_extractors: int = 2,
+        adapter_dim: Width | None = None,
+        conv_channels: Width = 64,
+        rank: Width = 256,
+        out_channels: tuple[Width, ...] = (32, 64, 128, 256),
+        num_heads: Annotated[int, Field(ge=1, le=256)] = 16,
+        num_points: Annotated[int, Field(ge=1, le=64)] = 4,
+        value_ratio: Ratio = 0.5,
+        ffn_ratio: Ratio = 0.25,
+        drop_path: Rate = 0.3,
+        extra_extractors: Annotated[int, Field(ge=0, le=16)] = 2,
         **options,
     ) -> None:
         super().__init__(in_channels, strides, num_classes, **options)

@@ -3,7 +3,7 @@
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinov3ds.heads.base import SegmentationHead
+from dinov3ds.heads.base import Rate, SegmentationHead
 
 
 class LinearHead(SegmentationHead):
@@ -15,7 +15,7 @@ class LinearHead(SegmentationHead):
     """
 
     def __init__(
-        self, in_channels: list[int], strides: list[int], num_classes: int, *, dropout: float = 0.1
+        self, in_channels: list[int], strides: list[int], num_classes: int, *, dropout: Rate = 0.1
     ) -> None:
         super().__init__(in_channels, strides, num_classes)
         channels = in_channels[-1]

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from timm.layers import LayerNorm2d
 from timm.models.eva import EvaBlock
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.heads.base import SegmentationHead, TokenSource
+from dinov3ds.heads.base import SegmentationHead, TokenSource, Width
+
+Step = Annotated[int, Field(ge=0, le=100_000_000)]  # a training step of the annealing schedule
 
 
 class MaskPredictions(NamedTuple):
@@ -75,21 +78,19 @@ class PMTHead(SegmentationHead):
         num_classes: int,
         tokens: TokenSource | None = None,
         *,
-        num_queries: int = 100,
-        num_blocks: int = 6,
-        mlp_dim: int | None = None,
+        num_queries: Annotated[int, Field(ge=1, le=4096)] = 100,
+        num_blocks: Annotated[int, Field(ge=1, le=64)] = 6,
+        mlp_dim: Width | None = None,
         masked_attention: bool = True,
-        annealing_start: list[int] | None = None,
-        annealing_end: list[int] | None = None,
-        annealing_power: float = 0.9,
+        annealing_start: list[Step] | None = None,
+        annealing_end: list[Step] | None = None,
+        annealing_power: Annotated[float, Field(gt=0, le=10)] = 0.9,
     ) -> None:
         super().__init__(in_channels, strides, num_classes)
         if tokens is None:
             raise UserError("head 'pmt' reads a ViT's tokens: use a ViT backbone (ConvNeXt has no tokens or RoPE)")
         if len(set(in_channels)) != 1 or len(set(strides)) != 1:
             raise UserError("head 'pmt' needs taps of one width and stride (a ViT's blocks)")
-        if num_queries < 1 or num_blocks < 1:
-            raise UserError(f"head 'pmt': num_queries={num_queries}, num_blocks={num_blocks}; both must be >= 1")
         if (annealing_start is None) != (annealing_end is None):
             raise UserError("head 'pmt': give annealing_start and annealing_end together (or neither: masks stay on)")
         if annealing_start is not None and (len(annealing_start) != num_blocks or len(annealing_end) != num_blocks

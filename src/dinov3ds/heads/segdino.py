@@ -1,13 +1,14 @@
 """SegDINO's decoder (arXiv 2509.00833): the smallest multi-layer head that still uses every tap."""
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.heads.base import SegmentationHead
+from dinov3ds.heads.base import SegmentationHead, Width
 
 
 class SegDINOHead(SegmentationHead):
@@ -26,9 +27,9 @@ class SegDINOHead(SegmentationHead):
         strides: list[int],
         num_classes: int,
         *,
-        projection_channels: Sequence[int] = (96, 192, 384, 768),
-        hidden_channels: int = 128,
-        variant: str = "paper",
+        projection_channels: Sequence[Width] = (96, 192, 384, 768),
+        hidden_channels: Width = 128,
+        variant: Literal["paper", "upstream"] = "paper",
     ) -> None:
         super().__init__(in_channels, strides, num_classes)
         if len(projection_channels) != len(in_channels):
@@ -43,8 +44,6 @@ class SegDINOHead(SegmentationHead):
             )
             for channels, width in zip(in_channels, projection_channels, strict=True)
         )
-        if variant not in ("paper", "upstream"):
-            raise UserError(f"segdino option variant={variant!r}: use paper (the default) or upstream")
         self.first_up = (nn.ConvTranspose2d(hidden_channels, hidden_channels, 4, stride=4, bias=False)
                          if variant == "upstream" else nn.Identity())  # fmt: skip
         self.classifier = nn.Conv2d(hidden_channels * len(in_channels), num_classes, kernel_size=1)

@@ -1,12 +1,15 @@
 """`unet_adapter`: the seed's `DinoV3_UNetWithAdapter` (downstream-dinov3 b246721): DINOv3's ViT-Adapter with
 plain 1x1 projections (no FAPM) into a U-Net decoder."""
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.heads.base import SegmentationHead
+from dinov3ds.heads.base import Rate, SegmentationHead, Width
 from dinov3ds.heads.unet import conv_bn_relu
 from dinov3ds.heads.vit_adapter import NUM_TAPS, Adapter
 
@@ -43,10 +46,10 @@ class AdapterUNetHead(SegmentationHead):
         strides: list[int],
         num_classes: int,
         *,
-        decoder_channels: tuple[int, ...] = (256, 128, 64, 32),
-        num_heads: int | None = None,
-        conv_channels: int = 64,
-        drop_path: float = 0.3,
+        decoder_channels: tuple[Width, ...] = (256, 128, 64, 32),
+        num_heads: Annotated[int, Field(ge=1, le=256)] | None = None,
+        conv_channels: Width = 64,
+        drop_path: Rate = 0.3,
     ) -> None:
         super().__init__(in_channels, strides, num_classes)
         if len(in_channels) != NUM_TAPS or len(decoder_channels) != NUM_TAPS:

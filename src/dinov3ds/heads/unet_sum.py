@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinov3ds.heads.base import SegmentationHead, tap_norms
+from dinov3ds.heads.base import SegmentationHead, Width, tap_norms
 
 # Halving from a small base_channels over five steps (ConvNeXt) would otherwise reach 1 channel.
 MIN_CHANNELS = 8
@@ -52,8 +52,8 @@ class SumUNetHead(SegmentationHead):
         strides: list[int],
         num_classes: int,
         *,
-        base_channels: int = 256,
-        image_channels: int = 16,
+        base_channels: Width = 256,
+        image_channels: Width = 16,
     ) -> None:
         super().__init__(in_channels, strides, num_classes)
         if any(deeper < shallower for shallower, deeper in zip(strides, strides[1:])):

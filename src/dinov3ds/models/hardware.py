@@ -1,4 +1,7 @@
-"""Whether this machine runs a reduced-precision backbone natively, so a slow choice is said out loud.
+"""What this machine can give: devices and cores that exist, free memory, and native reduced precision.
+
+A request it cannot meet (a GPU it lacks, more training processes than cores, sliding-window buffers larger
+than its free memory) is refused with one line before anything is allocated or started.
 
 bf16 halves a frozen backbone's memory everywhere, but it is only *faster* where the hardware multiplies
 in bf16: recent GPUs, and CPUs with AVX512-BF16, AMX or Arm's BF16 extension. Elsewhere (an AVX2-only
@@ -6,10 +9,10 @@ CPU, say) oneDNN has no bf16 kernel and PyTorch falls back to a generic one seve
 float32 (`benchmarks/backbone.py` measured 0.13-0.14x on an AVX2 EPYC). The config is still honoured; the
 user is told what it costs.
 """
-
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -93,3 +96,78 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if index >= count:
         raise UserError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}; pick one of them")
     return torch.device("cuda", index)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or `taskset`'s share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _device_request(devices: int | str | list[int]) -> int | list[int] | str:
+    """Lightning's `devices` forms as a count, a list of GPU indices or "auto"; anything else refused."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto":
+            return text
+        try:
+            return [int(part) for part in text.split(",") if part.strip()] if "," in text else int(text)
+        except ValueError:
+            raise UserError(f"trainer.devices {devices!r} is not a count, a list of GPU indices or auto") from None
+    return list(devices) if isinstance(devices, (list, tuple)) else devices
+
+
+def check_devices(accelerator: str, devices: int | str | list[int], key: str = "trainer.devices") -> None:
+    """Refuse, before any process starts, what this machine cannot give: GPUs it does not have, GPU indices on a
+    CPU-only run (Lightning's MisconfigurationException otherwise) or more CPU processes than its cores (each
+    holds a model copy and its loader workers; 64 of them on 2 cores exhaust memory instead of training)."""
+    request = _device_request(devices)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    kind = accelerator.strip().lower()
+    if kind in ("gpu", "cuda") and not gpus:
+        raise UserError(f"trainer.accelerator {accelerator}: this machine has no CUDA GPU visible to PyTorch; "
+                        "use trainer.accelerator=cpu")  # fmt: skip
+    if kind not in ("gpu", "cuda", "cpu", "auto") or request == "auto":
+        return  # other accelerators (mps, tpu) are Lightning's to check
+    if isinstance(request, list) and (not request or len(set(request)) != len(request)):
+        raise UserError(f"{key} {devices!r}: list each GPU index once")
+    if kind == "cpu" or not gpus:
+        cores = usable_cores()
+        why = "trainer.accelerator is cpu" if gpus else "no CUDA GPU here"
+        if isinstance(request, list):
+            raise UserError(f"{key} {devices!r} names GPUs, but this run trains on the CPU ({why}): give a number "
+                            f"of CPU processes from 1 to {cores} (the cores this process may use)")  # fmt: skip
+        if not 1 <= request <= cores:
+            raise UserError(f"{key} {request} asks for {request} CPU training processes, but this process may use "
+                            f"{cores} cores (os.sched_getaffinity): give {key} from 1 to {cores}")  # fmt: skip
+        return
+    indices = request if isinstance(request, list) else []
+    if isinstance(request, int) and not (1 <= request <= gpus or request == -1):
+        raise UserError(f"{key} {request}: this machine has {gpus} GPU(s); give 1 to {gpus} (or -1 for all)")
+    bad = [index for index in indices if not 0 <= index < gpus]
+    if bad:
+        raise UserError(f"{key} {devices!r} names GPU {bad[0]}; this machine has {gpus} GPU(s), 0 to {gpus - 1}")
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes still free on `device`: a GPU's free memory, or the CPU's MemAvailable (within a cgroup v2
+    limit, a container's); None where it cannot be known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    lines = [line.split() for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    free = int(lines[0][1]) * 1024 if lines else None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return free
+    return free if limit == "max" or free is None else min(free, int(limit) - used)

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from dinov3ds.data.transforms import round_to_multiple
 from dinov3ds.errors import UserError
+from dinov3ds.models.hardware import available_memory
 
 LogitsFn = Callable[[Tensor], Tensor]
+MAX_PADDING = 64  # a slide window may cover at most this many times the image's area (the rest is padding)
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -87,6 +89,29 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+def _check_crop(images: Tensor, crop: tuple[int, int], num_classes: int, window_batch: int,
+                accumulate: torch.device) -> None:  # fmt: skip
+    """Refuse, before anything is allocated, a crop that would be nearly all padding around the image or whose
+    buffers (sums and counts, the padded copy, one batch of windows and their logits) exceed free memory."""
+    batch, _, height, width = images.shape
+    (crop_h, crop_w), (pad_h, pad_w) = crop, (max(height, crop[0]), max(width, crop[1]))
+    if crop_h * crop_w > MAX_PADDING * height * width:
+        raise UserError(f"inference.crop {crop_h}x{crop_w} on a {height}x{width} image: a window would be more than "
+                        f"{MAX_PADDING} times the image (nearly all padding); use a crop no larger than the image "
+                        "(near data.image_size) or inference.mode whole")  # fmt: skip
+    element = torch.promote_types(images.dtype, torch.float32).itemsize
+    padded = batch * 3 * pad_h * pad_w * images.element_size() if (pad_h, pad_w) != (height, width) else 0
+    windows = window_batch * (3 + num_classes) * crop_h * crop_w * element
+    needs = {accumulate: (batch * num_classes + 1) * pad_h * pad_w * element}
+    needs[images.device] = needs.get(images.device, 0) + padded + windows
+    for device, size in needs.items():
+        free = available_memory(device)
+        if free is not None and size > free:
+            raise UserError(f"inference.crop {crop_h}x{crop_w} on a {height}x{width} image needs at least "
+                            f"{size / 2**30:.1f} GiB on {device} for its sliding-window buffers, {free / 2**30:.1f} GiB "
+                            "is free; use a smaller inference.crop (near data.image_size) or inference.window_batch")  # fmt: skip
+
+
 @torch.no_grad()
 def predict_slide(
     logits_fn: LogitsFn,
@@ -118,19 +143,19 @@ def predict_slide(
         raise UserError(f"window_batch={window_batch} must be at least 1")
 
     batch, _, height, width = images.shape
-    padding = (0, max(crop_w - width, 0), 0, max(crop_h - height, 0))
-    padded = F.pad(images, padding) if any(padding) else images  # no full-size copy of a large image
-    pad_h, pad_w = padded.shape[-2:]
+    pad_h, pad_w = max(height, crop_h), max(width, crop_w)
     device = torch.device(accumulate_device) if accumulate_device is not None else images.device
     dtype = torch.promote_types(images.dtype, torch.float32)
-    logit_sum = torch.zeros(batch, num_classes, pad_h, pad_w, dtype=dtype, device=device)
-    count = torch.zeros(1, 1, pad_h, pad_w, dtype=dtype, device=device)
-
     positions = [
         (y, x)
         for y in _window_starts(pad_h, crop_h, stride_h)
         for x in _window_starts(pad_w, crop_w, stride_w)
     ]
+    _check_crop(images, (crop_h, crop_w), num_classes, min(window_batch, batch * len(positions)), device)
+    padding = (0, pad_w - width, 0, pad_h - height)
+    padded = F.pad(images, padding) if any(padding) else images  # no full-size copy of a large image
+    logit_sum = torch.zeros(batch, num_classes, pad_h, pad_w, dtype=dtype, device=device)
+    count = torch.zeros(1, 1, pad_h, pad_w, dtype=dtype, device=device)
     for y, x in positions:
         count[..., y : y + crop_h, x : x + crop_w] += 1
     windows = [(b, y, x) for y, x in positions for b in range(batch)]

@@ -21,14 +21,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3ds.config import Config, load_config, save_config
-from dinov3ds.data.build import DataSplits, build_datasets, resolve_dataset_settings
+from dinov3ds.data.build import DataSplits, build_datasets, resolve_dataset_settings, segmentation_layout
 from dinov3ds.data.sampling import ResumableSampler, SeededSamples
 from dinov3ds.errors import UserError
+from dinov3ds.heads import check_head_options
 from dinov3ds.models.checkpoints import AtomicCheckpointIO, load_checkpoint_file, read_checkpoint
 from dinov3ds.models.finetune import make_trainable, trainable_counts
+from dinov3ds.models.hardware import check_devices
 from dinov3ds.models.tasks import (
     TRAINED_SETTINGS,
     Classifier,
@@ -112,30 +115,33 @@ def build_trainer(config: Config, output_dir: Path, monitor: str) -> L.Trainer:
         TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version=""),
     ]
     distributed = section.strategy.startswith("ddp") or section.num_nodes > 1
-    return L.Trainer(
-        accelerator=section.accelerator,
-        devices=section.devices,
-        num_nodes=section.num_nodes,
-        strategy=section.strategy,
-        precision=section.precision,
-        max_epochs=section.max_epochs if section.max_steps < 0 else None,
-        max_steps=section.max_steps,
-        val_check_interval=section.val_check_interval,
-        check_val_every_n_epoch=section.check_val_every_n_epoch if section.val_check_interval is None else None,
-        gradient_clip_val=section.gradient_clip_val,
-        log_every_n_steps=section.log_every_n_steps,
-        deterministic=section.deterministic,
-        enable_progress_bar=section.progress_bar,
-        sync_batchnorm=distributed,  # SyncBatchNorm only when there is more than one process
-        num_sanity_val_steps=0,  # a sanity pass would consume RNG and break exact resume
-        use_distributed_sampler=False,  # ResumableSampler shards the data itself
-        callbacks=[checkpoint, last, GracefulInterrupt(output_dir / "checkpoints" / "last.ckpt"),  # SIGINT/SIGTERM → last.ckpt
-                   *([IntervalLossProgressBar()] if section.progress_bar else [])],
-        logger=loggers,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(output_dir),
-        enable_model_summary=False,
-    )
+    try:
+        return L.Trainer(
+            accelerator=section.accelerator,
+            devices=section.devices,
+            num_nodes=section.num_nodes,
+            strategy=section.strategy,
+            precision=section.precision,
+            max_epochs=section.max_epochs if section.max_steps < 0 else None,
+            max_steps=section.max_steps,
+            val_check_interval=section.val_check_interval,
+            check_val_every_n_epoch=section.check_val_every_n_epoch if section.val_check_interval is None else None,
+            gradient_clip_val=section.gradient_clip_val,
+            log_every_n_steps=section.log_every_n_steps,
+            deterministic=section.deterministic,
+            enable_progress_bar=section.progress_bar,
+            sync_batchnorm=distributed,  # SyncBatchNorm only when there is more than one process
+            num_sanity_val_steps=0,  # a sanity pass would consume RNG and break exact resume
+            use_distributed_sampler=False,  # ResumableSampler shards the data itself
+            callbacks=[checkpoint, last, GracefulInterrupt(output_dir / "checkpoints" / "last.ckpt"),  # SIGINT/SIGTERM → last.ckpt
+                       *([IntervalLossProgressBar()] if section.progress_bar else [])],
+            logger=loggers,
+            plugins=[AtomicCheckpointIO()],
+            default_root_dir=str(output_dir),
+            enable_model_summary=False,
+        )
+    except (MisconfigurationException, ValueError) as error:  # settings Lightning refuses (accelerator, strategy)
+        raise UserError(f"trainer: {str(error).splitlines()[0]}; fix the trainer section") from None
 
 
 # Settings a resumed run must share with the run it continues: they change what the head sees or is.
@@ -151,8 +157,10 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
     """
     if not isinstance(config, Config):
         config = load_config(config, overrides)
+    check_before_start(config)
     resolve_dataset_settings(config)  # nnU-Net data: class names, modality and CT range, saved with the run
     output_dir = Path(config.output_dir)
+    _refuse_output_inside_the_data(config, output_dir)
     checkpoint = _resume_checkpoint(config, output_dir, resume) if resume else None
     if rank_zero_only.rank != 0:  # under DDP every rank runs this; rank 0 holds the folder and writes
         return _fit(config, output_dir, checkpoint)
@@ -166,6 +174,41 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
                 f"writing {where} failed: {error.strerror or error}; free disk space (or fix the folder), then "
                 "continue with --resume: the checkpoints and metrics written before are kept"
             ) from None
+
+
+def check_before_start(config: Config) -> None:
+    """What the config alone decides, checked before any data, weights or files are touched: the head and its
+    options (each against its range), and devices this machine has (no process is started for one it lacks)."""
+    check_head_name(config, "config")
+    if config.task == "segmentation":
+        check_head_options(config.head.name, config.head.options)
+    elif config.head.options:
+        raise UserError(f"head.options {config.head.options} are for segmentation heads; classification's linear "
+                        "head is set by head.pooling, head.last_blocks and head.batchnorm: remove head.options")  # fmt: skip
+    check_devices(config.trainer.accelerator, config.trainer.devices)
+
+
+def _refuse_output_inside_the_data(config: Config, output_dir: Path) -> None:
+    """An output_dir inside a split's folder would be read back as data (its pictures as images, its folders as
+    classes) by the next run on that split: refused, naming both."""
+    data = config.data
+    root = Path(data.root)
+    if data.dataset == "nnunet":
+        folders = {"training": [root / "imagesTr", root / "labelsTr"]}
+    elif config.task == "segmentation":
+        layout, splits = segmentation_layout(config)
+        folders = {name: [layout.image_folder(split), layout.mask_folder(split)]
+                   for name, split in zip(("training", "validation"), splits)}  # fmt: skip
+    else:
+        folders = {"training": [root / data.train_split], "validation": [root / data.val_split]}
+    target = output_dir.resolve()
+    for name, paths in folders.items():
+        for folder in paths:
+            if target == folder.resolve() or folder.resolve() in target.parents:
+                raise UserError(
+                    f"output_dir {output_dir} is inside the {name} split's folder {folder}: the run's pictures and "
+                    "files would be read as data by the next run; choose an output_dir outside the dataset"
+                )
 
 
 def _resume_checkpoint(config: Config, output_dir: Path, resume: bool | str | Path) -> Path:
