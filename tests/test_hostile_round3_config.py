@@ -8,6 +8,7 @@ folder changed); what must succeed instead is a small test of its own, named wit
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -30,11 +31,6 @@ from dinov3ds.models.hardware import check_devices, usable_cores
 from tests import test_hostile_inputs as corpus
 from tests.conftest import tiny
 from tests.test_hostile_inputs import MARKER, Workspace, predict, save_image, train_cls, tree_hash
-
-pydicom = pytest.importorskip("pydicom", reason="the medical extra")
-from pydicom.data import get_testdata_file  # noqa: E402
-
-from tests.test_dicom import write_series  # noqa: E402
 
 trained, workspace, offline = corpus.trained, corpus.workspace, corpus.offline  # the corpus's fixtures, registered here
 
@@ -67,6 +63,19 @@ def train_seg(w: Workspace, head: str, options: str, *extra: str) -> list[str]:
             f"output_dir={w.root / 'out'}", *extra]  # fmt: skip
 
 
+def write_series(folder: Path) -> None:
+    """tests/test_dicom.py's series, imported here so that the tests of other items run without pydicom."""
+    pytest.importorskip("pydicom", reason="the medical extra")
+    from tests.test_dicom import write_series as write
+
+    write(folder)
+
+
+def dicomdir() -> str:
+    """pydicom's own DICOMDIR test file."""
+    return pytest.importorskip("pydicom.data", reason="the medical extra").get_testdata_file("DICOMDIR")
+
+
 def predict_series(w: Workspace, change: Callable[[Path], None]) -> list[str]:
     """A 7-slice CT series in scans/series1 (pydicom's CT_small moved along its normal), changed by `change`."""
     folder = w.root / "scans" / "series1"
@@ -81,6 +90,8 @@ def first_slice(folder: Path) -> Path:
 
 def add_rgb_secondary_capture(folder: Path) -> None:
     """A screenshot kept with the CT series (same series UID, as some exporters do): RGB, 8 bits, no geometry."""
+    import pydicom
+
     ds = pydicom.dcmread(first_slice(folder))
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -93,6 +104,8 @@ def add_rgb_secondary_capture(folder: Path) -> None:
 
 
 def zero_pixel_spacing(folder: Path) -> None:
+    import pydicom
+
     path = first_slice(folder)
     ds = pydicom.dcmread(path)
     ds.PixelSpacing = [0, ds.PixelSpacing[1]]
@@ -244,7 +257,8 @@ def test_r3_11_values_are_checked_as_yaml_gives_them():
     assert check_head_options("pmt", {"mlp_dim": None, "masked_attention": False}) == {"mlp_dim": None, "masked_attention": False}
     assert check_head_options("linear", {"dropout": 0}) == {"dropout": 0.0}  # an integer is a number
     assert check_head_options("unet_adapter", {"decoder_channels": [8, 8, 8, 8]}) == {"decoder_channels": (8, 8, 8, 8)}
-    for options in ({"num_queries": True}, {"num_queries": 2.5}, {"masked_attention": "yes"}, {"annealing_start": 3}):
+    for options in ({"num_queries": True}, {"num_queries": 2.5}, {"masked_attention": "yes"}, {"annealing_start": 3},
+                    {"mlp_dim": datetime.date(2025, 1, 1)}):  # YAML reads 2025-01-01 as a date
         with pytest.raises(UserError, match=rf"head\.options\.{next(iter(options))}="):
             check_head_options("pmt", options)
     with pytest.raises(UserError, match="unknown to head 'pmt'"):
@@ -398,19 +412,19 @@ def test_r3_34_a_dicomdir_beside_the_slices_is_skipped_with_a_warning(tmp_path):
     write_series(tmp_path / "plain")
     expected = load_dicom_series(tmp_path / "plain")
     shutil.copytree(tmp_path / "plain", tmp_path / "with_index")
-    shutil.copy(get_testdata_file("DICOMDIR"), tmp_path / "with_index" / "DICOMDIR")
+    shutil.copy(dicomdir(), tmp_path / "with_index" / "DICOMDIR")
     with pytest.warns(DataWarning, match=r"with_index/DICOMDIR is a DICOMDIR \(a disc's index, no image\): skipped"):
         image = load_dicom_series(tmp_path / "with_index")
     assert (image.get_fdata() == expected.get_fdata()).all() and (image.affine == expected.affine).all()
     (tmp_path / "disc").mkdir()
-    shutil.copy(get_testdata_file("DICOMDIR"), tmp_path / "disc" / "INDEX")  # recognised by its SOP class too
+    shutil.copy(dicomdir(), tmp_path / "disc" / "INDEX")  # recognised by its SOP class too
     assert not is_dicom_series(tmp_path / "disc")
 
 
 def test_r3_34_a_disc_with_its_dicomdir_predicts_the_series_below_it(space, capsys):
     disc = space.root / "disc"
     write_series(disc / "DICOM" / "S1")
-    shutil.copy(get_testdata_file("DICOMDIR"), disc / "DICOMDIR")
+    shutil.copy(dicomdir(), disc / "DICOMDIR")
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(space.root / "ckpt" / "ct.ckpt"), str(disc), "--out", str(space.root / "out")]) == 0
     assert "DICOMDIR" not in capsys.readouterr().err  # the disc's index is no series and no slice: not even a warning

@@ -33,11 +33,18 @@ EQUIVALENT = Path(__file__).resolve().parent / "equivalent.json"  # per module: 
 
 SHAPE_TESTS_LEFT_OUT = ("not channels_last and not forward_gives_logits_at_input_resolution and not default_options_run "
                         "and not state_dict_round_trip and not any_number_of_classes")
+# Issue 31's value tests of the heads' option ranges and of the slide crop's checks (no fixtures: fast).
+R3_HEADS = [f"tests/test_hostile_round3_config.py::test_r3_11_{name}" for name in (
+    "every_option_of_every_head_has_a_range", "each_bound_is_where_the_message_says",
+    "values_are_checked_as_yaml_gives_them", "the_range_in_words")]  # fmt: skip
+R3_INFERENCE = [f"tests/test_hostile_round3_config.py::test_r3_21_{name}" for name in (
+    "the_slide_buffers_must_fit_the_free_memory", "the_padded_copy_and_batches_are_counted",
+    "a_window_up_to_64_times_the_image_is_still_padded")]  # fmt: skip
 
 # module name → (file under src/dinov3ds, test files that exercise it)
 MODULES: dict[str, tuple[str, list[str]]] = {
     "metrics": ("metrics/images.py", ["tests/test_metrics.py"]),
-    "inference": ("models/inference.py", ["tests/test_inference.py"]),
+    "inference": ("models/inference.py", ["tests/test_inference.py", *R3_INFERENCE]),
     "checkpoints": ("models/checkpoints.py", ["tests/test_checkpoints.py", "tests/test_engine.py"]),
     "weights": ("models/weights/*.py", ["tests/test_weights.py", "tests/test_weight_sources.py", "tests/test_backbones.py"]),
     "feature_cache": ("training/feature_cache.py", ["tests/test_feature_cache.py", "tests/test_feature_store.py", "tests/test_hostile_round3_store.py"]),
@@ -47,12 +54,13 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     # head and size (35 forwards, 7 channels_last passes); they take most of the time and every mutant they
     # could catch changes a value or a count the other tests pin, so they are left out here.
     "heads": ("heads/{__init__,base,linear,segdino,dpt,unet,unet_sum,unet_adapter}.py",
-              ["tests/test_heads.py", "tests/test_head_values.py", "tests/test_head_references.py", "-k",
+              ["tests/test_heads.py", "tests/test_head_values.py", "tests/test_head_references.py", *R3_HEADS, "-k",
                SHAPE_TESTS_LEFT_OUT]),
     "adapter": ("heads/{vit_adapter,deformable_attention,fapm}.py",
-                ["tests/test_fapm.py", "tests/test_head_references.py", "tests/test_heads.py", "-k", SHAPE_TESTS_LEFT_OUT]),
+                ["tests/test_fapm.py", "tests/test_head_references.py", "tests/test_heads.py", *R3_HEADS, "-k",
+                 SHAPE_TESTS_LEFT_OUT]),
     "mask_loss": ("training/mask_classification.py", ["tests/test_pmt.py"]),
-    "pmt": ("heads/pmt.py", ["tests/test_pmt.py"]),
+    "pmt": ("heads/pmt.py", ["tests/test_pmt.py", *R3_HEADS]),
     "volumes": ("data/volumes.py", ["tests/test_volumes.py", "tests/test_medical.py"]),
     "volume_metrics": ("metrics/volumes.py", ["tests/test_volume_metrics.py"]),
 }

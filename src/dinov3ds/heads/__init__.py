@@ -71,7 +71,7 @@ def describe_option(annotation: Any) -> str:
         return "one of " + ", ".join(map(str, args))
     if origin in (list, tuple, Sequence):
         return f"a list, each {describe_option(args[0])}"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    names = {bool: "true or false", int: "an integer", float: "a number", type(None): "null"}
     return names[annotation]
 
 
