@@ -132,5 +132,5 @@ class TestFAPM(HeadReference):
 
 def test_every_head_has_a_reference_class() -> None:
     tested = {cls.name for cls in HeadReference.__subclasses__()}
-    token_heads = {name for name, cls in HEADS.items() if cls.reads_tokens}  # test_pmt.py
-    assert tested | token_heads == set(HEADS) and token_heads == {"pmt"}
+    token_heads = {name for name, cls in HEADS.items() if cls.reads_tokens}  # test_pmt.py, test_eomt.py
+    assert tested | token_heads == set(HEADS) and token_heads == {"pmt", "eomt"}

@@ -130,6 +130,8 @@ class HeadConfig(Section):
     grid_last_blocks: Annotated[list[Annotated[int, Field(ge=1, le=64)]], Field(min_length=1)] | None = None
     grid_pooling: Annotated[list[Literal["cls", "avg", "cls+avg"]], Field(min_length=1)] | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # head-specific options, e.g. {base_channels: 128}
+    # segmentation: start from a transformers EoMT folder (save_pretrained) or hf-hub: id (eomt); its backbone is the run's
+    weights: PathText | None = None
 
 
 class MaskLossConfig(Section):

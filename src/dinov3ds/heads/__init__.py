@@ -18,6 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from dinov3ds.errors import UserError
 from dinov3ds.heads.base import SegmentationHead, TokenSource
 from dinov3ds.heads.dpt import DPTHead
+from dinov3ds.heads.eomt import EoMTHead
 from dinov3ds.heads.fapm import FAPMHead
 from dinov3ds.heads.linear import LinearHead
 from dinov3ds.heads.pmt import PMTHead
@@ -35,6 +36,7 @@ HEADS: dict[str, type[SegmentationHead]] = {
     "unet_adapter": AdapterUNetHead,
     "fapm": FAPMHead,
     "pmt": PMTHead,
+    "eomt": EoMTHead,
 }
 
 logger = logging.getLogger("dinov3ds")

@@ -23,6 +23,8 @@ class TokenSource:
     num_prefix_tokens: int  # CLS + registers, in front of the patch tokens
     rotate_half: bool  # the backbone's RoPE layout
     rope: Callable[[int, int], Tensor] | None  # patch grid (h, w) → the backbone's RoPE embedding
+    blocks: tuple[nn.Module, ...] = ()  # the ViT's own blocks, input side first (eomt runs the last ones)
+    norm: nn.Module | None = None  # the ViT's final norm
 
 
 class SegmentationHead(nn.Module, ABC):
@@ -44,6 +46,9 @@ class SegmentationHead(nn.Module, ABC):
     input_multiple: int = 1  # image sides must be multiples of this (and of the backbone's patch size)
     reads_tokens: bool = False  # features are token sequences [B, prefix + h*w, C], and a TokenSource is given
     mask_classification: bool = False  # training output is MaskPredictions for the mask-classification loss
+    # Trailing backbone blocks the head runs itself (eomt, set per instance): its one feature is then the
+    # un-normed token sequence that enters the first of them, and `TokenSource.blocks` are those blocks.
+    backbone_blocks: int = 0
 
     def __init__(self, in_channels: list[int], strides: list[int], num_classes: int, **options) -> None:
         super().__init__()

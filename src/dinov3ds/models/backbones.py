@@ -118,7 +118,8 @@ class Backbone(nn.Module):
         return unfrozen
 
     def token_source(self) -> TokenSource | None:
-        """Head count, prefix tokens and RoPE for heads that run blocks of their own on the ViT's tokens."""
+        """Head count, prefix tokens and RoPE for heads that run blocks of their own on the ViT's tokens, and
+        the blocks and final norm themselves for a head that runs the last ones (eomt)."""
         if self.spec.family != "vit":
             return None
         attention, rope = self.model.blocks[0].attn, self.model.rope
@@ -127,6 +128,8 @@ class Backbone(nn.Module):
             num_prefix_tokens=int(self.model.num_prefix_tokens),
             rotate_half=bool(getattr(attention, "rotate_half", False)),
             rope=(lambda height, width: rope.get_embed(shape=(height, width))) if rope is not None else None,
+            blocks=tuple(self.model.blocks),
+            norm=self.model.norm,
         )
 
     def compile_blocks(self, example: Tensor) -> bool:

@@ -20,6 +20,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dinov3ds.errors import UserError
+from dinov3ds.models import eomt_transformers
 from dinov3ds.models.weights import hub
 from dinov3ds.models.weights.files import pickle_refusal_reason
 from dinov3ds.models.weights.hashes import weights_digest
@@ -76,6 +77,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def load_checkpoint_file(path: Path) -> dict:
     """`torch.load(weights_only=True)`: a checkpoint that carries code is refused, not executed."""
+    if eomt_transformers.folder_of(path) is not None:  # transformers' EoMT folder, read as a checkpoint
+        return eomt_transformers.checkpoint_dict(path)
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} not found; check the path (runs write output_dir/checkpoints/)")
     try:

@@ -25,6 +25,7 @@ from dinov3ds.data.io import load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform
 from dinov3ds.errors import UserError
 from dinov3ds.heads import build_head, head_class
+from dinov3ds.models import eomt_transformers
 from dinov3ds.models.backbones import Backbone, load_backbone
 from dinov3ds.models.checkpoints import HeadCheckpoint, read_checkpoint, resolve_backbone_weights
 from dinov3ds.models.finetune import add_adapters, load_trained_weights
@@ -54,11 +55,13 @@ def backbone_dtype(config: Config, device: str | torch.device, *, inference: boo
 
 
 def backbone_from_config(config: Config, device: str | torch.device = "cpu", *, inference: bool = False) -> Backbone:
-    section = config.backbone
-    return load_backbone(
-        section.name, section.weights, dtype=backbone_dtype(config, device, inference=inference), device=device,
-        **section.overrides,
-    )
+    """The configured backbone; a transformers EoMT folder's own (`head.weights` starts from one: see its module)."""
+    section, dtype = config.backbone, backbone_dtype(config, device, inference=inference)
+    if config.head.weights:
+        eomt_transformers.start_from_folder(config)
+    if eomt_transformers.folder_of(section.weights) is not None:
+        return eomt_transformers.folder_backbone(section.name, section.weights, section.overrides, dtype, device)
+    return load_backbone(section.name, section.weights, dtype=dtype, device=device, **section.overrides)
 
 
 def input_multiple(config: Config, backbone: Backbone) -> int:
@@ -197,22 +200,21 @@ class Segmenter(_TaskModel):
         super().__init__(backbone, config, class_names)
         self.num_classes = num_classes
         self.layers = backbone.resolve_layers(config.backbone.layers)
-        self.head = build_head(
-            config.head.name,
-            backbone.feature_channels(self.layers),
-            backbone.feature_strides(self.layers),
-            num_classes,
-            backbone.token_source(),
-            **config.head.options,
-        )
+        self.head = build_head(config.head.name, backbone.feature_channels(self.layers), backbone.feature_strides(self.layers),
+                               num_classes, backbone.token_source(), **config.head.options)  # fmt: skip
+        if config.head.weights:  # a transformers EoMT folder's queries and heads to start from
+            eomt_transformers.start_head(self.head, config.head.weights)
 
     def features(self, images: Tensor) -> list[Tensor]:
-        """One map [B, C, h, w] per tap, or for heads that read tokens one sequence [B, prefix + h*w, C]."""
+        """One map [B, C, h, w] per tap, or for heads that read tokens one sequence [B, prefix + h*w, C]; a head
+        that runs the backbone's last blocks itself (eomt) gets the un-normed sequence entering the first one."""
         with _frozen_context(self.backbone):
             if not self.head.reads_tokens:
                 taps = self.backbone.get_intermediate_layers(images, self.layers, norm=True)
                 return [patches.float() for patches, _ in taps]
-            taps = self.backbone.get_intermediate_layers(images, self.layers, norm=True, return_registers=True)
+            runs = self.head.backbone_blocks
+            layers = [self.backbone.depth - runs - 1] if runs else self.layers
+            taps = self.backbone.get_intermediate_layers(images, layers, norm=not runs, return_registers=True)
             return [torch.cat([cls[:, None], registers, patches.flatten(2).transpose(1, 2)], dim=1).float()
                     for patches, cls, registers in taps]  # fmt: skip
 
@@ -222,14 +224,8 @@ class Segmenter(_TaskModel):
     def inference_options(self, **overrides) -> InferenceOptions:
         section = self.config.inference
         crop = section.crop or self.config.data.image_size
-        values = {
-            "mode": section.mode,
-            "crop": crop,
-            "stride": section.stride or max(crop * 2 // 3, 1),
-            "window_batch": section.window_batch,
-            "flip": section.flip,
-            "scales": tuple(section.scales),
-        }
+        values = {"mode": section.mode, "crop": crop, "stride": section.stride or max(crop * 2 // 3, 1),
+                  "window_batch": section.window_batch, "flip": section.flip, "scales": tuple(section.scales)}  # fmt: skip
         values.update({k: v for k, v in overrides.items() if v is not None})
         return InferenceOptions(**values)
 
