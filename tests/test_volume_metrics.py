@@ -11,7 +11,6 @@ import pytest
 from dinov3ds.metrics.volumes import (
     binary_metrics,
     case_metrics,
-    diagonal_mm,
     format_summary,
     summarise,
     write_reports,
@@ -88,14 +87,47 @@ def test_hd95_and_nsd_agree_with_monai(name, prediction, reference) -> None:
     assert ours["nsd"] == pytest.approx(nsd, abs=1e-6)
 
 
-def test_empty_masks_follow_metrics_reloaded() -> None:
+def test_absent_classes_follow_monai_for_hd95_and_nsd_and_nnunet_for_dice() -> None:
+    """A class missing from the prediction printed HD95 = the volume's diagonal (357 mm on the 1 mm MNI head);
+    now HD95 and NSD are what MONAI returns, checked against MONAI itself, and Dice / IoU what nnU-Net's
+    evaluation returns (NaN only when there is nothing to compare)."""
+    torch = pytest.importorskip("torch")
+    monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI is in the dev extra")
     empty = np.zeros((6, 7, 8), bool)
     full = empty.copy()
     full[2:4, 2:4, 2:4] = True
-    assert binary_metrics(empty, empty, SPACING) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "nsd": 1.0}
-    worst = {"dice": 0.0, "iou": 0.0, "hd95": diagonal_mm(empty.shape, SPACING), "nsd": 0.0}
-    assert binary_metrics(full, empty, SPACING) == worst == binary_metrics(empty, full, SPACING)
-    assert worst["hd95"] == pytest.approx(math.sqrt((5 * 0.8) ** 2 + (6 * 1.3) ** 2 + (7 * 2.5) ** 2))
+    both_empty = binary_metrics(empty, empty, SPACING)
+    assert all(math.isnan(value) for value in both_empty.values())
+    for prediction, reference in ((empty, full), (full, empty)):
+        ours = binary_metrics(prediction, reference, SPACING)
+        assert ours["dice"] == ours["iou"] == ours["nsd"] == 0.0 and math.isnan(ours["hd95"])
+    for prediction, reference in ((empty, empty), (empty, full), (full, empty)):
+        as_batch = [torch.from_numpy(np.stack([~m, m])[None].astype(np.float32)) for m in (prediction, reference)]
+        with pytest.warns(UserWarning):  # MONAI warns about the empty mask
+            hd95 = monai_metrics.compute_hausdorff_distance(*as_batch, percentile=95, spacing=SPACING).item()
+            nsd = monai_metrics.compute_surface_dice(*as_batch, class_thresholds=[1.0], spacing=SPACING).item()
+        ours = binary_metrics(prediction, reference, SPACING)
+        assert math.isnan(ours["hd95"]) and math.isnan(hd95)
+        assert ours["nsd"] == pytest.approx(nsd, nan_ok=True)
+
+
+def test_undefined_values_are_left_out_of_the_means_and_printed_as_n_a(tmp_path) -> None:
+    import json
+
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[1:5, 1:5, 1:5] = 1
+    missed = np.zeros_like(reference)
+    names = ["background", "liver", "tumour"]  # no tumour anywhere: nothing to score
+    cases = {"found": case_metrics(reference, reference, SPACING, names), "missed": case_metrics(missed, reference, SPACING, names)}
+    summary = write_reports(cases, tmp_path)
+    liver = summary["per_class"]["liver"]
+    assert liver["dice"] == 0.5 and liver["nsd"] == 0.5 and liver["hd95"] == 0.0  # HD95 over the one found case
+    assert summary["scored"]["liver"] == {"dice": 2, "iou": 2, "hd95": 1, "nsd": 2}
+    assert summary["per_class"]["tumour"] == dict.fromkeys(("dice", "iou", "hd95", "nsd"))
+    assert json.loads((tmp_path / "metrics.json").read_text())["per_class"]["tumour"]["hd95"] is None
+    assert summary["mean"]["dice"] == 0.5  # the mean over the classes that have one
+    assert format_summary(summary).splitlines()[2] == "tumour               n/a     n/a       n/a     n/a"
+    assert "357" not in format_summary(summary) and "nan" in (tmp_path / "per_case.csv").read_text()
 
 
 def test_per_class_per_case_and_their_means(tmp_path) -> None:
@@ -126,7 +158,7 @@ def test_report_files_and_summary_text(tmp_path) -> None:
     summary = write_reports(cases, tmp_path)
     text = (tmp_path / "metrics.json").read_text()
     assert text.startswith('{\n  "cases": 2,') and json.loads(text) == summary
-    assert summary["tolerance_mm"] == 1.0 and "HD95 and NSD" in summary["definitions"] and "Metrics Reloaded" in summary["definitions"]
+    assert summary["tolerance_mm"] == 1.0 and "HD95 and NSD" in summary["definitions"] and "(MONAI)" in summary["definitions"]
     assert (tmp_path / "per_case.csv").read_text().splitlines() == [
         "case,class,dice,iou,hd95,nsd", "c1,liver,1.000000,1.000000,0.000000,1.000000",
         "c2,liver,0.500000,0.250000,3.000000,0.500000"]  # fmt: skip

@@ -2,28 +2,45 @@
 
 One set of options for training and inference, stored in every checkpoint, so a model sees the same
 arrays at both. Kept apart from `schema.py` because it is the one section with rules between its fields.
+It also holds the medical-only training augmentations (rotation, vertical flip, foreground crops) and
+`derived`: what self-configuration (`data/medical_plan.py`) set from the dataset's fingerprint, and why.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MRI_ONLY = ("zscore", "clip", "gamma")
+MRI_ONLY = ("zscore", "zscore_over", "clip", "gamma")
 CT_ONLY = ("window", "percentiles", "intensity_range")
+# Fields that change training batches but not a slice's pixels: left out of the slice cache's key.
+TRAINING_ONLY = ("rotation", "rotation_probability", "vertical_flip", "foreground_share", "derived")
+
+
+class Derived(BaseModel):
+    """One setting self-configuration chose: its value and where it came from. A value in the config that differs
+    from `value` was set by the user afterwards, and wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: Any
+    source: str
 
 
 class SlicePreprocessing(BaseModel):
-    """MRI: z-score per slice, clip, rescale to 0-255, gamma (the seed's recipe). CT: Hounsfield units clipped
-    to a window (or to percentiles of the training cases' foreground, nnU-Net's rule) and rescaled to 0-255.
-    Then up to three volume channels, or three neighbouring slices (2.5D), become R, G, B."""
+    """MRI: z-score per slice (the seed's recipe) or per volume (nnU-Net's), clip, rescale to 0-255, gamma. CT:
+    Hounsfield units clipped to a window (or to percentiles of the training cases' foreground, nnU-Net's rule)
+    and rescaled to 0-255. Then up to three volume channels, or three neighbouring slices (2.5D), become R, G, B."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     modality: Literal["mri", "ct"] = "mri"  # from dataset.json for nnU-Net data ("CT" → ct, else mri)
     # MRI only
-    zscore: bool = True  # standardise each slice to mean 0, std 1 (a constant slice becomes all zeros)
+    zscore: bool = True  # standardise to mean 0, std 1 (a constant slice becomes all zeros)
+    # over what the z-score's mean and std are taken: each slice (the seed's recipe), or the whole volume per
+    # channel (nnU-Net's per-image scheme; the same statistics for every slice of a scan)
+    zscore_over: Literal["slice", "volume"] = "slice"
     clip: float | None = Field(2.0, gt=0)  # clip z-scores to [-clip, clip]; None keeps the full range
     gamma: float | None = Field(0.75, gt=0)  # out = 255 * (x / 255) ** gamma; < 1 lifts low intensities
     # CT only: a window [level, width] in HU (e.g. [40, 400] soft tissue, [-600, 1500] lung), or else the
@@ -40,6 +57,15 @@ class SlicePreprocessing(BaseModel):
     axes: list[Literal[0, 1, 2]] = Field(default_factory=lambda: [2], min_length=1)  # slicing axes for training
     target_spacing: float | None = Field(None, gt=0)  # mm: slices resampled in-plane to it (and back) if set
     channels: int = Field(3, ge=1)  # gray value repeated to this many channels (3 for RGB backbones)
+    # Training only (nnU-Net's 2D augmentation): rotate a slice by up to +-rotation degrees with this probability
+    rotation: float = Field(0.0, ge=0, le=180)
+    rotation_probability: float = Field(0.0, ge=0, le=1)
+    vertical_flip: bool = False  # mirror along the second image axis too (the horizontal flip is data.augment's)
+    # share of training crops forced to hold foreground: a class drawn uniformly, then a slice and a crop with it
+    # (nnU-Net: one third), so a rare structure is seen as often as a large one
+    foreground_share: float = Field(0.0, ge=0, le=1)
+    # what self-configuration set (dotted key -> value and source); written by the run, see data/medical_plan.py
+    derived: dict[str, Derived] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> SlicePreprocessing:

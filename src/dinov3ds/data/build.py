@@ -6,16 +6,20 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 from torch.utils.data import Dataset
 
 from dinov3ds.config import Config, cache_dir
 from dinov3ds.config.medical import SlicePreprocessing
 from dinov3ds.data.classification import IMAGENETTE_CLASSES, ImageFolderDataset
-from dinov3ds.data.io import load_image
+from dinov3ds.data.fingerprint import nnunet_fingerprint, slice_folder_fingerprint
+from dinov3ds.data.io import load_image, load_mask
 from dinov3ds.data.layout import MaskLabels, SegmentationLayout, ade20k_layout, ade20k_split
 from dinov3ds.data.medical import load_mri_slice
+from dinov3ds.data.medical_plan import medical_kind, self_configure
 from dinov3ds.data.nnunet import IGNORE_CLASS, read_nnunet
+from dinov3ds.data.sampling import ForegroundOversampling, class_presence
 from dinov3ds.data.segmentation import ADE20K_CLASSES, SegmentationFolderDataset
 from dinov3ds.data.transforms import (
     SegmentationEvalTransform,
@@ -96,11 +100,23 @@ def segmentation_layout(config: Config) -> tuple[SegmentationLayout, tuple[str, 
 
 def _train_transform(config: Config, mean: Stats, std: Stats) -> SegmentationTrainTransform:
     data = config.data
+    medical = data.medical or SlicePreprocessing()
     return SegmentationTrainTransform(
         data.image_size, mean, std, scale_range=tuple(data.scale_range) if data.augment else (1.0, 1.0),
         base_size=data.base_size, ignore_index=data.ignore_index, photometric=data.photometric and data.augment,
         cat_max_ratio=data.cat_max_ratio if data.augment else 1.0, hflip=data.augment,
+        rotation=medical.rotation if data.augment else 0.0, rotation_probability=medical.rotation_probability,
+        vflip=medical.vertical_flip and data.augment,
     )  # fmt: skip
+
+
+def _oversampled(config: Config, dataset: Dataset, transform: SegmentationTrainTransform, labels) -> Dataset:
+    """The training set with `data.medical.foreground_share` of its samples forced onto a structure."""
+    medical = config.data.medical
+    if medical is None or not medical.foreground_share or not config.data.augment:
+        return dataset
+    presence = class_presence(labels, len(segmentation_class_names(config)))
+    return ForegroundOversampling(dataset, transform, presence, medical.foreground_share)
 
 
 def _segmentation_split(config: Config, split: str, mean: Stats, std: Stats, input_multiple: int) -> Dataset:
@@ -110,21 +126,31 @@ def _segmentation_split(config: Config, split: str, mean: Stats, std: Stats, inp
     else:
         transform = SegmentationEvalTransform(data.eval_size, mean, std, multiple_of=input_multiple)
     layout, (train_split, val_split) = segmentation_layout(config)
-    return SegmentationFolderDataset(layout, train_split if split == "train" else val_split, transform,
-                                     image_loader=image_loader(config), on_bad_sample=data.on_bad_sample)  # fmt: skip
+    dataset = SegmentationFolderDataset(layout, train_split if split == "train" else val_split, transform,
+                                        image_loader=image_loader(config), on_bad_sample=data.on_bad_sample)  # fmt: skip
+    if split != "train":
+        return dataset
+    return _oversampled(config, dataset, transform, (layout.labels.prepare(load_mask(m), m) for _, m in dataset.samples))
 
 
-def resolve_dataset_settings(config: Config) -> None:
+def resolve_dataset_settings(config: Config) -> list[str]:
     """Fill in what an nnU-Net / MSD dataset says about itself, so the saved config and every checkpoint hold
     it: class names from dataset.json, `data.medical` for its modality (MRI defaults, or CT), the stored label
-    ids (its "ignore" label's to `data.ignore_index`), and for CT without a window the percentile range of the
-    training cases' foreground. The split is checked here too, before a run folder is written: an empty or
-    overlapping fold must not cost an epoch. Segmentation folders: each split must hold pairs. Others: nothing."""
+    ids (its "ignore" label's to `data.ignore_index`). The split is checked here too, before a run folder is
+    written: an empty or overlapping fold must not cost an epoch. Segmentation folders: each split must hold
+    pairs. Medical data (nnU-Net datasets, prepare-volumes folders) are then self-configured from their
+    fingerprint (data/medical_plan.py): returns the fingerprint and the derived settings as report lines,
+    none for other data."""
     data = config.data
     if data.dataset in ("segmentation_folder", "ade20k") and config.task == "segmentation":
         _check_pairs_exist(config)
+    if medical_kind(config) == "slices":
+        layout, (train_split, _) = segmentation_layout(config)
+        fingerprint = slice_folder_fingerprint(Path(data.root), layout.image_folder(train_split), layout.pair(train_split).pairs,
+                                               layout.labels, segmentation_class_names(config), cache_dir())  # fmt: skip
+        return self_configure(config, fingerprint)
     if data.dataset != "nnunet":
-        return
+        return []
     _check_root(config)
     dataset = read_nnunet(data.root)
     names = list(dataset.class_names)
@@ -132,7 +158,7 @@ def resolve_dataset_settings(config: Config) -> None:
         raise UserError(f"data.class_names {data.class_names} differ from dataset.json's labels {names}; remove data.class_names")
     data.class_names, data.num_classes = names, len(names)
     medical = _with_dataset_modality(data.medical or SlicePreprocessing(), dataset.modality, data.root)
-    medical = medical.model_copy(update={"volume_channels": len(dataset.channel_names)})
+    data.medical = medical.model_copy(update={"volume_channels": len(dataset.channel_names)})
     label_map = {value: index for index, value in enumerate(dataset.label_values)}
     if dataset.ignore_value is not None:
         if data.ignore_index != IGNORE_CLASS:
@@ -142,11 +168,13 @@ def resolve_dataset_settings(config: Config) -> None:
     if any(value != index for value, index in label_map.items()):  # stored ids, e.g. 0, 1, 2, 4
         data.label_map = label_map
     train_cases, _ = dataset.split(data.fold, data.val_fraction, config.seed)
-    if medical.modality == "ct" and medical.window is None and medical.intensity_range is None:
+
+    def ct_range(percentiles: tuple[float, float]) -> tuple[float, float]:
         from dinov3ds.data.volume_slices import ct_intensity_range
 
-        medical = medical.model_copy(update={"intensity_range": ct_intensity_range(train_cases, dataset, medical.percentiles)})
-    data.medical = medical
+        return ct_intensity_range(train_cases, dataset, percentiles)
+
+    return self_configure(config, nnunet_fingerprint(dataset, train_cases, cache_dir()), ct_range)
 
 
 def _check_pairs_exist(config: Config) -> None:
@@ -178,7 +206,12 @@ def _nnunet_splits(config: Config, mean: Stats, std: Stats, input_multiple: int,
     train_cases, val_cases = dataset.split(data.fold, data.val_fraction, config.seed)
     cache = cache_dir() / "volume_slices"
     val = VolumeSlices(val_cases, dataset, data.medical, SegmentationEvalTransform(data.eval_size, mean, std, multiple_of=input_multiple), cache)
-    train_set = VolumeSlices(train_cases, dataset, data.medical, _train_transform(config, mean, std), cache) if train else None
+    if not train:
+        return DataSplits(None, val, list(dataset.class_names))
+    transform = _train_transform(config, mean, std)
+    slices = VolumeSlices(train_cases, dataset, data.medical, transform, cache)
+    maps = [np.load(folder / "labels.npy", mmap_mode="r") for folder in slices.folders]
+    train_set = _oversampled(config, slices, transform, (maps[number][index] for number, index in slices.entries))
     return DataSplits(train_set, val, list(dataset.class_names))
 
 

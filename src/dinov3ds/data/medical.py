@@ -60,6 +60,28 @@ def preprocess_slice(
     return np.repeat(gray[:, :, None], options.channels, axis=2)
 
 
+def scaled_slice(plane: np.ndarray, low: float, high: float, gamma: float | None = None) -> np.ndarray:
+    """uint8 [H, W]: `plane` clipped to [low, high] and mapped linearly to 0-255, then gamma-lifted. CT windows
+    and nnU-Net's per-volume z-score (whose clipped range is `zscore_range`) both come through here."""
+    scaled = (np.clip(plane.astype(np.float64), low, high) - low) * (255.0 / (high - low)) if high > low \
+        else np.zeros(plane.shape)  # fmt: skip
+    if gamma is not None:
+        scaled = 255.0 * (scaled / 255.0) ** gamma
+    return np.rint(scaled).astype(np.uint8)
+
+
+def zscore_range(volume: np.ndarray, clip: float | None, *, source: str = "volume") -> tuple[float, float]:
+    """nnU-Net's per-image z-score as the intensity range mapped to 0-255: mean +- clip x std of the whole volume
+    (its min and max without a clip). A z-score is affine, so clipping it to +-clip and rescaling is mapping
+    this range: every slice of a scan shares one mapping, unlike the per-slice z-score."""
+    mean, std = float(volume.mean(dtype=np.float64)), float(volume.std(dtype=np.float64))
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        raise UserError(f"{source}: volume contains NaN/Inf voxels; fix the scan before use")
+    if clip is None or std == 0:
+        return float(np.min(volume)), float(np.max(volume))
+    return mean - clip * std, mean + clip * std
+
+
 def load_mri_slice(path: Path, options: SlicePreprocessing) -> np.ndarray:
     """Read a grayscale PNG slice (16-bit from `prepare_volumes`, or 8-bit) and preprocess it.
 
@@ -243,6 +265,7 @@ def prepare_volumes(
                 "label": str(label_path),
                 "split": split,
                 "shape": list(image.shape),
+                "spacing": [float(z) for z in image_file.header.get_zooms()[:3]],
                 "intensity_range": [float(image.min()), float(image.max())],
                 "slices": int(image.shape[axis]),
                 "written": written,

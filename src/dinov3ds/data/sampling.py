@@ -4,12 +4,14 @@ A resumed run must see the same batches, augmented the same way, as a run that n
 stops mid-epoch and whatever the number of loader workers. So the sampler draws each epoch's order and one
 seed per position from a generator seeded by (seed, epoch), shards the order over the ranks of a
 distributed run itself, and can start an epoch part-way (`resume_at`); `SeededSamples` augments each
-sample under its own seed, so no worker's RNG history matters.
+sample under its own seed, so no worker's RNG history matters. `ForegroundOversampling` draws a share of the
+samples onto a structure of a class chosen uniformly (nnU-Net's forced foreground), under the same seeds.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -94,3 +96,44 @@ class SeededSamples(Dataset):
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+class ForegroundOversampling(Dataset):
+    """nnU-Net's forced foreground: a share of the training samples (nnU-Net: one third) is drawn onto a
+    structure instead of the index the sampler gave: a class uniformly among those the training slices hold,
+    then uniformly a slice holding it, then a crop around one of its pixels (the transform's `focus`). So a
+    class in 2 % of the slices is trained on as often as one in all of them. Draws come from torch's RNG, which
+    `SeededSamples` seeds per position: a resumed run draws the same.
+
+    Args:
+        dataset: the training slices; its items are `(image, mask)` through `transform`.
+        transform: the dataset's `SegmentationTrainTransform` (its `focus` is set around each forced item).
+        presence: bool [len(dataset), num_classes]: which classes each item's label holds.
+        share: the probability that an item is forced.
+    """
+
+    def __init__(self, dataset: Dataset, transform, presence: np.ndarray, share: float) -> None:
+        self.dataset, self.transform, self.share = dataset, transform, share
+        self.items_of = {c: np.flatnonzero(presence[:, c]) for c in range(1, presence.shape[1]) if presence[:, c].any()}
+        self.classes = sorted(self.items_of)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if not self.classes or torch.rand(()).item() >= self.share:
+            return self.dataset[index]
+        chosen = self.classes[int(torch.randint(len(self.classes), ()).item())]
+        items = self.items_of[chosen]
+        self.transform.focus = chosen
+        try:
+            return self.dataset[int(items[int(torch.randint(len(items), ()).item())])]
+        finally:
+            self.transform.focus = None
+
+
+def class_presence(labels: Iterable[np.ndarray], num_classes: int) -> np.ndarray:
+    """bool [items, num_classes] from each item's class-index label (values >= num_classes, e.g. the ignore
+    index, count for no class)."""
+    rows = [np.bincount(label[label < num_classes].ravel(), minlength=num_classes)[:num_classes] > 0 for label in labels]
+    return np.stack(rows) if rows else np.zeros((0, num_classes), bool)

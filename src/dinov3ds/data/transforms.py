@@ -133,6 +133,21 @@ class PhotoMetricDistortion:
         return image.to(torch.uint8)
 
 
+def _focused_box(labels: torch.Tensor, crop: tuple[int, int], focus: int) -> tuple[int, int] | None:
+    """A crop holding a pixel of class `focus` drawn uniformly, at a uniform offset around it (nnU-Net's forced
+    foreground); None when the class is not in `labels` (a resize can drop a one-pixel structure)."""
+    found = torch.nonzero(labels.as_subclass(torch.Tensor) == focus)
+    if not len(found):
+        return None
+    y, x = (int(v) for v in found[_randint(len(found) - 1)][-2:])
+    height, width = labels.shape[-2:]
+    corner = []
+    for position, side, crop_side in ((y, height, crop[0]), (x, width, crop[1])):
+        low, high = max(0, position - crop_side + 1), min(position, max(side - crop_side, 0))
+        corner.append(low + _randint(high - low))
+    return corner[0], corner[1]
+
+
 def _crop_box(labels: torch.Tensor, crop: tuple[int, int], cat_max_ratio: float, ignore_index: int) -> tuple[int, int]:
     """mmseg's RandomCrop: up to 10 draws until no class covers `cat_max_ratio` or more of the crop's labelled
     pixels (and at least two classes are in it); the last draw otherwise."""
@@ -154,7 +169,8 @@ class SegmentationTrainTransform:
     """mmseg-style segmentation training augmentation for an (image, mask) pair.
 
     Order: random resize (shorter side = base_size x a ratio drawn from scale_range, aspect kept), random
-    crop of at most crop_size, horizontal flip, photometric distortion (image only), normalise, then pad
+    rotation (medical slices), random crop of at most crop_size (around a pixel of class `focus` when a
+    sampler sets it), horizontal and vertical flips, photometric distortion (image only), normalise, then pad
     bottom/right up to crop_size. As in mmseg the image is padded *after* normalisation with 0 (the mean
     colour) and the mask with ignore_index, so padding never counts in the loss.
 
@@ -169,7 +185,13 @@ class SegmentationTrainTransform:
         hflip: random horizontal flip.
         cat_max_ratio: re-draw a crop (up to 10 times) while one class covers this share of it or more
             (mmseg's RandomCrop; the ADE20K protocol uses 0.75; 1 draws once).
+        rotation, rotation_probability: rotate by an angle drawn from +-rotation degrees, with this probability
+            (nnU-Net's 2D augmentation: 180 and 0.2); the canvas grows to hold the whole slice, the new corners
+            are black and ignore_index.
+        vflip: random vertical flip too (nnU-Net mirrors both in-plane axes).
     """
+
+    focus: int | None = None  # set per sample by `data.sampling.ForegroundOversampling`
 
     def __init__(
         self,
@@ -183,6 +205,9 @@ class SegmentationTrainTransform:
         photometric: bool = True,
         hflip: bool = True,
         cat_max_ratio: float = 1.0,
+        rotation: float = 0.0,
+        rotation_probability: float = 0.0,
+        vflip: bool = False,
     ) -> None:
         self.crop_size = _pair(crop_size)
         self.base_size = base_size if base_size is not None else min(self.crop_size)
@@ -190,6 +215,7 @@ class SegmentationTrainTransform:
         self.ignore_index = ignore_index
         self.hflip = hflip
         self.cat_max_ratio = cat_max_ratio
+        self.rotation, self.rotation_probability, self.vflip = rotation, rotation_probability, vflip
         self.distortion = PhotoMetricDistortion() if photometric else None
         self.normalize = v2.Compose(_to_float(mean, std))
 
@@ -205,15 +231,22 @@ class SegmentationTrainTransform:
         new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
         picture = F.resize(picture, new_size, antialias=True)
         labels = F.resize(labels, new_size)
+        if self.rotation and torch.rand(()).item() < self.rotation_probability:
+            angle = _uniform(-self.rotation, self.rotation)
+            picture = F.rotate(picture, angle, interpolation=v2.InterpolationMode.BILINEAR, expand=True, fill=0)
+            labels = F.rotate(labels, angle, expand=True, fill=self.ignore_index)
 
         crop_h, crop_w = self.crop_size
-        height, width = new_size
-        top, left = _crop_box(labels, self.crop_size, self.cat_max_ratio, self.ignore_index)
+        height, width = labels.shape[-2:]
+        focused = _focused_box(labels, self.crop_size, self.focus) if self.focus is not None else None
+        top, left = focused or _crop_box(labels, self.crop_size, self.cat_max_ratio, self.ignore_index)
         picture = F.crop(picture, top, left, min(crop_h, height), min(crop_w, width))
         labels = F.crop(labels, top, left, min(crop_h, height), min(crop_w, width))
 
         if self.hflip and torch.rand(()).item() < 0.5:
             picture, labels = F.horizontal_flip(picture), F.horizontal_flip(labels)
+        if self.vflip and torch.rand(()).item() < 0.5:
+            picture, labels = F.vertical_flip(picture), F.vertical_flip(labels)
         if self.distortion is not None:
             picture = self.distortion(picture)
         picture = self.normalize(picture)

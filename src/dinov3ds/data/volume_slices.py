@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dinov3ds.config.medical import SlicePreprocessing
-from dinov3ds.data.medical import preprocess_slice
+from dinov3ds.config.medical import TRAINING_ONLY, SlicePreprocessing
+from dinov3ds.data.medical import preprocess_slice, scaled_slice, zscore_range
 from dinov3ds.data.nnunet import Case, NnunetDataset, load_case
 from dinov3ds.data.volumes import to_uint16, uint16_range
 from dinov3ds.errors import UserError
@@ -38,6 +38,8 @@ SAMPLES_PER_CASE = 100_000  # foreground voxels drawn per case for the CT percen
 def channel_ranges(channels: np.ndarray, options: SlicePreprocessing) -> list[tuple[float, float]]:
     """The intensity range each channel is mapped from: MRI its own min-max (to uint16, as prepare-volumes),
     CT the window or the stored training range in HU."""
+    if options.modality == "mri" and options.zscore_over == "volume" and options.zscore:
+        return [zscore_range(channel, options.clip) for channel in channels]
     if options.modality == "mri":
         return [uint16_range(channel) for channel in channels]
     if options.window is not None:
@@ -62,11 +64,9 @@ def slice_sources(options: SlicePreprocessing, channel_count: int) -> list[tuple
 
 
 def _gray(plane: np.ndarray, low: float, high: float, options: SlicePreprocessing) -> np.ndarray:
-    if options.modality == "mri":
+    if options.modality == "mri" and not (options.zscore_over == "volume" and options.zscore):
         return preprocess_slice(to_uint16(plane, low, high), options.model_copy(update={"channels": 1}))[:, :, 0]
-    scaled = (np.clip(plane.astype(np.float64), low, high) - low) * (255.0 / (high - low)) if high > low \
-        else np.zeros(plane.shape)  # fmt: skip
-    return np.rint(scaled).astype(np.uint8)
+    return scaled_slice(plane, low, high, options.gamma if options.modality == "mri" else None)
 
 
 def slice_image(channels: np.ndarray, ranges: Sequence[tuple[float, float]], index: int, axis: int,
@@ -119,7 +119,7 @@ def ct_intensity_range(cases: Sequence[Case], dataset: NnunetDataset, percentile
 def _case_key(case: Case, options: SlicePreprocessing, axis: int, dataset: NnunetDataset) -> str:
     files = [p for p in (*case.images, case.label) if p is not None]
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    payload = json.dumps([CACHE_VERSION, stats, options.model_dump(mode="json"), axis, dataset.label_values])
+    payload = json.dumps([CACHE_VERSION, stats, options.model_dump(mode="json", exclude=set(TRAINING_ONLY)), axis, dataset.label_values])
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

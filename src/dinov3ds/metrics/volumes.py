@@ -10,10 +10,14 @@ float32 distances are not, with the empty cases below instead of MONAI's NaN/inf
 - NSD at tolerance τ: the surface voxels of either mask within τ mm of the other's surface, over all
   surface voxels of both.
 
-Empty masks, as Metrics Reloaded (Maier-Hein et al., Nat. Methods 2024) recommends, so every case counts in
-the means instead of being dropped: prediction and reference both empty is a perfect result (Dice, IoU and
-NSD 1, HD95 0); exactly one empty is the worst result (Dice, IoU and NSD 0, HD95 the volume's diagonal in mm,
-the largest distance two voxels of it can have).
+A class absent from the prediction or the reference (CONVENTION below): HD95 and NSD as MONAI's functions
+return them (MONAI 1.x, `compute_hausdorff_distance` / `compute_surface_dice`, checked against MONAI itself in
+tests): HD95 is undefined (NaN) when either mask is empty, there being no surface to measure from; NSD is
+undefined when both are empty and 0 when exactly one is. Dice and IoU as nnU-Net's evaluation: undefined when
+both are empty, 0 when exactly one is (a missed structure, or one predicted where there is none). An
+undefined value is left out of its mean, as MONAI's and nnU-Net's reductions do (`scored` counts the cases
+each mean is over); a mean over no case is null in metrics.json and n/a in the table. A missed structure
+therefore shows as Dice 0 and NSD 0, not as an HD95 of the volume's diagonal (357 mm on a 1 mm MNI head).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("dice", "iou", "hd95", "nsd")
+CONVENTION = ("absent classes: HD95 NaN when either mask is empty, NSD NaN when both are and 0 when one is (MONAI); "
+              "Dice and IoU NaN when both are empty, 0 when one is (nnU-Net); NaN left out of the means")  # fmt: skip
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -52,10 +58,6 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    return math.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, spacing, strict=True)))
-
-
 def binary_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float],
                    tolerance_mm: float = 1.0) -> dict[str, float]:  # fmt: skip
     """Dice, IoU, HD95 (mm) and NSD at `tolerance_mm` of two boolean masks of one shape."""
@@ -63,9 +65,9 @@ def binary_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: Seque
     if prediction.shape != reference.shape:
         raise ValueError(f"prediction {prediction.shape} and reference {reference.shape} differ in shape")
     if not prediction.any() and not reference.any():
-        return {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "nsd": 1.0}
+        return dict.fromkeys(METRICS, math.nan)
     if not prediction.any() or not reference.any():
-        return {"dice": 0.0, "iou": 0.0, "hd95": diagonal_mm(prediction.shape, spacing), "nsd": 0.0}
+        return {"dice": 0.0, "iou": 0.0, "hd95": math.nan, "nsd": 0.0}
     intersection = int(np.count_nonzero(prediction & reference))
     total = int(np.count_nonzero(prediction)) + int(np.count_nonzero(reference))
     box = _bounding_box(prediction | reference)  # every surface voxel is inside: distances are unchanged
@@ -87,21 +89,28 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, spacing: Sequenc
             for index, name in enumerate(class_names) if index > 0}  # fmt: skip
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the defined values (None and NaN are undefined), None when there is none."""
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(defined)) if defined else None
+
+
 def summarise(cases: dict[str, dict[str, dict[str, float]]]) -> dict:
-    """Mean over cases per class and metric, and the mean of those over the classes (`mean`)."""
+    """Mean over the cases where it is defined, per class and metric (`scored`: over how many), and the mean of
+    those over the classes (`mean`)."""
     classes = next(iter(cases.values())).keys() if cases else []
-    per_class = {name: {m: float(np.mean([case[name][m] for case in cases.values()])) for m in METRICS}
-                 for name in classes}  # fmt: skip
-    overall = {m: float(np.mean([values[m] for values in per_class.values()])) for m in METRICS} if per_class else {}
-    return {"cases": len(cases), "per_class": per_class, "mean": overall}
+    per_class = {name: {m: _mean([case[name][m] for case in cases.values()]) for m in METRICS} for name in classes}
+    scored = {name: {m: sum(not math.isnan(case[name][m]) for case in cases.values()) for m in METRICS}
+              for name in classes}  # fmt: skip
+    overall = {m: _mean([values[m] for values in per_class.values()]) for m in METRICS} if per_class else {}
+    return {"cases": len(cases), "per_class": per_class, "mean": overall, "scored": scored}
 
 
 def write_reports(cases: dict[str, dict[str, dict[str, float]]], folder: Path, prefix: str = "",
                   tolerance_mm: float = 1.0) -> dict:  # fmt: skip
     """`<prefix>metrics.json` (means, definitions) and `<prefix>per_case.csv` (one row per case and class)."""
     summary = {**summarise(cases), "tolerance_mm": tolerance_mm,
-               "definitions": "see dinov3ds.metrics.volumes: HD95 and NSD on 6-connected surfaces in mm; "
-                              "both masks empty = perfect, one empty = worst (Metrics Reloaded)"}  # fmt: skip
+               "definitions": f"see dinov3ds.metrics.volumes: HD95 and NSD on 6-connected surfaces in mm; {CONVENTION}"}
     rows = [[case, name, *(f"{values[m]:.6f}" for m in METRICS)] for case, per_class in sorted(cases.items())
             for name, values in per_class.items()]  # fmt: skip
     table = folder / f"{prefix}per_case.csv"
@@ -116,8 +125,15 @@ def write_reports(cases: dict[str, dict[str, dict[str, float]]], folder: Path, p
     return summary
 
 
+def _cell(value: float | None, width: int, digits: int) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
 def format_summary(summary: dict) -> str:
+    """The per-class table; n/a where no case defines a metric (a class absent from every reference and prediction,
+    or HD95 of a class never found)."""
     lines = [f"{'class':<16}{'Dice':>8}{'IoU':>8}{'HD95 mm':>10}{'NSD':>8}   ({summary['cases']} cases)"]
     for name, values in [*summary["per_class"].items(), *([("mean", summary["mean"])] if summary["mean"] else [])]:
-        lines.append(f"{name:<16}{values['dice']:>8.4f}{values['iou']:>8.4f}{values['hd95']:>10.3f}{values['nsd']:>8.4f}")
+        lines.append(f"{name:<16}{_cell(values['dice'], 8, 4)}{_cell(values['iou'], 8, 4)}{_cell(values['hd95'], 10, 3)}"
+                     f"{_cell(values['nsd'], 8, 4)}")  # fmt: skip
     return "\n".join(lines)
