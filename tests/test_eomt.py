@@ -240,6 +240,8 @@ def test_head_weights_start_a_run_from_the_folder(tmp_path) -> None:
             changed[section][name] = value
         with pytest.raises(UserError, match=f"set {key}={wanted}"):
             backbone_from_config(config_from_dict(changed))
+    with pytest.raises(UserError, match="is not a transformers EoMT-DINOv3 folder"):
+        backbone_from_config(config_from_dict({**tree, "head": {**tree["head"], "weights": str(tmp_path)}}))
 
 
 def tiny_run(root: Path, output: str, epochs: int, *extra: str) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dinov3ds.config import Config
+from dinov3ds.config import Config, config_from_dict
 from dinov3ds.errors import UserError
 from dinov3ds.heads.eomt import EoMTHead
 from dinov3ds.models.backbones import Backbone
@@ -36,6 +36,9 @@ logger = logging.getLogger("dinov3ds")
 MODEL_TYPE = "eomt_dinov3"
 SOURCE = "transformers-eomt"  # the backbone identity's `source`
 TIMM_ROPE_TEMPERATURE = 100.0  # timm's DINOv3 RoPE base (transformers' rope_theta)
+# EomtDinov3Config's defaults, for keys a config.json leaves out
+CONFIG_DEFAULTS = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+                   "num_queries": 200, "num_blocks": 4, "image_size": 640, "layer_norm_eps": 1e-6}  # fmt: skip
 # transformers' head names → the eomt head's (tue-mps/eomt names them q, class_head, mask_head, upscale)
 HEAD_RULES = (
     (r"^query\.weight$", "queries.weight"), (r"^class_predictor\.", "classifier."), (r"^attn_mask_probs$", "mask_probabilities"),
@@ -79,7 +82,7 @@ def _settings(folder: Path) -> dict:
         raise UserError(f"cannot read {folder / 'config.json'} ({error}); download the folder again") from None
     if not isinstance(settings, dict):
         raise UserError(f"{folder / 'config.json'} is not a JSON object; download the folder again")
-    return settings
+    return {**CONFIG_DEFAULTS, **settings}
 
 
 def _backbone_names(shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
@@ -129,7 +132,7 @@ def _architecture(settings: dict, shapes: dict[str, tuple[int, ...]], folder: Pa
 
 def _head_state(tensors: TensorFile, settings: dict) -> dict[str, Tensor]:
     """The eomt head's weights, under its own names (masks on in every block if the folder has no probabilities)."""
-    state = {"mask_probabilities": torch.ones(int(settings.get("num_blocks", 4)))}
+    state = {"mask_probabilities": torch.ones(int(settings["num_blocks"]))}
     for key in tensors.shapes:
         for pattern, replacement in HEAD_RULES:
             if re.match(pattern, key):
@@ -152,13 +155,15 @@ def _normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _size(settings: dict) -> int:
-    size = settings.get("image_size", 640)
+    size = settings["image_size"]
     return int(min(size) if isinstance(size, (list, tuple)) else size)
 
 
 def class_names(settings: dict) -> list[str]:
-    """`id2label` in id order (transformers' default `LABEL_i` names when the folder has none)."""
+    """`id2label`'s names in id order."""
     labels = settings.get("id2label") or {}
+    if not isinstance(labels, dict) or not all(str(key).isdigit() for key in labels):
+        raise UserError("config.json: id2label must map class ids (0, 1, ...) to names; download the folder again")
     return [str(labels[key]) for key in sorted(labels, key=int)]
 
 
@@ -175,14 +180,14 @@ def checkpoint_dict(weights: str | Path) -> dict:
         raise UserError(f"{folder}: id2label names {len(names)} classes but the class layer has "
                         f"{head['classifier.weight'].shape[0] - 1 if 'classifier.weight' in head else 'no'} (+1 no-object)")  # fmt: skip
     size = _size(settings)
-    config = Config.model_validate({
+    config = config_from_dict({
         "task": "segmentation",
         "backbone": {"name": spec.name, "weights": str(weights), "overrides": overrides},
         "data": {"dataset": "segmentation_folder", "image_size": size, "eval_size": size, "class_names": names,
                  "num_classes": len(names)},
         "head": {"name": "eomt", "options": {"num_queries": settings["num_queries"], "num_blocks": settings["num_blocks"]}},
         "inference": {"mode": "slide", "crop": size, "stride": size},  # the reference: fewest windows of its size
-    })  # fmt: skip
+    }, source=str(folder / "config.json"))  # fmt: skip
     identity = {"name": spec.name, "weights": str(weights), "source": SOURCE, "sha256": weights_digest(folder),
                 "overrides": overrides}  # fmt: skip
     meta = {"task": "segmentation", "config": config.model_dump(mode="json"), "class_names": names,
@@ -209,7 +214,7 @@ def folder_backbone(name: str, weights: str | Path, overrides: dict, dtype: torc
         streaming.fill(model, tensors, [replace(p, source=names[p.source]) for p in placements], dtype, device)
     for module in model.modules():  # transformers' EoMT config says its eps (1e-6 by default; timm's DINOv3: 1e-5)
         if isinstance(module, nn.LayerNorm):
-            module.eps = float(settings.get("layer_norm_eps", 1e-6))
+            module.eps = float(settings["layer_norm_eps"])
     identity = {"name": spec.name, "weights": str(weights), "source": SOURCE, "sha256": weights_digest(folder),
                 "overrides": overrides}  # fmt: skip
     backbone = Backbone(spec, model.to(device), identity)
