@@ -45,7 +45,8 @@ class Backbone(nn.Module):
         self.spec = spec
         self.model = model
         self.identity = identity
-        self.embed_dim = spec.embed_dim
+        # the built model's width: an `embed_dim` override (reduced test models, EoMT folders) changes it
+        self.embed_dim = int(model.embed_dim) if spec.family == "vit" else spec.embed_dim
         self.patch_size = spec.patch_size
         self.input_multiple = spec.input_multiple
         self.default_layers = spec.default_layers
