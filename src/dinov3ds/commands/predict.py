@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, printable, staged, written
+from dinov3ds.commands.predict_depth import predict_depth_images
 from dinov3ds.commands.volumes import predict_volumes, volume_inputs
 from dinov3ds.data.dicom import is_dicom_series
 from dinov3ds.data.image_batches import image_batches, regular_file
@@ -158,14 +159,17 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: 
     images, volume_files, series = collect_inputs(paths)
     folder = OutputFolder(Path(out), inputs=[*images, *volume_files], overwrite=overwrite)
     items = volume_inputs(volume_files, series)
-    if items and read_checkpoint(checkpoint).config.get("task") == "classification":
-        raise UserError(f"{checkpoint} is a classification checkpoint and cannot segment volumes such as "
+    if items and read_checkpoint(checkpoint).config.get("task") in ("classification", "depth"):
+        raise UserError(f"{checkpoint} is a {read_checkpoint(checkpoint).task} checkpoint and cannot segment volumes such as "
                         f"{items[0].files[0]}; pass images, or a segmentation checkpoint")  # fmt: skip
     with folder.held("--out"):  # one writer per folder: a second run into it is refused, naming this one
         spread = devices > 1 and not images  # each process loads its own model: none here
         model = None if spread else load_model(checkpoint, device=device, overrides=overrides)
         if isinstance(model, Classifier):
             predict_classification(model, images, folder, topk)
+            return
+        if model is not None and model.config.task == "depth":
+            predict_depth_images(model, images, folder, labels)
             return
         if images:
             predict_segmentation(model, images, folder, mode, label_offset)

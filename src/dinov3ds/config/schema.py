@@ -83,7 +83,7 @@ class BackboneConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["imagenette", "image_folder", "ade20k", "segmentation_folder", "nnunet"] = "image_folder"
+    dataset: Literal["imagenette", "image_folder", "ade20k", "segmentation_folder", "nnunet", "depth_folder", "nyu"] = "image_folder"
     root: PathText = "data"  # dataset folder (the one holding the splits)
     train_split: str = "train"  # sub-folder of the training split
     val_split: str = "val"  # sub-folder of the validation split
@@ -223,8 +223,29 @@ class CacheConfig(Section):
     shard_size: int = Field(8192, ge=1)  # rows per shard file: the unit of resuming and of splitting over ranks
 
 
+class DepthConfig(Section):
+    """task: depth: the range the head predicts in, how depth files are stored, and the loss (see heads/depth.py)."""
+
+    min_depth: float = Field(1e-3, gt=0)  # metres: the first bin's centre (DINOv2/3: 0.001)
+    max_depth: float = Field(10.0, gt=0, le=1e5)  # metres: the last bin; deeper ground truth is invalid (NYU: 10)
+    bins: int = Field(256, ge=2, le=4096)  # linear bins between min_depth and max_depth (DINOv2/3: 256)
+    bins_norm: Literal["softmax", "linear"] = "softmax"  # bin weights: softmax, or Meta's ReLU + 0.1, normalised
+    depth_scale: float | None = Field(None, gt=0)  # stored value per metre (None: 1000 for 16-bit PNG, 1 for .npy)
+    eigen_crop: bool | None = None  # score inside Eigen's NYU crop only (None: on for data.dataset nyu)
+    depth_dir: str = "depth"  # depth_folder: the depth maps' sub-folder beside images_dir
+    silog_lambda: float = Field(0.85, ge=0, le=1)  # SILog variance focus (BTS / AdaBins: 0.85)
+    silog_scale: float = Field(10.0, gt=0)  # SILog multiplier (BTS / AdaBins: 10)
+    gradient_weight: float = Field(0.0, ge=0)  # MiDaS multi-scale gradient matching term (0 = off)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DepthConfig:
+        if self.min_depth >= self.max_depth:
+            raise ValueError("depth.min_depth must be below depth.max_depth")
+        return self
+
+
 class Config(Section):
-    task: Literal["classification", "segmentation"] = "classification"
+    task: Literal["classification", "segmentation", "depth"] = "classification"
     output_dir: PathText = "output/run"  # config.yaml, checkpoints, logs and pictures go here
     seed: int = Field(0, ge=0, lt=2**32)
     cache_features: bool = True  # linear classification without augmentation: compute features once
@@ -236,3 +257,4 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    depth: DepthConfig = Field(default_factory=DepthConfig)  # task: depth

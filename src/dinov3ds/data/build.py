@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from dinov3ds.config import Config, cache_dir
 from dinov3ds.config.medical import SlicePreprocessing
 from dinov3ds.data.classification import IMAGENETTE_CLASSES, ImageFolderDataset
+from dinov3ds.data.depth import depth_splits
 from dinov3ds.data.fingerprint import nnunet_fingerprint, slice_folder_fingerprint
 from dinov3ds.data.io import load_image, load_mask
 from dinov3ds.data.layout import MaskLabels, SegmentationLayout, ade20k_layout, ade20k_split
@@ -226,6 +227,8 @@ def _check_root(config: Config) -> None:
 def build_datasets(config: Config, mean: Stats, std: Stats, input_multiple: int = 16) -> DataSplits:
     """Train and val datasets for the config's task; `mean`/`std` come from the backbone's preset."""
     _check_root(config)
+    if config.task == "depth":
+        return DataSplits(*depth_splits(config, mean, std, input_multiple), ["depth"])
     if config.task == "classification":
         return _classification(config, mean, std)
     if config.data.dataset == "nnunet":
@@ -238,6 +241,8 @@ def build_datasets(config: Config, mean: Stats, std: Stats, input_multiple: int 
 def build_validation_dataset(config: Config, mean: Stats, std: Stats, input_multiple: int = 16) -> Dataset:
     """The validation split alone (evaluation): the training split need not exist."""
     _check_root(config)
+    if config.task == "depth":
+        return depth_splits(config, mean, std, input_multiple, train=False)[1]
     if config.task == "classification":
         return _classification_split(config, config.data.val_split, mean, std, train=False)
     if config.data.dataset == "nnunet":

@@ -283,3 +283,29 @@ def make_nnunet_dataset(
         "numTraining": training, "file_ending": ".nii.gz", "name": f"phantom_{modality}",
     }, indent=2))  # fmt: skip
     return root
+
+
+def make_depth_folder(root: str | Path, *, train: int = 24, val: int = 8, size: int = 32, seed: int = 0,
+                      max_depth: float = 8.0) -> Path:  # fmt: skip
+    """Write a depth_folder tree `root/{train,val}/{images,depth}` of textured planes at known distances;
+    returns root. Each image holds two fronto-parallel planes (top and bottom half) at depths drawn from
+    1 m to `max_depth`; the far one looks as a far wall does: finer texture (frequency ∝ 1/depth) and darker
+    (light falls off with distance). Depth PNGs are 16-bit millimetres; one pixel row per plane is unknown (0)."""
+    root = Path(root)
+    for split, count in (("train", train), ("val", val)):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "depth").mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            rng = np.random.default_rng([seed, 0 if split == "train" else 1, index, 7])
+            pixels, depth = np.zeros((size, size, 3)), np.zeros((size, size))
+            for half in (slice(0, size // 2), slice(size // 2, size)):
+                distance = rng.uniform(1.0, max_depth)
+                shade = 1.0 - 0.8 * (distance - 1.0) / (max_depth - 1.0)
+                pattern = _texture("checker", (size // 2, size), 24 / distance, rng.uniform(0, 0.3), rng.uniform())
+                colour = _rgb(rng.uniform(), 0.5, 1.0) * shade
+                pixels[half] = colour * (0.6 + 0.4 * pattern[..., None])
+                depth[half] = distance
+            depth[int(rng.integers(0, size))] = 0  # unknown depth, as sensors leave holes
+            Image.fromarray(_to_uint8(pixels + rng.normal(0, 0.02, pixels.shape))).save(root / split / "images" / f"{index:03d}.png")
+            Image.fromarray((depth * 1000).round().astype(np.uint16)).save(root / split / "depth" / f"{index:03d}.png")
+    return root

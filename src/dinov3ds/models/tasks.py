@@ -11,6 +11,7 @@ Both can be rebuilt from a head-only checkpoint (`from_checkpoint`) and used fro
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +40,8 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 # Settings the trained head's weights depend on: a checkpoint's config cannot override them.
 TRAINED_SETTINGS = ("task", "backbone.name", "backbone.layers", "backbone.overrides", "backbone.unfreeze_last_blocks",
                     "backbone.finetune", "backbone.lora",
-                    "head", "data.num_classes", "data.class_names")  # fmt: skip
+                    "head", "data.num_classes", "data.class_names", "depth.min_depth", "depth.max_depth", "depth.bins",
+                    "depth.bins_norm")  # fmt: skip
 
 
 def backbone_dtype(config: Config, device: str | torch.device, *, inference: bool = False) -> torch.dtype:
@@ -66,7 +68,7 @@ def backbone_from_config(config: Config, device: str | torch.device = "cpu", *, 
 
 def input_multiple(config: Config, backbone: Backbone) -> int:
     """The side length every input must be a multiple of: the backbone's patch size, and the head's own."""
-    if config.task == "segmentation":
+    if config.task != "classification":
         return math.lcm(backbone.input_multiple, head_class(config.head.name).input_multiple)
     return backbone.input_multiple
 
@@ -296,7 +298,7 @@ def check_head_name(config: Config, source: str) -> None:
     """The head a config names exists for its task (a checkpoint's config is checked as strictly as a file)."""
     if config.task == "classification" and config.head.name != "linear":
         raise UserError(f"{source}: head '{config.head.name}' is a segmentation head; classification uses head.name: linear")
-    if config.task == "segmentation":
+    if config.task != "classification":
         try:
             head_class(config.head.name)
         except UserError as error:
@@ -330,5 +332,14 @@ def load_model(
 ) -> Classifier | Segmenter:
     """Either model, whichever task the checkpoint was trained for, on `device` (auto: the first GPU if any,
     see `resolve_device`); `overrides` as in `checkpoint_config`, e.g. ["backbone.dtype=float32"]."""
-    task = read_checkpoint(path).task
-    return (Classifier if task == "classification" else Segmenter).from_checkpoint(path, device, overrides)
+    return model_class(read_checkpoint(path).task).from_checkpoint(path, device, overrides)
+
+
+TASK_MODELS = {"classification": "Classifier", "segmentation": "Segmenter", "depth": "dinov3ds.models.depth:DepthEstimator"}
+
+
+def model_class(task: str) -> type[_TaskModel]:
+    """The model of a task, from the registry above: a class of this module, or one in a module of its own
+    named as `module:Class` (that module builds on this one, so it is imported when asked for)."""
+    module, _, name = TASK_MODELS[task].rpartition(":")
+    return getattr(importlib.import_module(module), name) if module else globals()[name]

@@ -100,7 +100,7 @@ class TaskModule(L.LightningModule):
             loss_sum = torch.stack(losses).sum()
             self._observe(loss_sum / len(losses), batch_index)
             return loss_sum
-        if isinstance(self.model, Segmenter):
+        if not isinstance(self.model, Classifier):
             self.model.head.set_step(self.global_step)  # a head's own schedule (PMT's mask annealing)
         loss = self.criterion(self(inputs), target)
         self._observe(loss, batch_index)
@@ -167,7 +167,8 @@ class TaskModule(L.LightningModule):
         if score is None or (isinstance(score, float) and math.isnan(score)):
             return
         score = float(score)
-        if self.best["score"] is None or score > self.best["score"]:
+        previous = self.best["score"]
+        if previous is None or (score < previous if self.task.monitor_mode == "min" else score > previous):
             scalars = {f"val/{k}": float(v) for k, v in result.items()
                        if isinstance(v, float) or (torch.is_tensor(v) and v.numel() == 1)}  # fmt: skip
             self.best = {"score": score, "epoch": self.current_epoch, "step": self.global_step, "metrics": scalars}

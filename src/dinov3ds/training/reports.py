@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from dinov3ds.data.transforms import denormalize
 from dinov3ds.metrics import format_per_class_table, write_per_class_csv
+from dinov3ds.metrics.depth import format_summary as format_depth_summary
+from dinov3ds.metrics.depth import write_per_image_csv
 from dinov3ds.viz import default_palette, plot_confusion_matrix, plot_curves, prediction_grid
 
 logger = logging.getLogger("dinov3ds")
@@ -25,7 +27,7 @@ def _scalars(result: dict) -> dict:
 def metric_files(task: str, prefix: str = "val") -> list[str]:
     """The files `write_metrics` writes, so a command can claim them before it computes anything."""
     per_class = [f"{prefix}_per_class_accuracy.csv", f"{prefix}_confusion_matrix.png"] if task == "classification" \
-        else [f"{prefix}_per_class_iou.csv"]  # fmt: skip
+        else [f"{prefix}_per_image_depth.csv"] if task == "depth" else [f"{prefix}_per_class_iou.csv"]  # fmt: skip
     return [f"{prefix}_metrics.json", *per_class]
 
 
@@ -33,6 +35,10 @@ def write_metrics(result: dict, class_names: list[str], task: str, output_dir: P
     """Per-class table (printed and CSV) plus a JSON of the scalar metrics; returns the printed text."""
     output_dir.mkdir(parents=True, exist_ok=True)
     scalars = _scalars(result)
+    if task == "depth":  # metres and fractions as papers print them, one row per image in the CSV
+        (output_dir / f"{prefix}_metrics.json").write_text(json.dumps({**scalars, "images": result["images"]}, indent=2))
+        write_per_image_csv(result, output_dir / f"{prefix}_per_image_depth.csv")
+        return f"depth ({result['images']} images): {format_depth_summary(result)}"
     counted = {"images": result["images"]} if "images" in result else {}
     (output_dir / f"{prefix}_metrics.json").write_text(json.dumps({**scalars, **counted}, indent=2, allow_nan=True))
     if task == "classification":

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from dinov3ds.config import Config
 from dinov3ds.heads import head_class
 from dinov3ds.metrics import ClassificationMetric, SegmentationMetric
+from dinov3ds.metrics.depth import DepthMetric
+from dinov3ds.training.depth_loss import DepthLoss
 from dinov3ds.training.losses import build_loss
 from dinov3ds.training.mask_classification import MaskClassificationLoss
 
@@ -19,6 +21,7 @@ class ClassificationTask:
     """Cross-entropy on class indices; top-1 / top-5 over the whole validation set."""
 
     monitor = "val/top1"
+    monitor_mode = "max"
     reported = ("top1", "top5", "mean_class_accuracy")  # shown in the progress bar: the first one
 
     def __init__(self, config: Config, num_classes: int) -> None:
@@ -43,6 +46,7 @@ class SegmentationTask:
     """The configured segmentation loss on label maps; mIoU over the whole validation set."""
 
     monitor = "val/mIoU"
+    monitor_mode = "max"
     reported = ("mIoU", "aAcc", "mAcc", "mDice")
 
     def __init__(self, config: Config, num_classes: int, class_names: list[str] | None = None) -> None:
@@ -75,7 +79,38 @@ class SegmentationTask:
         return {f"Dice_{name}": float(result["Dice"][index + 1]) for index, name in enumerate(self.logged_classes)}
 
 
-def task_for(config: Config, class_names: list[str]) -> ClassificationTask | SegmentationTask:
+class DepthTask:
+    """SILog (+ gradient matching) on metric depth; the eight depth metrics, RMSE monitored (lower is better)."""
+
+    monitor = "val/RMSE"
+    monitor_mode = "min"
+    reported = ("RMSE", "AbsRel", "d1", "RMSE_log", "SqRel", "log10", "d2", "d3")
+
+    def __init__(self, config: Config, num_classes: int, class_names: list[str] | None = None) -> None:
+        depth = config.depth
+        self.eigen_crop = depth.eigen_crop if depth.eigen_crop is not None else config.data.dataset == "nyu"
+        self.min_depth, self.max_depth = depth.min_depth, depth.max_depth
+        self.criterion = DepthLoss(depth.max_depth, variance_focus=depth.silog_lambda, scale=depth.silog_scale,
+                                   gradient_weight=depth.gradient_weight)  # fmt: skip
+
+    def new_metric(self) -> DepthMetric:
+        return DepthMetric(self.min_depth, self.max_depth, self.eigen_crop)
+
+    def validation_output(self, module: nn.Module, inputs: Tensor, target: Tensor) -> Tensor:
+        """Metres [B, H, W] at the ground truth's own size."""
+        return module.model.predict_depth(inputs, tuple(target.shape[-2:]))
+
+    def validation_loss(self, output: Tensor, target: Tensor) -> Tensor | None:
+        return self.criterion(output, target)
+
+    def per_class_scalars(self, result: dict) -> dict[str, float]:
+        return {}
+
+
+TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask, "depth": DepthTask}
+
+
+def task_for(config: Config, class_names: list[str]) -> ClassificationTask | SegmentationTask | DepthTask:
     if config.task == "classification":
         return ClassificationTask(config, len(class_names))
-    return SegmentationTask(config, len(class_names), class_names)
+    return TASKS[config.task](config, len(class_names), class_names)

@@ -39,6 +39,7 @@ from dinov3ds.models.tasks import (
     backbone_from_config,
     check_head_name,
     input_multiple,
+    model_class,
     place_model,
 )
 from dinov3ds.training.feature_cache import cached_features
@@ -84,7 +85,7 @@ def build_model(config: Config, class_names: list[str], backbone) -> Classifier 
     check_head_name(config, "config")
     if config.task == "classification":  # a probe grid's model computes the widest vector its heads read
         return Classifier(backbone, len(class_names), input_config(config), class_names)
-    return Segmenter(backbone, len(class_names), config, class_names)
+    return model_class(config.task)(backbone, len(class_names), config, class_names)
 
 
 class IntervalLossProgressBar(TQDMProgressBar):
@@ -97,10 +98,10 @@ class IntervalLossProgressBar(TQDMProgressBar):
         return metrics
 
 
-def build_trainer(config: Config, output_dir: Path, monitor: str) -> L.Trainer:
+def build_trainer(config: Config, output_dir: Path, monitor: str, mode: str = "max") -> L.Trainer:
     section = config.trainer
     checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
+        dirpath=output_dir / "checkpoints", filename="best", monitor=monitor, mode=mode,
         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
     )  # fmt: skip
     # last.ckpt at every validation, for --resume. Not `save_last=True` on the callback above: Lightning (2.6)
@@ -180,7 +181,7 @@ def check_before_start(config: Config) -> None:
     """What the config alone decides, checked before any data, weights or files are touched: the head and its
     options (each against its range), and devices this machine has (no process is started for one it lacks)."""
     check_head_name(config, "config")
-    if config.task == "segmentation":
+    if config.task == "segmentation" or (config.task == "depth" and config.head.name != "linear"):
         check_head_options(config.head.name, config.head.options)
     elif config.head.options:
         raise UserError(f"head.options {config.head.options} are for segmentation heads; classification's linear "
@@ -285,7 +286,7 @@ def _fit(config: Config, output_dir: Path, checkpoint: Path | None) -> TrainResu
     head, in_backbone = trainable_counts(backbone, sum(p.numel() for p in module.parameters() if p.requires_grad))
     logger.info("trainable parameters: head %s, backbone %s (%s)", f"{head:,}", f"{in_backbone:,}", backbone_training)
     eval_batch = config.data.eval_batch_size or (config.data.batch_size if config.task == "classification" else 1)
-    trainer = build_trainer(config, output_dir, module.monitor)
+    trainer = build_trainer(config, output_dir, module.monitor, module.task.monitor_mode)
     val_loader = make_loader(splits.val, config, batch_size=eval_batch, train=False)
     train_loader = make_loader(splits.train, config, batch_size=config.data.batch_size, train=True)
     module.train_sampler = train_loader.sampler

@@ -1,0 +1,84 @@
+"""`dinov3ds predict` with a depth checkpoint: per image a 16-bit depth PNG (millimetres, 0 = nothing) and a
+coloured picture with its colour bar in metres; with `--labels DEPTH_FOLDER`, the eight depth metrics against
+the depth files there (`<stem>.png` millimetres or `<stem>.npy` metres), per image and over the set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, staged
+from dinov3ds.data.depth import DEPTH_SUFFIXES, load_depth
+from dinov3ds.data.io import load_image
+from dinov3ds.errors import UserError
+from dinov3ds.metrics.depth import DepthMetric, format_summary, write_per_image_csv
+
+
+def save_depth_png(depth: np.ndarray, path: Path) -> None:
+    """Metres → uint16 millimetres (clipped to 65.535 m), the format depth folders are read in."""
+    from PIL import Image
+
+    Image.fromarray(np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)).save(path, format="PNG")
+
+
+def save_depth_picture(depth: np.ndarray, path: Path, max_depth: float) -> None:
+    """The depth map in a perceptual colour map, near dark, with a colour bar in metres."""
+    height, width = depth.shape
+    figure = Figure(figsize=(max(3.0, 4 * width / max(height, width)) + 1.0, 4 * height / max(height, width)), dpi=100)
+    axes = figure.add_subplot()
+    shown = axes.imshow(depth, cmap="magma_r", vmin=0.0, vmax=max_depth)
+    axes.set_axis_off()
+    figure.colorbar(shown, ax=axes, label="depth (m)")
+    figure.savefig(path, format="png", bbox_inches="tight")
+
+
+def _truth(image: Path, labels: Path, root: Path) -> Path:
+    stem = image.resolve().relative_to(root).with_suffix("")
+    for suffix in DEPTH_SUFFIXES:
+        if (labels / f"{stem}{suffix}").is_file():
+            return labels / f"{stem}{suffix}"
+    raise UserError(f"--labels {labels}: no depth file {labels / stem}.png (or .npy) for image {image}; "
+                    "give the folder holding one per image")  # fmt: skip
+
+
+@torch.inference_mode()
+def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: str | None) -> dict | None:
+    """Depth PNG + picture per image, mirrored under `out`; the metrics when `labels` names the true depths."""
+    root = input_root(images)
+    truths = [_truth(image, Path(labels), root) for image in images] if labels else None
+    targets = [(out.claim(mirrored(p, root, ".depth.png")), out.claim(mirrored(p, root, ".depth_color.png"))) for p in images]
+    if truths is not None:
+        scored = [out.claim(name) for name in ("depth_metrics.json", "depth_per_image.csv")]
+    depth_section = model.config.depth
+    eigen = bool(depth_section.eigen_crop) if depth_section.eigen_crop is not None else model.config.data.dataset == "nyu"
+    metric = DepthMetric(depth_section.min_depth, depth_section.max_depth, eigen)
+    for index, image in enumerate(images):
+        pil = load_image(image)
+        depth = model.predict(pil)
+        depth_path, picture_path = targets[index]
+        with staged(depth_path) as temporary:
+            save_depth_png(depth, temporary)
+        with staged(picture_path) as temporary:
+            save_depth_picture(depth, temporary, depth_section.max_depth)
+        if truths is not None:
+            truth = load_depth(truths[index], depth_section.depth_scale)
+            if truth.shape != depth.shape:
+                raise UserError(f"--labels: depth file {truths[index]} is {truth.shape[1]}x{truth.shape[0]} but image "
+                                f"{image} is {depth.shape[1]}x{depth.shape[0]}; depth maps must match their image")  # fmt: skip
+            metric.update(torch.from_numpy(depth)[None], torch.from_numpy(truth)[None])
+    print(f"wrote depth PNGs (millimetres, 16-bit) and coloured pictures for {len(images)} images to {out.root}")
+    if truths is None:
+        return None
+    result = metric.compute()
+    json_path, csv_path = scored
+    scalars = {k: v for k, v in result.items() if isinstance(v, float)}
+    with staged(json_path) as temporary:
+        temporary.write_text(json.dumps({**scalars, "images": result["images"]}, indent=2))
+    with staged(csv_path) as temporary:
+        write_per_image_csv(result, temporary, [str(p) for p in images])
+    print(f"depth ({result['images']} images): {format_summary(result)}")
+    return result
