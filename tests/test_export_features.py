@@ -1,58 +1,15 @@
-"""Export (ONNX, TorchScript) against PyTorch, and the feature tools: features .npz, PCA picture, k-NN."""
+"""The feature tools: features .npz, PCA picture, k-NN (export: tests/test_deploy.py)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from dinov3ds.cli import main
-from dinov3ds.commands.export import export_onnx, export_torchscript
 from dinov3ds.commands.features import extract_to_npz, knn_evaluate, knn_predict, pca_pictures
-from dinov3ds.config import cache_dir, load_config
-from dinov3ds.data.synthetic import make_classification_folder, make_segmentation_folder
+from dinov3ds.config import cache_dir
+from dinov3ds.data.synthetic import make_classification_folder
 from dinov3ds.models.backbones import load_backbone
-from dinov3ds.models.tasks import load_model
-from dinov3ds.training.trainer import train
-from tests.conftest import tiny
-
-TINY = tiny("trainer.max_epochs=1")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("export")
-    cls_root = make_classification_folder(folder / "cls", num_classes=3, train_per_class=4, val_per_class=2, size=32)
-    seg_root = make_segmentation_folder(folder / "seg", num_classes=3, train=4, val=2, size=(32, 32))
-    classification = train(load_config(None, [*TINY, f"data.root={cls_root}", "data.augment=false",
-                                              f"output_dir={folder / 'run_cls'}"]))  # fmt: skip
-    segmentation = train(load_config(None, [*TINY, "task=segmentation", f"data.root={seg_root}", "head.name=unet_sum",
-                                            "head.options={base_channels: 32}", "data.class_names=[a,b,c]",
-                                            "data.batch_size=2", f"output_dir={folder / 'run_seg'}"]))  # fmt: skip
-    return {"classification": classification.last_checkpoint, "segmentation": segmentation.last_checkpoint}
-
-
-@pytest.mark.parametrize("task", ["classification", "segmentation"])
-@pytest.mark.parametrize("size", [(32, 32), (64, 32)])
-def test_onnx_matches_pytorch(checkpoints, tmp_path, task, size):
-    pytest.importorskip("onnxruntime")
-    model = load_model(checkpoints[task])
-    error = export_onnx(model, tmp_path / "model.onnx", *size, dynamic_batch=True)
-    assert error <= 1e-4, f"{task} {size}: ONNX differs from PyTorch by {error}"
-
-
-def test_torchscript_matches_pytorch(checkpoints, tmp_path):
-    model = load_model(checkpoints["segmentation"])
-    assert export_torchscript(model, tmp_path / "model.pt", 32, 48) <= 1e-4
-
-
-def test_export_cli_prints_the_error(checkpoints, tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
-    out = tmp_path / "cls.onnx"
-    assert main(["export", "--checkpoint", str(checkpoints["classification"]), "--out", str(out)]) == 0
-    assert out.is_file() and "max abs error vs PyTorch" in capsys.readouterr().out
-    assert main(["export", "--checkpoint", str(checkpoints["classification"]), "--out", str(out), "--height", "30"]) == 2
 
 
 def test_features_npz_shapes_and_dtypes(tmp_path):

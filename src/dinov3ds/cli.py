@@ -131,10 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export backbone + head as ONNX or TorchScript, checked against PyTorch")
     export.add_argument("--checkpoint", required=True, help="a dinov3ds head checkpoint")
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="graph format")
-    export.add_argument("--out", required=True, help="the graph file; <out>.json beside it holds the preprocessing")
-    export.add_argument("--height", type=int, default=None, help="input height (default: data.image_size)")
-    export.add_argument("--width", type=int, default=None, help="input width (default: data.image_size)")
-    export.add_argument("--dynamic-batch", action="store_true", help="ONNX: batch size chosen at run time")
+    export.add_argument("--out", required=True,
+                        help="the graph file; ONNX holds its preprocessing and class names (TorchScript: <out>.json)")
+    export.add_argument("--height", type=int, default=None,
+                        help="fix the input height (ONNX default: any size; TorchScript: data.image_size)")
+    export.add_argument("--width", type=int, default=None,
+                        help="fix the input width (ONNX default: any size; TorchScript: data.image_size)")
+    export.add_argument("--half", action="store_true",
+                        help="ONNX in float16 (RoPE, attention logits, softmax and LayerNorm kept in float32)")
+    export.add_argument("--dynamic-batch", action="store_true", help=argparse.SUPPRESS)  # the batch is always dynamic
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_device_argument(export)
     export.set_defaults(handler=handlers.run_export)

@@ -119,7 +119,9 @@ def run_prepare_volumes(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from dinov3ds.commands.export import export
 
-    export(args.checkpoint, args.out, args.format, args.height, args.width, args.dynamic_batch, args.overwrite,
+    if args.dynamic_batch:
+        logging.getLogger("dinov3ds").warning("export --dynamic-batch is no longer needed: the batch size is always dynamic")
+    export(args.checkpoint, args.out, args.format, args.height, args.width, half=args.half, overwrite=args.overwrite,
            device=args.device)  # fmt: skip
 
 

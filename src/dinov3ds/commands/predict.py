@@ -1,4 +1,5 @@
-"""`dinov3ds predict`: images, folders and NIfTI volumes through a trained checkpoint, results on disk."""
+"""`dinov3ds predict`: images, folders and NIfTI volumes through a trained checkpoint, results on disk; images
+also through an exported `.onnx` file (onnxruntime), with the same outputs and summaries."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from dinov3ds.data.image_batches import image_batches, regular_file
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image
 from dinov3ds.data.transforms import SegmentationEvalTransform
 from dinov3ds.data.volumes import is_nifti
+from dinov3ds.deploy.metadata import label_offset as dataset_label_offset
+from dinov3ds.deploy.serving import is_onnx, load_onnx
 from dinov3ds.errors import UserError
 from dinov3ds.models.checkpoints import read_checkpoint
 from dinov3ds.models.inference import labels_at_size
@@ -99,10 +102,8 @@ def predict_classification(model: Classifier, images: list[Path], out: OutputFol
 
 
 def default_label_offset(model: Segmenter) -> int:
-    """Label PNGs in the dataset's own convention: ADE20K-style data (`reduce_zero_label`: 0 = "other",
-    classes from 1) gets class id + 1, so a prediction compares directly with an annotation; else the id."""
-    data = model.config.data
-    return 1 if data.reduce_zero_label or data.dataset == "ade20k" else 0
+    """Label PNGs in the dataset's own convention (`deploy.metadata.label_offset`; an exported file keeps it)."""
+    return dataset_label_offset(model.config)
 
 
 PROBABILITY_BUDGET = 1 << 30  # bytes of class probabilities per forward: a batch is split to stay below it
@@ -151,7 +152,7 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: 
             resume: bool = False) -> None:  # fmt: skip
     """Predict every image and volume in `paths` into `out`, which mirrors their folders (see OutputFolder),
     on `device` (auto: the first GPU if there is one); volumes over `devices` processes, `resume` skipping
-    those already predicted."""
+    those already predicted. A `.onnx` checkpoint (images only) runs in onnxruntime from its metadata."""
     if topk < 1:
         raise UserError(f"--topk {topk}: give 1 or more labels per image")
     if devices < 1:
@@ -159,13 +160,21 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: 
     images, volume_files, series = collect_inputs(paths)
     folder = OutputFolder(Path(out), inputs=[*images, *volume_files], overwrite=overwrite)
     items = volume_inputs(volume_files, series)
+    if items and is_onnx(checkpoint):
+        raise UserError(f"{checkpoint}: volumes such as {items[0].files[0]} are predicted with the .ckpt the file was "
+                        "exported from (slices along three axes, spacing, NIfTI out); pass images to the .onnx")  # fmt: skip
     if items and read_checkpoint(checkpoint).config.get("task") in ("classification", "depth"):
         raise UserError(f"{checkpoint} is a {read_checkpoint(checkpoint).task} checkpoint and cannot segment volumes such as "
                         f"{items[0].files[0]}; pass images, or a segmentation checkpoint")  # fmt: skip
     with folder.held("--out"):  # one writer per folder: a second run into it is refused, naming this one
         spread = devices > 1 and not images  # each process loads its own model: none here
-        model = None if spread else load_model(checkpoint, device=device, overrides=overrides)
-        if isinstance(model, Classifier):
+        if spread:
+            model = None
+        elif is_onnx(checkpoint):
+            model = load_onnx(checkpoint, device=device, overrides=overrides)
+        else:
+            model = load_model(checkpoint, device=device, overrides=overrides)
+        if model is not None and model.config.task == "classification":
             predict_classification(model, images, folder, topk)
             return
         if model is not None and model.config.task == "depth":
