@@ -6,7 +6,9 @@ training would check later: splits and class folders are not empty, every image 
 its image, a mask has its image's size, and its label values (after `label_map` / `reduce_zero_label`) are
 below the number of classes or the ignore index. An nnU-Net / MSD dataset (`data.dataset: nnunet`) is read as
 training reads it: dataset.json, the case files, the fold, then every case's channels and label (one grid,
-integer label ids dataset.json names). Each problem is one line naming the file and the fix.
+integer label ids dataset.json names). Each problem is one line naming the file and the fix. A medical
+dataset that passes (nnU-Net, or a prepare-volumes folder) is then fingerprinted, and the report shows the
+fingerprint and the settings training would derive from it (data/medical_plan.py).
 
     report = check_dataset(load_config("configs/my_data.yaml"))
     for line in report.problems: print(line)
@@ -21,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinov3ds.config import Config
-from dinov3ds.data.build import image_loader, segmentation_layout
+from dinov3ds.data.build import image_loader, resolve_dataset_settings, segmentation_layout
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image, load_mask
 from dinov3ds.data.layout import Pairing
+from dinov3ds.data.medical_plan import medical_kind
 from dinov3ds.data.nnunet import load_case, read_nnunet
 from dinov3ds.errors import UserError
 
@@ -35,15 +38,17 @@ class DataReport:
     checked: dict[str, int] = field(default_factory=dict)  # split → samples decoded
     problems: list[str] = field(default_factory=list)  # one line each, naming the file and the fix
     unit: str | None = None  # what `checked` counts, when not images or image/mask pairs
+    plan: list[str] = field(default_factory=list)  # medical data: the fingerprint and the derived settings
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def summary(self) -> str:
+        """The medical plan (when there is one), then the one-line count of what was checked and found."""
         counts = ", ".join(f"{split}: {count}" for split, count in self.checked.items())
         unit = self.unit or ("images" if self.task == "classification" else "image/mask pairs")
-        return f"{self.root}: {unit} checked ({counts}); {len(self.problems) or 'no'} problems"
+        return "\n".join([*self.plan, f"{self.root}: {unit} checked ({counts}); {len(self.problems) or 'no'} problems"])
 
 
 def _parallel(check: Callable[[object], list[str]], items: Iterable, workers: int) -> list[str]:
@@ -203,4 +208,9 @@ def check_dataset(config: Config, workers: int | None = None) -> DataReport:
         _check_nnunet(config, report, workers)
     else:
         _check_segmentation(config, report, workers)
+    if report.ok and medical_kind(config) is not None:
+        try:  # on a copy: check-data changes no setting of the caller's config
+            report.plan = resolve_dataset_settings(config.model_copy(deep=True))
+        except UserError as error:
+            report.problems.append(str(error))
     return report
