@@ -23,7 +23,9 @@ MAX_LINES = 350
 # Rank of each layer: a module imports its own layer's modules or lower-ranked layers only. `data` and
 # `heads` share a rank and must not import each other (datasets know nothing of models, and heads nothing
 # of datasets).
-LAYERS = {"foundation": 0, "data": 1, "heads": 1, "models": 2, "training": 3, "deploy": 3, "commands": 4, "entry": 5}
+# `report` reads run folders (files, no model) and draws with viz: training and commands call it, never the reverse.
+LAYERS = {"foundation": 0, "data": 1, "heads": 1, "models": 2, "report": 2, "training": 3, "deploy": 3, "commands": 4,
+          "entry": 5}  # fmt: skip
 FOUNDATION = {"dinov3ds", "dinov3ds.errors", "dinov3ds.config", "dinov3ds.metrics", "dinov3ds.viz"}
 MAX_ROOT_MODULES = 8
 

@@ -96,7 +96,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path: Path) -> None:
     config = load_config(path)
-    assert config.task in ("classification", "segmentation")
+    assert config.task in ("classification", "segmentation", "depth")
 
 
 def test_the_imagenet_protocol_config_is_metas_whole_grid() -> None:

@@ -2,7 +2,7 @@
 
     import dinov3ds
     backbone = dinov3ds.load_backbone("vits16")            # official weights from checkpoints/
-    result = dinov3ds.train("configs/classification_imagenette.yaml")
+    result = dinov3ds.train("classification_imagenette")     # a bundled config (dinov3ds configs lists them)
     clf = dinov3ds.Classifier.from_checkpoint(result.best_checkpoint)
 """
 
@@ -28,9 +28,17 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 
+_SUBMODULES = ("config", "data", "heads", "metrics", "models", "report", "training", "viz")  # packages, imported on use
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
-    if name in ("viz", "metrics", "heads", "data", "inference", "volumes"):
+    if name in _SUBMODULES:
         return import_module(f"dinov3ds.{name}")
     raise AttributeError(f"module 'dinov3ds' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazily imported names too, so dir() and tab completion show what the docs use."""
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

@@ -177,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count, at most 8)")
     check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=...")
     check.set_defaults(handler=handlers.run_check_data, trailing="overrides")
+
+    report = commands.add_parser("report", help="rebuild a run's report.html, or compare runs on one page")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="train output_dir or eval --out folders")
+    report.add_argument("--out", default=None,
+                        help="the page (.html); default RUN/report.html for one run, required to compare several")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing --out page")
+    report.set_defaults(handler=handlers.run_report)
+
+    configs = commands.add_parser("configs", help="list the bundled configs, or copy one out to edit")
+    configs.add_argument("action", nargs="?", choices=["list", "copy"], default="list", help="list (default) or copy")
+    configs.add_argument("name", nargs="?", help="copy: the bundled config's name")
+    configs.add_argument("destination", nargs="?", metavar="DEST", help="copy: a file or folder (default ./NAME.yaml)")
+    configs.set_defaults(handler=handlers.run_configs)
     return parser
 
 
@@ -189,6 +202,30 @@ def _quiet_libraries() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
                  "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _ShownOnce(logging.Filter):
+    """A dinov3ds log line whose text was just shown as a Python warning (-v shows warnings) is not shown again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warned: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.name == "py.warnings":
+            self.warned = [*self.warned[-20:], text]
+            return True
+        return not (record.name.startswith("dinov3ds") and any(text in warned for warned in self.warned))
+
+
+def _print_each_line_once() -> None:
+    """Lightning's "lightning" logger prints through a handler of its own and also passes each line up to the root
+    handler: every Lightning line came twice. It keeps its own; warnings go through logging, each line once."""
+    logging.getLogger("lightning").propagate = False
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ShownOnce())
 
 
 def _one_line(error: UserError) -> str:
@@ -234,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dinov3ds: error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    _print_each_line_once()
     if not args.verbose:
         _quiet_libraries()
     try:

@@ -14,7 +14,7 @@ import torch
 from dinov3ds.config import load_config
 from dinov3ds.data.io import load_image
 from dinov3ds.data.synthetic import make_classification_folder, make_segmentation_folder
-from dinov3ds.data.transforms import classification_eval_transform
+from dinov3ds.data.transforms import classification_eval_transform, denormalize
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.tasks import Segmenter
 from dinov3ds.models.variants import get_spec
@@ -57,12 +57,12 @@ def run_demo(out: Path, backbone: str = "vits16", quick: bool = False) -> None:
     model = load_backbone(backbone, weights)
     first = sorted((classification_root / "val").rglob("*.JPEG"))[0]
     image = classification_eval_transform(size * 2, model.mean, model.std)(load_image(first))
-    with torch.inference_mode():
-        save_pca_image(model(image[None]).patches[0], out / "pca.png", upscale_to=(size * 2, size * 2))
+    with torch.inference_mode():  # the image and its PCA side by side, at the image's size
+        save_pca_image(model(image[None]).patches[0], out / "pca.png", image=denormalize(image, model.mean, model.std))
     logger.info("wrote %s", out / "pca.png")
 
     classification = train(load_config(None, [
-        *common, "task=classification", f"data.root={classification_root}", "data.augment=false",
+        *common, "task=classification", "data.dataset=imagenette", f"data.root={classification_root}", "data.augment=false",
         f"trainer.max_epochs={10 if quick else 30}", "optim.lr=0.01", "data.batch_size=32",
         f"output_dir={out / 'classification'}",
     ]))  # fmt: skip
@@ -84,5 +84,7 @@ def run_demo(out: Path, backbone: str = "vits16", quick: bool = False) -> None:
     for path in sorted((segmentation_root / "images" / "val").glob("*.png"))[:4]:
         picture = load_image(path)
         labels = segmenter.predict(picture)
-        save_color_png(labels, overlays / f"{path.stem}_overlay.png", default_palette(4), image=picture)
-    print(f"demo finished: pictures and checkpoints in {out}")
+        save_color_png(labels, overlays / f"{path.stem}_overlay.png", default_palette(4), image=picture,
+                       class_names=segmenter.class_names)
+    print(f"demo finished: pictures and checkpoints in {out}; open {out / 'classification' / 'report.html'} and "
+          f"{out / 'segmentation' / 'report.html'}")

@@ -18,7 +18,8 @@ def run_train(args: argparse.Namespace) -> None:
     from dinov3ds.config import load_config
 
     if args.config is None and not args.overrides:
-        raise UserError("train needs --config FILE (see configs/), or key=value overrides on the defaults")
+        raise UserError("train needs --config FILE or a bundled config's name (dinov3ds configs lists them), or "
+                        "key=value overrides on the defaults")
     config = load_config(args.config, args.overrides)  # a config typo fails before torch/Lightning load
 
     from dinov3ds.training.trainer import train
@@ -214,3 +215,34 @@ def run_check_data(args: argparse.Namespace) -> None:
     print(printable(report.summary()))
     if not report.ok:
         raise UserError(f"{len(report.problems)} problems in {report.root} (listed above); fix or remove those files")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from dinov3ds.report import compare_runs, write_report
+
+    if len(args.runs) == 1:
+        out = Path(args.out) if args.out else None
+        if out is not None and (out.suffix.lower() not in (".html", ".htm") or (out.exists() and not args.overwrite)):
+            raise UserError(f"--out {out}: name a new .html file (or pass --overwrite to replace it)")
+        print(f"wrote {write_report(args.runs[0], out=out)}")
+        return
+    if not args.out:
+        raise UserError(f"comparing {len(args.runs)} runs writes one page: name it with --out, e.g. --out comparison.html")
+    print(f"wrote {compare_runs(args.runs, args.out, overwrite=args.overwrite)}")
+
+
+def run_configs(args: argparse.Namespace) -> None:
+    from dinov3ds.config.bundled import bundled_configs, copy_config, describe
+
+    if args.action == "copy":
+        if not args.name:
+            raise UserError("configs copy needs a NAME (dinov3ds configs lists them)")
+        print(f"wrote {copy_config(args.name, args.destination)}")
+        return
+    if args.name:
+        raise UserError(f"configs {args.name}: to copy one, write dinov3ds configs copy {args.name} [DEST]")
+    found = bundled_configs()
+    width = max(map(len, found), default=0)
+    for name, path in found.items():
+        print(f"{name:<{width}}  {describe(path)}")
+    print("use one with --config NAME; copy one to edit with: dinov3ds configs copy NAME [DEST]")

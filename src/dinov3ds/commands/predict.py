@@ -14,6 +14,7 @@ from torch import Tensor
 
 from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, printable, staged, written
 from dinov3ds.commands.predict_depth import predict_depth_images
+from dinov3ds.commands.volume_info import announce_volumes
 from dinov3ds.commands.volumes import predict_volumes, volume_inputs
 from dinov3ds.data.dicom import is_dicom_series
 from dinov3ds.data.image_batches import image_batches, regular_file
@@ -94,9 +95,10 @@ def predict_classification(model: Classifier, images: list[Path], out: OutputFol
         row = results[0]
         for label, probability in zip(row["labels"], row["probabilities"]):
             print(f"{probability:8.4f}  {label}")
-    else:  # the top label of each image; the files hold all of them
+    else:  # each image's --topk labels on its line
         for row in results:
-            print(f"{row['probabilities'][0]:8.4f}  {row['labels'][0]}  {printable(row['image'])}")
+            ranked = ", ".join(f"{label} {probability:.4f}" for label, probability in zip(row["labels"], row["probabilities"]))
+            print(f"{printable(row['image'])}: {ranked}")
     print(f"wrote {jsonl} and {table} ({len(results)} images)")
     return results
 
@@ -141,7 +143,7 @@ def predict_segmentation(model: Segmenter, images: list[Path], out: OutputFolder
         with staged(label_path) as temporary:
             save_label_png(labels + offset, temporary, num_classes=model.num_classes + offset)
         with staged(overlay_path) as temporary:
-            save_color_png(labels, temporary, palette, image=picture)
+            save_color_png(labels, temporary, palette, image=picture, class_names=getattr(model, "class_names", None))
     convention = f"class id + {offset} (0 = the dataset's ignored 'other')" if offset == 1 else f"class id + {offset}" if offset else "class ids from 0"
     print(f"wrote label maps ({convention}) and overlays for {len(images)} images to {out.root}")
 
@@ -166,6 +168,8 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: 
     if items and read_checkpoint(checkpoint).config.get("task") in ("classification", "depth"):
         raise UserError(f"{checkpoint} is a {read_checkpoint(checkpoint).task} checkpoint and cannot segment volumes such as "
                         f"{items[0].files[0]}; pass images, or a segmentation checkpoint")  # fmt: skip
+    if items:  # what was read (slices, spacing, orientation, modality), and a modality the model was not trained on
+        announce_volumes(items, read_checkpoint(checkpoint).config)
     with folder.held("--out"):  # one writer per folder: a second run into it is refused, naming this one
         spread = devices > 1 and not images  # each process loads its own model: none here
         if spread:

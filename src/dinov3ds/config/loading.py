@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from dinov3ds.config.bundled import bundled_path
 from dinov3ds.config.schema import Config
 from dinov3ds.errors import UserError
 
@@ -125,7 +126,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise UserError(f"config file {path} not found; see configs/ for examples")
+            path = bundled_path(path) or path  # a bundled config's name (dinov3ds configs lists them)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found; `dinov3ds configs` lists the bundled ones")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:

@@ -191,6 +191,17 @@ class TrainerConfig(Section):
     deterministic: bool = False  # bit-reproducible kernels (slower)
     progress_bar: bool = True
     compile: bool = False  # torch.compile the backbone blocks; falls back to eager on failure
+    # where metrics go, each through Lightning's own logger with the CSV's metric names: csv (always: the report
+    # and --resume read it), tensorboard, mlflow (output_dir/mlruns unless MLFLOW_TRACKING_URI is set), wandb
+    # (offline into output_dir/wandb unless WANDB_MODE=online); mlflow and wandb are the extras of the same names
+    logger: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["csv", "tensorboard"])
+
+    @field_validator("logger")
+    @classmethod
+    def _csv_kept(cls, value: list[str]) -> list[str]:
+        if "csv" not in value:
+            raise ValueError("must include csv: the run report and --resume read metrics.csv")
+        return list(dict.fromkeys(["csv", *value]))  # the CSV first: Lightning's trainer.logger is the first one
 
     @field_validator("precision", mode="before")
     @classmethod

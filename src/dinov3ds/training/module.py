@@ -144,9 +144,6 @@ class TaskModule(L.LightningModule):
             self.model.head = self.grid.frozen_copy(self.grid.best)  # what forward, reports and checkpoints use
             for tag, grid_result in zip(self.grid.tags, results):
                 self.log(f"val/top1_{tag}", float(grid_result["top1"]))
-            winner = self.grid.settings[self.grid.best]
-            self.log("val/best_lr", float(winner.lr))
-            self.log("val/best_last_blocks", float(winner.last_blocks))
             result = results[self.grid.best]
         else:
             result = self.val_metric.compute()
@@ -159,6 +156,9 @@ class TaskModule(L.LightningModule):
                 self.log(f"val/{key}", value)
         self.last_validation = result
         self._remember(result)
+        if self.best.get("probe"):  # the head best.ckpt holds (the best validation so far), as the summary names it
+            self.log("val/best_lr", float(self.best["probe"]["lr"]))
+            self.log("val/best_last_blocks", float(self.best["probe"]["last_blocks"]))
 
     def _remember(self, result: dict) -> None:
         """Note this validation's step, and whether it is the best so far (as the `best` checkpoint decides)."""

@@ -23,8 +23,9 @@ logger = logging.getLogger("dinov3ds")
 LOCK_NAME = ".dinov3ds.lock"
 # What a run writes directly in output_dir; `--overwrite` removes exactly these, nothing else of the user's.
 RUN_FILES = ("config.yaml", "metrics.csv", "metrics.csv.previous", "hparams.yaml", "curves.png", "val_metrics.json",
-             "val_confusion_matrix.png", "val_per_class_accuracy.csv", "val_per_class_iou.csv", "val_predictions.png")  # fmt: skip
-RUN_FOLDERS = ("checkpoints", "tensorboard")
+             "val_confusion_matrix.png", "val_per_class_accuracy.csv", "val_per_class_iou.csv", "val_predictions.png",
+             "run_info.json", "report.html")  # fmt: skip
+RUN_FOLDERS = ("checkpoints", "tensorboard", "mlruns", "wandb")
 
 
 def holds_a_run(folder: Path) -> list[str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
@@ -44,8 +43,10 @@ from dinov3ds.models.tasks import (
 )
 from dinov3ds.training.feature_cache import cached_features
 from dinov3ds.training.interrupt import GracefulInterrupt
+from dinov3ds.training.loggers import build_logger, check_loggers
 from dinov3ds.training.module import TaskModule
 from dinov3ds.training.probe_grid import input_config
+from dinov3ds.training.reports import RunReport
 from dinov3ds.training.run_folder import MetricsHistory, claim_run_folder
 
 logger = logging.getLogger("dinov3ds")
@@ -111,10 +112,7 @@ def build_trainer(config: Config, output_dir: Path, monitor: str, mode: str = "m
         dirpath=output_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
         auto_insert_metric_name=False, enable_version_counter=False,
     )  # fmt: skip
-    loggers = [
-        CSVLogger(save_dir=str(output_dir), name="", version=""),
-        TensorBoardLogger(save_dir=str(output_dir), name="tensorboard", version=""),
-    ]
+    loggers = [build_logger(name, config, output_dir) for name in section.logger]
     distributed = section.strategy.startswith("ddp") or section.num_nodes > 1
     try:
         return L.Trainer(
@@ -135,7 +133,7 @@ def build_trainer(config: Config, output_dir: Path, monitor: str, mode: str = "m
             num_sanity_val_steps=0,  # a sanity pass would consume RNG and break exact resume
             use_distributed_sampler=False,  # ResumableSampler shards the data itself
             callbacks=[checkpoint, last, GracefulInterrupt(output_dir / "checkpoints" / "last.ckpt"),  # SIGINT/SIGTERM → last.ckpt
-                       *([IntervalLossProgressBar()] if section.progress_bar else [])],
+                       RunReport(output_dir), *([IntervalLossProgressBar()] if section.progress_bar else [])],
             logger=loggers,
             plugins=[AtomicCheckpointIO()],
             default_root_dir=str(output_dir),
@@ -160,6 +158,7 @@ def train(config: Config | str | Path, overrides: list[str] | None = None, *, re
         config = load_config(config, overrides)
     check_before_start(config)
     resolve_dataset_settings(config)  # nnU-Net data: class names, modality and CT range, saved with the run
+    config.data.root = str(Path(config.data.root).resolve())  # stored whole: eval finds it from any folder
     output_dir = Path(config.output_dir)
     _refuse_output_inside_the_data(config, output_dir)
     checkpoint = _resume_checkpoint(config, output_dir, resume) if resume else None
@@ -187,6 +186,7 @@ def check_before_start(config: Config) -> None:
         raise UserError(f"head.options {config.head.options} are for segmentation heads; classification's linear "
                         "head is set by head.pooling, head.last_blocks and head.batchnorm: remove head.options")  # fmt: skip
     check_devices(config.trainer.accelerator, config.trainer.devices)
+    check_loggers(config.trainer.logger)
 
 
 def _refuse_output_inside_the_data(config: Config, output_dir: Path) -> None:
