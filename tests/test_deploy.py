@@ -25,6 +25,7 @@ from dinov3ds.deploy.traceable import rope_embed
 from dinov3ds.errors import UserError
 from dinov3ds.heads import HEADS, SegmentationHead
 from dinov3ds.models.checkpoints import FORMAT_VERSION
+from dinov3ds.models.finetune import add_adapters
 from dinov3ds.models.tasks import Classifier, Segmenter, backbone_from_config, load_model
 from tests.checkpoints import write_official_checkpoint
 from tests.conftest import tiny
@@ -100,6 +101,26 @@ def test_one_file_serves_every_size_and_batch(weights, tmp_path, task, head, opt
     batch = np.random.default_rng(0).standard_normal((3, 3, 3 * multiple, 4 * multiple)).astype(np.float32)
     produced = OnnxModel(result.path, device="cpu").logits(batch)
     np.testing.assert_allclose(produced, run_torch(model, batch), atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["lora", "dora"])
+def test_fine_tuned_adapters_are_merged_and_checked_against_the_unmerged_model(weights, tmp_path, mode):
+    model = build(weights, head="segdino")
+    batch = np.random.default_rng(2).standard_normal((1, 3, 32, 64)).astype(np.float32)
+    frozen = run_torch(model, batch)
+    model.config.backbone.finetune = mode
+    add_adapters(model.backbone, model.config.backbone)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # trained adapters: their updates are not zero
+        for name, parameter in model.backbone.named_parameters():
+            if ".lora_" in name:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    tuned = run_torch(model, batch)
+    result = export_onnx(model, tmp_path / "tuned.onnx")
+    assert not any("lora" in node.name.lower() for node in onnx.load(str(result.path)).graph.node)
+    produced = OnnxModel(result.path, "cpu").logits(batch)
+    np.testing.assert_allclose(produced, tuned, atol=1e-3)
+    assert np.abs(produced - frozen).max() > 1e-2  # the adapters are in the graph
 
 
 def test_rope_stand_in_equals_timm_bit_for_bit(weights):
@@ -231,14 +252,17 @@ def test_predict_on_onnx_equals_predict_on_ckpt_classification(exported, tmp_pat
     np.testing.assert_allclose([r["probabilities"] for r in rows[0]], [r["probabilities"] for r in rows[1]], atol=1e-4)
 
 
-def test_a_file_without_dinov3ds_metadata_is_refused(exported, tmp_path, capsys):
+def test_a_file_without_dinov3ds_metadata_or_a_trained_setting_is_refused(exported, tmp_path, capsys):
     plain = tmp_path / "plain.onnx"
     torch.onnx.export(torch.nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 8, 8),), str(plain), dynamo=False, input_names=["images"])
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a graph")
-    for path, said in [(plain, "has no dinov3ds metadata"), (garbage, "is not an ONNX model onnxruntime can load")]:
+    fixed = (exported["segmentation.onnx"], "'head.name' is fixed in the exported file")
+    for path, said, *extra in [(plain, "has no dinov3ds metadata"), (garbage, "is not an ONNX model onnxruntime can load"),
+                               (*fixed, "head.name=dpt")]:  # fmt: skip
         capsys.readouterr()
-        assert main(["predict", "--checkpoint", str(path), str(exported["images"]), "--out", str(tmp_path / "o")]) == 2
+        argv = ["predict", "--checkpoint", str(path), str(exported["images"]), "--out", str(tmp_path / "o"), *extra]
+        assert main(argv) == 2
         error = capsys.readouterr().err.strip()
         assert said in error and len(error.splitlines()) == 1, error
     assert not (tmp_path / "o").exists()
