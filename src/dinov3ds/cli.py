@@ -219,13 +219,16 @@ class _ShownOnce(logging.Filter):
         return not (record.name.startswith("dinov3ds") and any(text in warned for warned in self.warned))
 
 
-def _print_each_line_once() -> None:
+def _print_each_line_once(verbose: bool) -> None:
     """Lightning's "lightning" logger prints through a handler of its own and also passes each line up to the root
-    handler: every Lightning line came twice. It keeps its own; warnings go through logging, each line once."""
+    handler: every Lightning line came twice. It keeps its own. With -v (library warnings shown), warnings go
+    through logging so a dinov3ds line that repeats a warning's text is not shown again (without -v the
+    warnings that have such a line are hidden, and the others are left to Python's own display)."""
     logging.getLogger("lightning").propagate = False
-    logging.captureWarnings(True)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_ShownOnce())
+    if verbose:
+        logging.captureWarnings(True)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_ShownOnce())
 
 
 def _one_line(error: UserError) -> str:
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dinov3ds: error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    _print_each_line_once()
+    _print_each_line_once(args.verbose)
     if not args.verbose:
         _quiet_libraries()
     try:
