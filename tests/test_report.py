@@ -243,3 +243,28 @@ def test_pca_picture_is_beside_its_image_at_its_size(tmp_path):
     save_pca_image(torch.randn(8, 3, 5), tmp_path / "pca.png", image=image)
     picture = np.asarray(Image.open(tmp_path / "pca.png"))
     assert picture.shape == (48, 160, 3) and (picture[:, :80] == image).all()
+
+
+def test_a_volume_eval_report_has_the_cases_worst_first_and_slices_in_mm(tmp_path):
+    import json
+
+    from dinov3ds.metrics.volumes import case_metrics, write_reports
+    from dinov3ds.report import write_report
+    from dinov3ds.report.figures import volume_slices
+
+    reference = np.zeros((20, 16, 6), np.int64)
+    reference[5:15, 4:12, 1:5] = 1
+    good, bad = reference.copy(), np.zeros_like(reference)
+    bad[5:8, 4:6, 2:3] = 1
+    names = ["background", "organ"]
+    cases = {"good": case_metrics(good, reference, (1.0, 1.0, 3.0), names),
+             "bad": case_metrics(bad, reference, (1.0, 1.0, 3.0), names)}  # fmt: skip
+    write_reports(cases, tmp_path, prefix="eval_")
+    volume_slices(np.random.default_rng(0).normal(size=reference.shape), bad, reference, names,
+                  tmp_path / "eval_slices.png", spacing=(1.0, 1.0, 3.0))  # fmt: skip
+    (tmp_path / "eval_info.json").write_text(json.dumps({"task": "segmentation", "config": {"task": "segmentation"}}))
+    page = read_page(write_report(tmp_path))
+    assert "Per case (worst Dice first)" in page.headings and len(page.images) == 1
+    assert [row[0] for row in page.rows if row and row[0] in cases] == ["bad", "good"]
+    slices = np.asarray(Image.open(tmp_path / "eval_slices.png"))
+    assert slices.shape[0] > slices.shape[1]  # three rows of planes; the 3 mm axis drawn 3 pixels per slice

@@ -172,13 +172,12 @@ def evaluate_volumes(checkpoint_path: str | Path, config: Config, out: OutputFol
         cases[case.case_id] = case_metrics(*mask_ignored(labels, label), zooms, model.class_names)
         dice = mean_dice(cases[case.case_id])
         if worst is None or dice < worst[0]:  # the worst case's volumes are kept for its slice picture
-            worst = (dice, case.case_id, channels[0], labels, label)
+            worst = (dice, zooms, channels[0], labels, label)
     with out.staged_files() as folder:
         summary = write_reports(cases, folder, prefix="eval_")
         if worst is not None:
-            dice, case_id, image, labels, label = worst
-            volume_slices(image, labels, label, model.class_names, folder / "eval_slices.png",
-                          title=f"{case_id} (Dice {dice:.3f})")  # fmt: skip
+            _, spacing, image, labels, label = worst
+            volume_slices(image, labels, label, model.class_names, folder / "eval_slices.png", spacing=spacing)
         write_eval_info(folder, checkpoint_path, config, model)
     print(format_summary(summary))
     print(f"report: {write_eval_report(out)}")

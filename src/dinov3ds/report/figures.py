@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 from matplotlib.figure import Figure
+from PIL import Image
 
 from dinov3ds.viz import default_palette, prediction_grid, save_figure
 
@@ -144,21 +145,32 @@ def _plane(volume: np.ndarray, index: int, axis: int) -> np.ndarray:
     return np.rot90(np.take(volume, index, axis=axis))
 
 
-def volume_slices(image: np.ndarray, prediction: np.ndarray, reference: np.ndarray | None,
-                  class_names: Sequence[str], out_png: Path, title: str = "") -> None:  # fmt: skip
+def _to_mm(plane: np.ndarray, axis: int, spacing: Sequence[float], smooth: bool) -> np.ndarray:
+    """`plane` resampled so a pixel is as wide as it is tall in mm (anisotropic scans are not squashed)."""
+    shown = [a for a in range(3) if a != axis]  # after rot90: rows along shown[1], columns along shown[0]
+    finest = min(spacing)
+    size = (max(1, round(plane.shape[1] * spacing[shown[0]] / finest)), max(1, round(plane.shape[0] * spacing[shown[1]] / finest)))
+    if size == (plane.shape[1], plane.shape[0]):
+        return plane
+    picture = Image.fromarray(plane if plane.dtype == np.uint8 else plane.astype(np.int32))
+    return np.asarray(picture.resize(size, Image.BILINEAR if smooth else Image.NEAREST)).astype(plane.dtype)
+
+
+def volume_slices(image: np.ndarray, prediction: np.ndarray, reference: np.ndarray | None, class_names: Sequence[str],
+                  out_png: Path, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> None:  # fmt: skip
     """Axial, coronal and sagittal planes through the centre of the labelled structures (the volume's centre
-    when there are none): image | prediction | reference, with the class legend. Volumes are RAS (i, j, k)."""
+    when there are none), in mm proportions: image | prediction | reference, with the class legend. Volumes are
+    RAS (i, j, k) with voxel `spacing` in mm."""
     labelled = np.argwhere((reference if reference is not None else prediction) > 0)
     centre = labelled.mean(axis=0).round().astype(int) if len(labelled) else np.array(image.shape[:3]) // 2
     low, high = np.percentile(image, [1, 99])
-    planes = (("axial", 2), ("coronal", 1), ("sagittal", 0))
     images, predicted, truths, captions = [], [], [], []
-    for name, axis in planes:
+    for name, axis in (("axial", 2), ("coronal", 1), ("sagittal", 0)):
         index = int(centre[axis])
-        images.append(_to_rgb(_plane(image, index, axis), low, high))
-        predicted.append(_plane(prediction, index, axis).astype(np.int64))
+        images.append(_to_mm(_to_rgb(_plane(image, index, axis), low, high), axis, spacing, smooth=True))
+        predicted.append(_to_mm(_plane(prediction, index, axis).astype(np.int64), axis, spacing, smooth=False))
         if reference is not None:
-            truths.append(_plane(reference, index, axis).astype(np.int64))
-        captions.append(f"{title} {name} {index}".strip())
-    prediction_grid(images, predicted, truths if reference is not None else None, default_palette(len(class_names)), out_png,
-                    class_names=class_names, captions=captions)  # fmt: skip
+            truths.append(_to_mm(_plane(reference, index, axis).astype(np.int64), axis, spacing, smooth=False))
+        captions.append(f"{name} {index}")
+    prediction_grid(images, predicted, truths if reference is not None else None, default_palette(len(class_names)),
+                    out_png, class_names=class_names, captions=captions)  # fmt: skip
