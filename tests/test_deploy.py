@@ -203,12 +203,27 @@ class Exported(dict):
 
     def __missing__(self, name: str) -> Path:
         task = name.removesuffix(".onnx")
-        checkpoint = save_checkpoint(build(self.weights, task, "dpt" if task == "segmentation" else "linear"),
+        checkpoint = save_checkpoint(build(self.weights, task, "segdino" if task == "segmentation" else "linear"),
                                      self.folder / f"{task}.ckpt")  # fmt: skip
         out = self.folder / f"{task}.onnx"
         assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--device", "cpu"]) == 0
         self[task], self[task + ".onnx"] = checkpoint, out
         return self[name]
+
+
+class FrozenWidthHead(CumulativeHead):
+    """A real head with shape-dependent Python the tracer freezes: its logits scale with float(width)."""
+
+    def forward(self, features, image):
+        logits = self.classifier(features[-1]) * (float(image.shape[-1]) / 16)
+        return torch.nn.functional.interpolate(logits, size=image.shape[-2:], mode="bilinear")
+
+
+def test_a_size_frozen_in_the_graph_fails_the_parity_check(weights, tmp_path, monkeypatch):
+    monkeypatch.setitem(HEADS, "frozen", FrozenWidthHead)
+    with pytest.raises(UserError, match=r"head 'frozen': the float32 graph differs from PyTorch at 32x32 .*--height/--width"):
+        export_onnx(build(weights, head="frozen"), tmp_path / "frozen.onnx")
+    assert not (tmp_path / "frozen.onnx").exists()
 
 
 @pytest.fixture(scope="module")
@@ -269,9 +284,11 @@ def test_a_file_without_dinov3ds_metadata_or_a_trained_setting_is_refused(export
 
 
 def test_export_prints_what_it_wrote(exported, tmp_path, capsys):
+    exported["segmentation"]  # made first: its own report is not the one read here
+    capsys.readouterr()
     assert main(["export", "--checkpoint", str(exported["segmentation"]), "--out", str(tmp_path / "s.onnx"), "--half"]) == 0
     said = capsys.readouterr().out
-    assert re.search(r"wrote .*s\.onnx \([\d.]+ MB, float16, segmentation, 3 classes", said)
+    assert re.search(r"wrote .*s\.onnx \([\d.]+ MB, 0\.[45]\d of float32, float16, segmentation, 3 classes", said)
     assert "images: float32 [batch, 3, height, width]" in said and "logits: float32 [batch, 3, height, width]" in said
     assert len(re.findall(r"logits \S+e-\d+  probabilities \S+e-\d+", said)) == 3
 

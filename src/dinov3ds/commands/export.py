@@ -28,8 +28,11 @@ def report(result: OnnxExport) -> None:
     """What a user needs to serve the file: where, how big, the tensors, and how far it is from PyTorch."""
     facts = result.facts
     sizes = f"{facts.input_size[0]}x{facts.input_size[1]} only" if facts.input_size else f"any multiple of {facts.input_multiple}"
-    print(f"wrote {result.path} ({_megabytes(result.files)}, {facts.precision}, {facts.task}, {len(facts.class_names)} "
-          f"classes, height and width: {sizes})")  # fmt: skip
+    size = _megabytes(result.files)
+    if facts.precision == "float16":
+        size += f", {sum(path.stat().st_size for path in result.files) / result.float32_bytes:.2f} of float32"
+    print(f"wrote {result.path} ({size}, {facts.precision}, {facts.task}, {len(facts.class_names)} classes, "
+          f"height and width: {sizes})")  # fmt: skip
     for role, (name, dims) in [("input ", item) for item in result.inputs] + [("output", item) for item in result.outputs]:
         print(f"  {role} {name}: float32 {_shape(dims)}")
     print(f"  preprocessing and class names: the file's metadata (dinov3ds.*); RGB / 255, mean {facts.mean}, std {facts.std}")

@@ -68,6 +68,7 @@ class OnnxExport:
     inputs: list[tuple[str, list]]  # (name, shape; a dimension is a number or a name such as "height")
     outputs: list[tuple[str, list]]
     parity: list[Parity]
+    float32_bytes: int  # the float32 graph's size, before any fp16 conversion
 
 
 def parity_shapes(model: Classifier | Segmenter, size: tuple[int, int] | None) -> list[tuple[int, int, int, int]]:
@@ -176,6 +177,7 @@ def export_onnx(model: Classifier | Segmenter, path: str | Path, height: int | N
         raw = Path(scratch) / "graph.onnx"
         _trace(model, wrapper, raw, example, dynamic=size is None)
         graph = onnx.load(str(raw))
+        float32_bytes = sum(file.stat().st_size for file in Path(scratch).iterdir())
     graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value = len(model.class_names)  # not a made-up name
     graph = to_half(graph) if half else graph
     for key, value in facts.to_props().items():
@@ -187,12 +189,14 @@ def export_onnx(model: Classifier | Segmenter, path: str | Path, height: int | N
         produced = session.run(None, {"images": batch.numpy()})[0].astype(np.float32)
         parity.append(Parity(tuple(batch.shape), float(np.abs(produced - reference).max()),
                              float(np.abs(_softmax(produced) - _softmax(reference)).max())))  # fmt: skip
-    worst = max(parity, key=lambda item: item.probabilities)
-    if not worst.probabilities <= TOLERANCE[precision]:  # NaN fails too
+    failing = [item for item in parity if not item.probabilities <= TOLERANCE[precision]]  # NaN fails too
+    if failing:
         for file in files:
             file.unlink()
-        fix = "export without --half" if half else "export a fixed size with --height/--width"
+        worst = failing[0]
+        fix = ("export without --half" if half else "export a fixed size with --height/--width" if size is None
+               else "the head computes something the graph cannot hold; use --format torchscript")  # fmt: skip
         raise UserError(f"head '{model.config.head.name}': the {precision} graph differs from PyTorch at "
                         f"{worst.shape[2]}x{worst.shape[3]} (max |Δ probability| {worst.probabilities:.3g} > "
                         f"{TOLERANCE[precision]:g}); {fix}")  # fmt: skip
-    return OnnxExport(path, files, facts, _dims(session.get_inputs()), _dims(session.get_outputs()), parity)
+    return OnnxExport(path, files, facts, _dims(session.get_inputs()), _dims(session.get_outputs()), parity, float32_bytes)
