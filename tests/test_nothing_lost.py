@@ -178,7 +178,7 @@ def test_pca_keeps_the_aspect_ratio_and_rounds_the_size(tmp_path):
     assert main(["pca", "--weights", "random", str(tmp_path / "wide.png"), "--image-size", "40",
                  "--out", str(tmp_path / "pca")]) == 0  # fmt: skip
     width, height = Image.open(tmp_path / "pca" / "wide_pca.png").size
-    assert (height, width) == (48, 80)  # shorter side 40 → 48 (nearest multiple of 16), 80 → 80
+    assert (height, width) == (48, 2 * 80)  # shorter side 40 → 48 (nearest multiple of 16), 80 → 80; image | PCA
 
 
 def test_every_option_of_every_command_has_help():

@@ -19,7 +19,7 @@ from dinov3ds.commands.output_files import OutputFolder
 from dinov3ds.config import load_config
 from dinov3ds.data.build import build_datasets
 from dinov3ds.data.io import find_images, load_image
-from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform
+from dinov3ds.data.transforms import SegmentationEvalTransform, classification_eval_transform, denormalize
 from dinov3ds.errors import UserError
 from dinov3ds.models.backbones import Backbone
 from dinov3ds.models.hardware import resolve_device
@@ -101,7 +101,8 @@ def pca_pictures(backbone: Backbone, inputs: list[str | Path], out_dir: Path, im
         tensor, _ = transform(load_image(path))
         patches = backbone(tensor[None]).patches[0].float().cpu()
         target = out_dir / f"{path.stem}_pca.png"
-        save_pca_image(patches, target, upscale_to=tuple(tensor.shape[-2:]))
+        # the image as the model saw it, and beside it its PCA at that size
+        save_pca_image(patches, target, image=denormalize(tensor, backbone.mean, backbone.std))
         written.append(target)
     return written
 
