@@ -18,10 +18,12 @@ Rows, as the issue names them:
 Common to all (not augmentation or intensity settings): head.name=unet, random ViT-S/16 weights cut to 4 blocks
 (the head's four taps are then blocks 0-3; the head's cost dominates a step on the CPU), optim.lr=1e-3,
 trainer.max_steps=600, seed 0, data.batch_size=8, 32-bit on the CPU, no validation before the last step.
-Row 3's config is copied with `head: {name: unet}` and, at 2 mm, data.image_size / base_size 128 for its 256. Each model then predicts the held-out volume (`predict --labels`), and its
+Row 3's config is copied with `head: {name: unet}`, the four class names and, at 2 mm, data.image_size /
+base_size 128 for its 256. Each model then predicts the held-out volume (`predict --labels`), and its
 metrics.json gives the Dice per class.
 
-Run from the repository root: `python benchmarks/medical_selfconfig.py` (times in README, 2 shared cores).
+Run from the repository root: `python benchmarks/medical_selfconfig.py --jobs 3` (the three rows at once, one
+thread each; times in README, 2 shared cores).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +119,13 @@ def write_datasets(folder: Path, resolution: int) -> tuple[Path, Path]:
 
 def mri_head_config(work: Path, resolution: int) -> Path:
     """configs/segmentation_mri_head.yaml with the `unet` head (its `unet_sum` options dropped: an override can only
-    add to head.options) and, at 2 mm, its 256-pixel sizes halved with the voxels (the same zoom as at 1 mm)."""
+    add to head.options), this dataset's class names and, at 2 mm, its 256-pixel sizes halved with the voxels
+    (the same zoom as at 1 mm)."""
     import yaml
 
     config = yaml.safe_load((ROOT / "configs" / "segmentation_mri_head.yaml").read_text())
     config["head"] = {"name": "unet"}
+    config["data"]["class_names"] = list(CLASSES)  # its own are [background, head]
     config["data"]["image_size"] = config["data"]["base_size"] = 256 // resolution
     path = work / "segmentation_mri_head_unet.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -131,7 +137,7 @@ def run_row(folder: str, overrides: list[str], root: Path, flat: Path, work: Pat
 
     run = work / folder
     if overrides[0] == "--config":
-        slices = work / "slices"
+        slices = work / "slice_data"
         shutil.rmtree(slices, ignore_errors=True)
         if main(["prepare-volumes", "--images", str(flat / "images"), "--labels", str(flat / "labels"), "--out",
                  str(slices), "--val", HELD_OUT]) != 0:  # fmt: skip
@@ -153,12 +159,20 @@ def run_row(folder: str, overrides: list[str], root: Path, flat: Path, work: Pat
             "predict_s": round(time.perf_counter() - trained, 1)}  # fmt: skip
 
 
+def torch_threads() -> None:
+    """Rows trained at once share the cores: one thread each."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per row")
     parser.add_argument("--resolution", type=int, choices=[1, 2], default=2, help="template resolution in mm")
     parser.add_argument("--rows", nargs="+", type=int, choices=[1, 2, 3], default=[1, 2, 3])
     parser.add_argument("--work", type=Path, default=None, help="keep the data and runs here (default: a temporary folder)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows trained at once, one thread each (2 cores: 3)")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -166,10 +180,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dinov3ds_mni_") as temporary:
         work = args.work or Path(temporary)
         root, flat = write_datasets(work / "data", args.resolution)
-        for number in args.rows:
-            folder, name, overrides = ROWS[number - 1]
-            results[name] = run_row(folder, overrides, root, flat, work / "runs", args.steps, args.resolution)
-            print(f"  {folder}: {json.dumps(results[name])}", flush=True)
+        chosen = [ROWS[number - 1] for number in args.rows]
+        jobs = [(folder, overrides, root, flat, work / "runs", args.steps, args.resolution) for folder, _, overrides in chosen]
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=torch_threads) as pool:
+                done = list(pool.map(run_row, *zip(*jobs, strict=True)))
+        else:
+            done = [run_row(*job) for job in jobs]
+        for (folder, name, _), result in zip(chosen, done, strict=True):
+            results[name] = result
+            print(f"  {folder}: {json.dumps(result)}", flush=True)
     names = [n for n in CLASSES if n != "background"]
     rows = [[name, *(round(result["per_class"][c]["dice"] or 0.0, 3) for c in names), round(result["train_s"])]
             for name, result in results.items()]  # fmt: skip

@@ -105,7 +105,10 @@ def test_what_the_config_sets_wins_and_is_not_recorded_as_derived(brain) -> None
     assert (medical.gamma, medical.zscore_over, medical.clip) == (0.5, "slice", 2.0)
     assert not {"data.scale_range", "inference.volume_axis", "loss.name", "data.medical.clip"} & set(medical.derived)
     assert "  data.scale_range = [0.9, 1.1]  (set in the config)" in lines
-    assert config.data.photometric is False and medical.axes == [1]  # the rest is still derived
+    assert config.data.photometric is False and medical.foreground_share == 0.33  # the rest is still derived
+    # training slices follow the prediction axis the config names: along axis 2, slices are 40 x 16 (x 2.5 mm)
+    assert medical.axes == [2] and medical.target_spacing == 1.0 and config.data.image_size == 64
+    assert "  data.medical.axes = [2]  (inference.volume_axis set in the config)" in lines
 
 
 def test_derivation_is_idempotent_and_a_saved_config_keeps_it_unless_edited(brain, tmp_path) -> None:

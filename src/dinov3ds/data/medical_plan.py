@@ -103,16 +103,16 @@ def _sizes(sides: list[list[float]]) -> tuple[list[Setting], float]:
     ], longer / max(shorter, 1.0)  # fmt: skip
 
 
-def _geometry(fingerprint: Fingerprint) -> tuple[list[Setting], float]:
+def _geometry(fingerprint: Fingerprint, chosen_axis: tuple[int, str] | None) -> tuple[list[Setting], float]:
     if fingerprint.kind == "slices":
         axis = fingerprint.slice_axis
         plane = [a for a in range(3) if a != axis]
         settings, aspect = _sizes([[shape[a] for a in plane] for shape in fingerprint.shapes])
         return [*settings, Setting("inference.volume_axis", axis, f"prepare-volumes sliced along axis {axis}")], aspect
     median = spread(fingerprint.spacings)["median"]
-    axis, why = _slice_axis(median)
+    axis, why = _slice_axis(median) if chosen_axis is None else (chosen_axis[0], f"{chosen_axis[1]} set in the config")
     plane = [a for a in range(3) if a != axis]
-    target = min(median[a] for a in plane)
+    target = round(min(median[a] for a in plane), 6)
     sides = [[shape[a] * spacing[a] / target for a in plane] for shape, spacing in zip(fingerprint.shapes, fingerprint.spacings, strict=True)]
     settings, aspect = _sizes(sides)
     return [
@@ -176,10 +176,12 @@ def _not_default(config: Config, key: str) -> bool:
     return section is not None and getattr(section, name) != type(section).model_fields[name].get_default(call_default_factory=True)
 
 
-def plan(fingerprint: Fingerprint, medical: SlicePreprocessing, ct_range: CtRange | None = None) -> list[Setting]:
+def plan(fingerprint: Fingerprint, medical: SlicePreprocessing, ct_range: CtRange | None = None,
+         chosen_axis: tuple[int, str] | None = None) -> list[Setting]:  # fmt: skip
     """Every setting nnU-Net's rules derive from the fingerprint (before the config's own keys are consulted);
-    `ct_range(percentiles)` measures a CT range for percentiles other than the fingerprint's."""
-    geometry, aspect = _geometry(fingerprint)
+    `ct_range(percentiles)` measures a CT range for percentiles other than the fingerprint's; `chosen_axis`
+    (axis, the key that set it) is the slicing axis the config names, which the other settings then follow."""
+    geometry, aspect = _geometry(fingerprint, chosen_axis)
     return [*_augmentation(aspect), *geometry, *_intensity(fingerprint, medical, ct_range)]
 
 
@@ -189,7 +191,12 @@ def self_configure(config: Config, fingerprint: Fingerprint, ct_range: CtRange |
     data = config.data
     medical = data.medical or SlicePreprocessing()
     recorded = dict(medical.derived)
-    settings = plan(fingerprint, medical, ct_range)
+    chosen_axis = None  # training and prediction slice along one axis: the one the config names, if it names one
+    if _given(config, "data.medical.axes", recorded):
+        chosen_axis = (medical.axes[0], "data.medical.axes")
+    elif _given(config, "inference.volume_axis", recorded):
+        chosen_axis = (config.inference.volume_axis, "inference.volume_axis")
+    settings = plan(fingerprint, medical, ct_range, chosen_axis)
     planned = {s.key for s in settings}
     given = {key for key in planned if _given(config, key, recorded)}
     for group in (MRI_INTENSITY, CT_INTENSITY):  # one recipe: a key of it set keeps the whole of it
