@@ -114,7 +114,8 @@ def check_predictions(
         labels = np.asarray(Image.open(label_path))
         overlay = Image.open(overlay_path)
         assert labels.shape == (image.height, image.width), f"{label_path.name} is {labels.shape}"
-        assert overlay.size == image.size and overlay.mode == "RGB"
+        # the image's width; below the image, a legend of the classes it shows (issue 35)
+        assert overlay.width == image.width and overlay.height > image.height and overlay.mode == "RGB"
         assert labels.min() >= label_offset and labels.max() < num_classes + label_offset, np.unique(labels)
         truth = np.asarray(Image.open(mask_path)).astype(np.int64)
         correct += int((labels == truth).sum())

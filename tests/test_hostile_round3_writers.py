@@ -242,7 +242,8 @@ def test_r3_03_eval_of_volumes_writes_its_reports_through_the_folder(medical, tm
     assert main(args) == 2 and "eval_per_case.csv is a symbolic link" in capsys.readouterr().err
     (out / "eval_per_case.csv").unlink()
     assert main(args) == 0 and not (tmp_path / "escaped.csv").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["eval_metrics.json", "eval_per_case.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval_info.json", "eval_metrics.json", "eval_per_case.csv",
+                                                     "eval_slices.png", "report.html"]  # fmt: skip
 
 
 def test_r3_37_an_input_starting_with_dash_is_predicted_after_double_dash(workspace, monkeypatch):

@@ -29,7 +29,7 @@ def _dicom(item: VolumeInput) -> tuple[str, str | None]:
     import pydicom
 
     files = dicom_files(item.files[0])
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)  # no file: IndexError, left to the loader
     tag = str(first.get("Modality", "")).upper()
     rows, columns = (float(v) for v in first.get("PixelSpacing", [0, 0]))
     thickness = float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 0)) or 0)
@@ -63,7 +63,10 @@ def announce_volumes(items: list[VolumeInput], config: dict) -> None:
     medical = (config.get("data") or {}).get("medical") or {}
     trained = medical.get("modality")
     for item in items:
-        line, modality = (_dicom if item.dicom else _nifti)(item)
+        try:
+            line, modality = (_dicom if item.dicom else _nifti)(item)
+        except Exception:  # noqa: BLE001 (a damaged file: the loader that follows names it in one line)
+            continue
         print(f"{printable(item.name)}: {line}")
         if trained and modality and modality != trained:
             logger.warning("WARNING: %s looks like %s but this model was trained on %s slices: its predictions "

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dinov3ds.viz import default_palette, prediction_grid, save_figure
 
-MAIN_METRICS = ("val/mIoU", "val/top1", "val/Dice_foreground")  # the first one a run logged is its main metric
+MAIN_METRICS = ("val/mIoU", "val/top1", "val/RMSE", "val/Dice_foreground")  # the first one a run logged is its main metric
 
 
 def read_metrics(metrics_csv: Path) -> dict[str, list[tuple[float, float, float]]]:
