@@ -173,7 +173,14 @@ def main() -> int:
     parser.add_argument("--rows", nargs="+", type=int, choices=[1, 2, 3], default=[1, 2, 3])
     parser.add_argument("--work", type=Path, default=None, help="keep the data and runs here (default: a temporary folder)")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at once, one thread each (2 cores: 3)")
+    parser.add_argument("--quick", action="store_true", help="60 steps per row (a smoke run: the numbers mean little)")
     args = parser.parse_args()
+    if args.quick:
+        args.steps = 60
+    try:
+        import nilearn  # noqa: F401
+    except ImportError:
+        sys.exit("this benchmark reads the MNI152 template from nilearn: pip install nilearn")
 
     started = time.perf_counter()
     results = {}
