@@ -134,18 +134,19 @@ def _segmentation_split(config: Config, split: str, mean: Stats, std: Stats, inp
     return _oversampled(config, dataset, transform, (layout.labels.prepare(load_mask(m), m) for _, m in dataset.samples))
 
 
-def resolve_dataset_settings(config: Config) -> list[str]:
+def resolve_dataset_settings(config: Config, *, configure: bool = True) -> list[str]:
     """Fill in what an nnU-Net / MSD dataset says about itself, so the saved config and every checkpoint hold
     it: class names from dataset.json, `data.medical` for its modality (MRI defaults, or CT), the stored label
     ids (its "ignore" label's to `data.ignore_index`). The split is checked here too, before a run folder is
     written: an empty or overlapping fold must not cost an epoch. Segmentation folders: each split must hold
     pairs. Medical data (nnU-Net datasets, prepare-volumes folders) are then self-configured from their
     fingerprint (data/medical_plan.py): returns the fingerprint and the derived settings as report lines,
-    none for other data."""
+    none for other data. `configure=False` (evaluation of a trained model) keeps the settings it was trained
+    with and measures nothing."""
     data = config.data
     if data.dataset in ("segmentation_folder", "ade20k") and config.task == "segmentation":
         _check_pairs_exist(config)
-    if medical_kind(config) == "slices":
+    if medical_kind(config) == "slices" and configure:
         layout, (train_split, _) = segmentation_layout(config)
         fingerprint = slice_folder_fingerprint(Path(data.root), layout.image_folder(train_split), layout.pair(train_split).pairs,
                                                layout.labels, segmentation_class_names(config), cache_dir())  # fmt: skip
@@ -169,6 +170,8 @@ def resolve_dataset_settings(config: Config) -> list[str]:
     if any(value != index for value, index in label_map.items()):  # stored ids, e.g. 0, 1, 2, 4
         data.label_map = label_map
     train_cases, _ = dataset.split(data.fold, data.val_fraction, config.seed)
+    if not configure:
+        return []
 
     def ct_range(percentiles: tuple[float, float]) -> tuple[float, float]:
         from dinov3ds.data.volume_slices import ct_intensity_range
@@ -201,7 +204,7 @@ def _with_dataset_modality(medical: SlicePreprocessing, modality: str, root: str
 def _nnunet_splits(config: Config, mean: Stats, std: Stats, input_multiple: int, *, train: bool = True) -> DataSplits:
     from dinov3ds.data.volume_slices import VolumeSlices
 
-    resolve_dataset_settings(config)
+    resolve_dataset_settings(config, configure=train)  # evaluation: the checkpoint's settings, no fingerprint
     data = config.data
     dataset = read_nnunet(data.root)
     train_cases, val_cases = dataset.split(data.fold, data.val_fraction, config.seed)
