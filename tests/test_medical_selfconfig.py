@@ -26,6 +26,7 @@ from dinov3ds.data.sampling import ForegroundOversampling, SeededSamples, class_
 from dinov3ds.data.synthetic import make_head_phantom
 from dinov3ds.data.transforms import SegmentationTrainTransform
 from dinov3ds.data.volume_slices import channel_ranges, slice_image
+from dinov3ds.errors import UserError
 from tests.conftest import tiny
 
 SHAPE, SPACING = (40, 16, 36), (1.0, 2.5, 1.0)  # axis 1 is the coarse one: slices lie across it
@@ -186,6 +187,11 @@ def test_a_prepare_volumes_folder_is_recognised_and_configured(tmp_path) -> None
     assert config.data.medical.modality == "mri" and config.data.medical.zscore_over == "slice"  # PNGs: per slice
     assert config.data.photometric is False and config.data.medical.foreground_share == 0.33
     assert "  sliced along axis 0" in lines and "data.medical.target_spacing" not in "\n".join(lines)
+    record["volumes"][0].pop("shape")  # an edited record: one line naming it, not a KeyError
+    (tmp_path / "slices" / "volumes.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"volumes\.json is not prepare-volumes's record \('shape'\); write the folder again"):
+        resolve_dataset_settings(with_overrides({}, ["task=segmentation", "data.dataset=segmentation_folder",
+                                                     f"data.root={tmp_path / 'slices'}", "data.num_classes=4"]))  # fmt: skip
 
 
 def test_a_volume_z_score_maps_one_intensity_to_one_grey_in_every_slice() -> None:

@@ -154,13 +154,14 @@ def _measure_slices(record_path: Path, image_folder: Path, pairs, labels, class_
 
     try:
         record = json.loads(record_path.read_text())
-        volumes = record["volumes"]
-        axis = int(record["axis"])
+        axis, volumes = int(record["axis"]), record["volumes"]
+        training = [volume for volume in volumes if volume["split"] == image_folder.name] or volumes
+        shapes = [[int(n) for n in volume["shape"]] for volume in training]
+        spacings = [[float(z) for z in volume["spacing"]] for volume in training if "spacing" in volume] or None
+        if axis not in (0, 1, 2) or not shapes or any(len(shape) != 3 for shape in shapes):
+            raise ValueError("no volumes, or an axis or a shape that is not 3D")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{record_path} is not prepare-volumes's record ({error}); write the folder again with prepare-volumes") from None
-    split = image_folder.name
-    training = [volume for volume in volumes if volume.get("split") == split] or volumes
-    spacings = [volume["spacing"] for volume in training if "spacing" in volume] or None
     counts = np.zeros(len(class_names), dtype=np.int64)
     values = []
     for image_path, mask_path in pairs:
@@ -171,8 +172,7 @@ def _measure_slices(record_path: Path, image_folder: Path, pairs, labels, class_
             values.append(pixels[(ids > 0) & (ids < len(class_names))])
     samples = np.concatenate(values) if values else np.zeros(0)
     channel = _stats("slice", "mri", samples, None)
-    return Fingerprint("slices", len(training), [channel], [volume["shape"] for volume in training], spacings,
-                       _class_shares(counts, class_names), slice_axis=axis)  # fmt: skip
+    return Fingerprint("slices", len(training), [channel], shapes, spacings, _class_shares(counts, class_names), slice_axis=axis)
 
 
 def _gray_pixels(path: Path) -> np.ndarray:
