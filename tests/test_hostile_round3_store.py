@@ -83,7 +83,7 @@ def mounts() -> Iterator[list[Path]]:
     mounted: list[Path] = []
     yield mounted
     for folder in mounted:
-        subprocess.run(["umount", str(folder)], capture_output=True)
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)  # lazily: memory maps may still be open
 
 
 def held_out(root: Path, photos: Path, mounts: list[Path]) -> list[str]:
