@@ -31,15 +31,12 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from dinov3ds.errors import UserError
-from dinov3ds.heads.base import SegmentationHead, TokenSource
-from dinov3ds.heads.pmt import MaskPredictions, ScaleUp, Step, annealed_probability, semantic_logits
+from dinov3ds.heads.base import TokenSource
+from dinov3ds.heads.pmt import MaskPredictions, MaskTransformerHead, ScaleUp, Step
 
 
-class EoMTHead(SegmentationHead):
+class EoMTHead(MaskTransformerHead):
     """Queries, mask and class heads around the backbone's last blocks; needs the ViT's `TokenSource`."""
-
-    reads_tokens = True
-    mask_classification = True
 
     def __init__(
         self,
@@ -61,34 +58,18 @@ class EoMTHead(SegmentationHead):
         if num_queries < 1 or not 1 <= num_blocks < len(tokens.blocks):
             raise UserError(f"head 'eomt': num_queries={num_queries}, num_blocks={num_blocks}; need num_queries >= 1 and "
                             f"1 <= num_blocks < the backbone's depth ({len(tokens.blocks)})")  # fmt: skip
-        if (annealing_start is None) != (annealing_end is None):
-            raise UserError("head 'eomt': give annealing_start and annealing_end together (or neither: masks stay on)")
-        if annealing_start is not None and (len(annealing_start) != num_blocks or len(annealing_end) != num_blocks
-                                            or any(s > e for s, e in zip(annealing_start, annealing_end))):  # fmt: skip
-            raise UserError(f"head 'eomt': annealing_start and annealing_end need {num_blocks} steps each, start <= end")
+        self._schedule("eomt", num_blocks, masked_attention, annealing_start, annealing_end, annealing_power)
         width = in_channels[0]
         self.tokens = tokens  # not a submodule: the blocks and norm stay the backbone's (and out of the head's weights)
         self.backbone_blocks = num_blocks
         self.num_queries = num_queries
         self.patch_size = strides[0]
-        self.masked_attention = masked_attention
-        # None: masked attention on at every step, as the reference without annealing
-        self.schedule = (list(annealing_start), list(annealing_end), annealing_power) if annealing_start else None
-        self.register_buffer("mask_probabilities", torch.ones(num_blocks))
         self.queries = nn.Embedding(num_queries, width)
         self.classifier = nn.Linear(width, num_classes + 1)
         self.mask_mlp = nn.Sequential(
             nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
         )
         self.upscale = nn.Sequential(*(ScaleUp(width) for _ in range(max(1, int(math.log2(self.patch_size)) - 2))))
-
-    def set_step(self, step: int) -> None:
-        """Anneal each block's masked-attention probability to the training step (called before each step)."""
-        if self.schedule is None:
-            return
-        start, end, power = self.schedule
-        for index in range(self.backbone_blocks):
-            self.mask_probabilities[index] = annealed_probability(step, start[index], end[index], power)
 
     def _rope(self, grid: tuple[int, int]) -> Tensor | None:
         """The backbone's RoPE for the grid, behind identity rows for the queries (see the module doc)."""
@@ -99,13 +80,9 @@ class EoMTHead(SegmentationHead):
         identity = torch.cat([rope.new_zeros(self.num_queries, half), rope.new_ones(self.num_queries, half)], dim=-1)
         return torch.cat([identity, rope], dim=-2)
 
-    def _predict(self, x: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        x = self.tokens.norm(x).to(self.classifier.weight.dtype)
-        queries = x[:, : self.num_queries]
-        patches = x[:, self.num_queries + self.tokens.num_prefix_tokens :]
-        patches = patches.transpose(1, 2).reshape(x.shape[0], -1, *grid)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_mlp(queries), self.upscale(patches))
-        return masks, self.classifier(queries)
+    def _final_norm(self, x: Tensor) -> Tensor:
+        """The backbone's final norm, in the head's dtype (the blocks may run in bfloat16)."""
+        return self.tokens.norm(x).to(self.classifier.weight.dtype)
 
     def _attention_mask(self, masks: Tensor, grid: tuple[int, int], length: int, probability: Tensor) -> Tensor:
         """Queries see the patches their mask marks (> 0); in training each query sees every patch with
@@ -126,25 +103,4 @@ class EoMTHead(SegmentationHead):
         x = features[0].to(dtype)
         x = torch.cat([self.queries.weight.to(dtype).expand(x.shape[0], -1, -1), x], dim=1)
         rope = self._rope(grid)
-        predictions = MaskPredictions([], [])
-        for index, block in enumerate(self.tokens.blocks[-self.backbone_blocks :]):
-            probability = self.mask_probabilities[index]
-            attention_mask = None
-            # Evaluating with the mask annealed away, the intermediate predictions would go unused.
-            if self.masked_attention and (self.training or probability > 0):
-                masks, classes = self._predict(x, grid)
-                predictions.masks.append(masks)
-                predictions.classes.append(classes)
-                if probability > 0:
-                    attention_mask = self._attention_mask(masks, grid, x.shape[1], probability)
-            x = block(x, rope=rope, attn_mask=attention_mask)
-        masks, classes = self._predict(x, grid)
-        predictions.masks.append(masks)
-        predictions.classes.append(classes)
-        return predictions
-
-    def forward(self, features: list[Tensor], image: Tensor) -> MaskPredictions | Tensor:
-        predictions = self.decode(features, image)
-        if self.training:
-            return predictions
-        return semantic_logits(predictions.masks[-1], predictions.classes[-1], image.shape[-2:])
+        return self._through_blocks(x, self.tokens.blocks[-self.backbone_blocks :], grid, rope)

@@ -19,6 +19,8 @@ softmax that inference applies gives the reference's scores normalised per pixel
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
+from collections.abc import Iterable
 from functools import partial
 from typing import Annotated, NamedTuple
 
@@ -65,11 +67,84 @@ class ScaleUp(nn.Module):
         return self.norm(self.depthwise(self.act(self.up(x))))
 
 
-class PMTHead(SegmentationHead):
-    """Mask-classification decoder on ViT taps; needs the backbone's tokens and RoPE (`TokenSource`)."""
+class MaskTransformerHead(SegmentationHead):
+    """What PMT and EoMT share: learned queries run through transformer blocks with a mask-and-class prediction
+    before each block (masking that block's attention) and after the last, each block's masking probability
+    annealed on its own schedule. Subclasses supply `decode`, `_final_norm` and `_attention_mask`."""
 
     reads_tokens = True
     mask_classification = True
+
+    def _schedule(self, name: str, num_blocks: int, masked_attention: bool, start: list[int] | None,
+                  end: list[int] | None, power: float) -> None:  # fmt: skip
+        """Check and keep the annealing options (None: masked attention on at every step, as the reference)."""
+        if (start is None) != (end is None):
+            raise UserError(f"head '{name}': give annealing_start and annealing_end together (or neither: masks stay on)")
+        if start is not None and (len(start) != num_blocks or len(end) != num_blocks
+                                  or any(s > e for s, e in zip(start, end))):  # fmt: skip
+            raise UserError(f"head '{name}': annealing_start and annealing_end need {num_blocks} steps each, start <= end")
+        self.masked_attention = masked_attention
+        self.schedule = (list(start), list(end), power) if start else None
+        self.register_buffer("mask_probabilities", torch.ones(num_blocks))
+
+    def set_step(self, step: int) -> None:
+        """Anneal each block's masked-attention probability to the training step (called before each step)."""
+        if self.schedule is None:
+            return
+        start, end, power = self.schedule
+        for index in range(len(self.mask_probabilities)):
+            self.mask_probabilities[index] = annealed_probability(step, start[index], end[index], power)
+
+    @abstractmethod
+    def decode(self, features: list[Tensor], image: Tensor) -> MaskPredictions:
+        """Every prediction, input side first."""
+
+    @abstractmethod
+    def _final_norm(self, x: Tensor) -> Tensor:
+        """The token sequence normed as the predictions read it."""
+
+    def _predict(self, x: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Mask logits [B, Q, 4h, 4w] and class logits [B, Q, K + 1] from the token sequence `x`."""
+        x = self._final_norm(x)
+        queries = x[:, : self.num_queries]
+        patches = x[:, self.num_queries + self.tokens.num_prefix_tokens :]
+        patches = patches.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_mlp(queries), self.upscale(patches))
+        return masks, self.classifier(queries)
+
+    @abstractmethod
+    def _attention_mask(self, masks: Tensor, grid: tuple[int, int], length: int, probability: Tensor) -> Tensor:
+        """Which tokens each token may attend to in the next block [B, 1, length, length], from `masks`."""
+
+    def _through_blocks(self, x: Tensor, blocks: Iterable[nn.Module], grid: tuple[int, int],
+                        rope: Tensor | None) -> MaskPredictions:  # fmt: skip
+        """Run `blocks` on queries + tokens `x`, predicting before each block and after the last."""
+        predictions = MaskPredictions([], [])
+        for index, block in enumerate(blocks):
+            probability = self.mask_probabilities[index]
+            attention_mask = None
+            # Evaluating with the mask annealed away, the intermediate predictions would go unused.
+            if self.masked_attention and (self.training or probability > 0):
+                masks, classes = self._predict(x, grid)
+                predictions.masks.append(masks)
+                predictions.classes.append(classes)
+                if probability > 0:
+                    attention_mask = self._attention_mask(masks, grid, x.shape[1], probability)
+            x = block(x, rope=rope, attn_mask=attention_mask)
+        masks, classes = self._predict(x, grid)
+        predictions.masks.append(masks)
+        predictions.classes.append(classes)
+        return predictions
+
+    def forward(self, features: list[Tensor], image: Tensor) -> MaskPredictions | Tensor:
+        predictions = self.decode(features, image)
+        if self.training:
+            return predictions
+        return semantic_logits(predictions.masks[-1], predictions.classes[-1], image.shape[-2:])
+
+
+class PMTHead(MaskTransformerHead):
+    """Mask-classification decoder on ViT taps; needs the backbone's tokens and RoPE (`TokenSource`)."""
 
     def __init__(
         self,
@@ -91,19 +166,11 @@ class PMTHead(SegmentationHead):
             raise UserError("head 'pmt' reads a ViT's tokens: use a ViT backbone (ConvNeXt has no tokens or RoPE)")
         if len(set(in_channels)) != 1 or len(set(strides)) != 1:
             raise UserError("head 'pmt' needs taps of one width and stride (a ViT's blocks)")
-        if (annealing_start is None) != (annealing_end is None):
-            raise UserError("head 'pmt': give annealing_start and annealing_end together (or neither: masks stay on)")
-        if annealing_start is not None and (len(annealing_start) != num_blocks or len(annealing_end) != num_blocks
-                                            or any(s > e for s, e in zip(annealing_start, annealing_end))):  # fmt: skip
-            raise UserError(f"head 'pmt': annealing_start and annealing_end need {num_blocks} steps each, start <= end")
+        self._schedule("pmt", num_blocks, masked_attention, annealing_start, annealing_end, annealing_power)
         width = in_channels[0]
         self.tokens = tokens
         self.num_queries = num_queries
         self.patch_size = strides[0]
-        self.masked_attention = masked_attention
-        # None: masked attention on at every step, as the reference without annealing
-        self.schedule = (list(annealing_start), list(annealing_end), annealing_power) if annealing_start else None
-        self.register_buffer("mask_probabilities", torch.ones(num_blocks))
         self.tap_norms = nn.ModuleList(nn.BatchNorm1d(width) for _ in in_channels)
         self.projections = nn.ModuleList(
             nn.Sequential(nn.Linear(width, width // 2), nn.GELU(), nn.Linear(width // 2, width)) for _ in in_channels
@@ -123,21 +190,8 @@ class PMTHead(SegmentationHead):
         )
         self.classifier = nn.Linear(width, num_classes + 1)
 
-    def set_step(self, step: int) -> None:
-        """Anneal each block's masked-attention probability to the training step (called before each step)."""
-        if self.schedule is None:
-            return
-        start, end, power = self.schedule
-        for index in range(len(self.blocks)):
-            self.mask_probabilities[index] = annealed_probability(step, start[index], end[index], power)
-
-    def _predict(self, x: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        x = self.norm(x)
-        queries = x[:, : self.num_queries]
-        patches = x[:, self.num_queries + self.tokens.num_prefix_tokens :]
-        patches = patches.transpose(1, 2).reshape(x.shape[0], -1, *grid)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_mlp(queries), self.upscale(patches))
-        return masks, self.classifier(queries)
+    def _final_norm(self, x: Tensor) -> Tensor:
+        return self.norm(x)
 
     def _attention_mask(self, masks: Tensor, grid: tuple[int, int], length: int, probability: Tensor) -> Tensor:
         """Queries see the patches their mask marks (> 0), and every patch with probability 1 - p."""
@@ -158,28 +212,7 @@ class PMTHead(SegmentationHead):
         x = torch.stack(taps).sum(0)
         x = torch.cat([self.queries.weight.expand(x.shape[0], -1, -1), x], dim=1)
         rope = self.tokens.rope(*grid) if self.tokens.rope is not None else None
-        predictions = MaskPredictions([], [])
-        for index, block in enumerate(self.blocks):
-            probability = self.mask_probabilities[index]
-            attention_mask = None
-            # Evaluating with the mask annealed away, the intermediate predictions would go unused.
-            if self.masked_attention and (self.training or probability > 0):
-                masks, classes = self._predict(x, grid)
-                predictions.masks.append(masks)
-                predictions.classes.append(classes)
-                if probability > 0:
-                    attention_mask = self._attention_mask(masks, grid, x.shape[1], probability)
-            x = block(x, rope=rope, attn_mask=attention_mask)
-        masks, classes = self._predict(x, grid)
-        predictions.masks.append(masks)
-        predictions.classes.append(classes)
-        return predictions
-
-    def forward(self, features: list[Tensor], image: Tensor) -> MaskPredictions | Tensor:
-        predictions = self.decode(features, image)
-        if self.training:
-            return predictions
-        return semantic_logits(predictions.masks[-1], predictions.classes[-1], image.shape[-2:])
+        return self._through_blocks(x, self.blocks, grid, rope)
 
 
 def semantic_scores(masks: Tensor, classes: Tensor) -> Tensor:
