@@ -321,10 +321,11 @@ def offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.mark.parametrize("case, build, message", CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, build, message, workspace, offline, capsys):
-    argv = build(workspace)
-    before = tree_hash(workspace.root, workspace.root / "out")
+def assert_refused(argv: list, root: Path, message: str, capsys: pytest.CaptureFixture) -> None:
+    """The corpus's contract for one row (every round's file runs its rows through this): `argv` through the
+    real CLI exits 2 with one `dinov3ds: error:` line matching `message` and no traceback; no file under
+    `root` outside `root/out` changed; no pickle payload ran."""
+    before = tree_hash(root, root / "out")
     capsys.readouterr()
     code = main([str(part) for part in argv])
     err = capsys.readouterr().err
@@ -332,8 +333,13 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, build, message, wo
     assert code == 2, f"exit {code}; stderr: {err[-800:]}"
     assert len(lines) == 1 and "Traceback" not in err, err[-800:]
     assert re.search(message, lines[0]), lines[0]
-    assert tree_hash(workspace.root, workspace.root / "out") == before, "a file outside the output folder changed"
-    assert not (workspace.root / MARKER).exists(), "a pickle payload ran"
+    assert tree_hash(root, root / "out") == before, "a file outside the output folder changed"
+    assert not (root / MARKER).exists(), "a pickle payload ran"
+
+
+@pytest.mark.parametrize("case, build, message", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, build, message, workspace, offline, capsys):
+    assert_refused(build(workspace), workspace.root, message, capsys)
 
 
 def test_the_corpus_is_large():

@@ -30,7 +30,7 @@ from dinov3ds.models import inference
 from dinov3ds.models.hardware import check_devices, usable_cores
 from tests import test_hostile_inputs as corpus
 from tests.conftest import tiny
-from tests.test_hostile_inputs import MARKER, Workspace, predict, save_image, train_cls, tree_hash
+from tests.test_hostile_inputs import Workspace, predict, save_image, train_cls
 
 trained, workspace, offline = corpus.trained, corpus.workspace, corpus.offline  # the corpus's fixtures, registered here
 
@@ -172,17 +172,7 @@ ROWS: list[tuple[str, Callable[[Workspace], list[str]], str]] = [
 
 @pytest.mark.parametrize("case, build, message", ROWS, ids=[row[0] for row in ROWS])
 def test_r3_config_refused_in_one_line(case, build, message, space, offline, capsys):
-    argv = build(space)
-    before = tree_hash(space.root, space.root / "out")
-    capsys.readouterr()
-    code = main([str(part) for part in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("dinov3ds: error: ")]
-    assert code == 2, f"exit {code}; stderr: {err[-800:]}"
-    assert len(lines) == 1 and "Traceback" not in err, err[-800:]
-    assert re.search(message, lines[0]), lines[0]
-    assert tree_hash(space.root, space.root / "out") == before, "a file outside the output folder changed"
-    assert not (space.root / MARKER).exists()
+    corpus.assert_refused(build(space), space.root, message, capsys)
 
 
 # --- 11, 12: every head option has a range, checked before anything runs ---------------------------------------

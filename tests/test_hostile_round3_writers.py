@@ -26,7 +26,7 @@ from dinov3ds.data.synthetic import make_nnunet_dataset
 from dinov3ds.errors import UserError
 from tests import test_hostile_inputs as corpus
 from tests.conftest import tiny
-from tests.test_hostile_inputs import MARKER, Workspace, evaluate, predict, save_image, tree_hash
+from tests.test_hostile_inputs import Workspace, evaluate, predict, save_image
 
 trained, workspace, offline = corpus.trained, corpus.workspace, corpus.offline  # the corpus's fixtures, registered here
 
@@ -150,17 +150,7 @@ def deadline():
 @pytest.mark.parametrize("case, build, message", ROWS, ids=[row[0] for row in ROWS])
 def test_r3_writers_refused_in_one_line(case, build, message, workspace, offline, deadline, monkeypatch, capsys):
     monkeypatch.chdir(workspace.root)  # the `-a.png` row names its input relative to here
-    argv = build(workspace)
-    before = tree_hash(workspace.root, workspace.root / "out")
-    capsys.readouterr()
-    code = main([str(part) for part in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("dinov3ds: error: ")]
-    assert code == 2, f"exit {code}; stderr: {err[-800:]}"
-    assert len(lines) == 1 and "Traceback" not in err, err[-800:]
-    assert re.search(message, lines[0]), lines[0]
-    assert tree_hash(workspace.root, workspace.root / "out") == before, "a file outside the output folder changed"
-    assert not (workspace.root / MARKER).exists()
+    corpus.assert_refused(build(workspace), workspace.root, message, capsys)
 
 
 # -- what is handled, not refused
