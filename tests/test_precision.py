@@ -14,7 +14,7 @@ from dinov3ds.config import cache_dir, load_config
 from dinov3ds.data.build import build_datasets
 from dinov3ds.data.synthetic import make_classification_folder
 from dinov3ds.errors import UserError
-from dinov3ds.models import hardware, tasks
+from dinov3ds.models import hardware
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.tasks import Classifier, backbone_dtype, backbone_from_config, load_model
 from dinov3ds.training.feature_cache import cached_features
@@ -22,6 +22,12 @@ from dinov3ds.training.trainer import train
 from tests.conftest import reference_dir, tiny
 
 TINY = tiny("data.augment=false")
+
+
+@pytest.fixture(autouse=True)
+def detected_cpu(monkeypatch):
+    """These tests choose the CPU's flags themselves: no DINOV3DS_CPU_BF16 pin (see conftest)."""
+    monkeypatch.delenv(hardware.CPU_BF16_VARIABLE, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +142,7 @@ def test_bf16_mixed_training_stores_the_frozen_backbone_in_bf16(monkeypatch, tmp
                                           f"trainer.precision={precision}", f"output_dir={tmp_path / precision}"]))  # fmt: skip
         assert result.best_checkpoint is not None and 0.0 <= result.metrics["val/top1"] <= 1.0
         keys |= {p.parent.name for p in (cache_dir() / "features").glob("*/index.json")}
-        model = load_model(result.best_checkpoint)
-        assert model.backbone.dtype == (torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
+        assert load_model(result.best_checkpoint).backbone.dtype == torch.bfloat16  # inference: the CPU decides
     assert len(keys) == 2 * 2  # train + val per dtype: a float32 cache is never reused for bf16
 
 
@@ -146,12 +151,13 @@ def test_bf16_mixed_training_stores_the_frozen_backbone_in_bf16(monkeypatch, tmp
     [
         ("cuda", "32", True, torch.bfloat16),  # frozen inference on a bf16 GPU: half the memory, faster
         ("cuda", "32", False, torch.float32),  # a GPU without native bf16 (pre-Ampere)
-        ("cpu", "32", True, torch.float32),  # CPU inference keeps what training used
-        ("cpu", "bf16-mixed", True, torch.bfloat16),
+        ("cpu", "32", True, torch.bfloat16),  # a CPU with AMX / AVX512-BF16 / Arm BF16: as a GPU
+        ("cpu", "32", False, torch.float32),  # an AVX2-only CPU: bf16 would run emulated, slower
+        ("cpu", "bf16-mixed", False, torch.float32),  # whatever training used
     ],
 )
 def test_auto_dtype_at_inference(monkeypatch, device, precision, native, expected):
-    monkeypatch.setattr(tasks, "native_support", lambda dtype, where: native)
+    monkeypatch.setattr(hardware, "native_support", lambda dtype, where: native)
     config = load_config(None, ["backbone.dtype=auto", f"trainer.precision={precision}"])
     assert backbone_dtype(config, device, inference=True) == expected
     assert backbone_dtype(load_config(None, ["backbone.dtype=float32"]), device, inference=True) == torch.float32

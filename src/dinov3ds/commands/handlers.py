@@ -133,7 +133,7 @@ def float32_override(args: argparse.Namespace) -> list[str]:
 
 def backbone_from_args(args: argparse.Namespace):
     """The backbone named by --backbone/--weights, or the one a --checkpoint trained, in --dtype on --device
-    (auto: bf16 on a native-bf16 GPU)."""
+    (auto: bf16 where the GPU or CPU computes it natively)."""
     if args.checkpoint is not None:
         from dinov3ds.models.tasks import load_model
 
@@ -145,15 +145,13 @@ def backbone_from_args(args: argparse.Namespace):
 
 
 def backbone_dtype_from_args(args: argparse.Namespace):
-    """--dtype as a torch dtype; auto: bfloat16 on a GPU that computes it natively, else float32."""
-    from dinov3ds.models.hardware import native_support, resolve_device
+    """--dtype as a torch dtype; auto: bfloat16 on a GPU or CPU that computes it natively, else float32."""
+    from dinov3ds.models.hardware import auto_inference_dtype, resolve_device
     from dinov3ds.models.tasks import TORCH_DTYPES
 
     if args.dtype != "auto":
         return TORCH_DTYPES[args.dtype]
-    device = resolve_device(args.device)
-    native = device.type == "cuda" and native_support(TORCH_DTYPES["bfloat16"], device)
-    return TORCH_DTYPES["bfloat16" if native else "float32"]
+    return auto_inference_dtype(resolve_device(args.device))
 
 
 def run_features(args: argparse.Namespace) -> None:

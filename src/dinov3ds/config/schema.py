@@ -63,7 +63,8 @@ class BackboneConfig(Section):
     layers: list[int] | None = None  # 0-based taps for multi-layer heads; None = four even intervals
     # Storage/compute dtype of the backbone. auto: bfloat16 when training with bf16 precision, the backbone is
     # frozen and the device computes bf16 natively (autocast would re-cast every weight each step), and for
-    # eval/predict/features on a GPU with native bf16; else float32 (--float32 forces it at inference).
+    # eval/predict/features/pca/knn on a GPU or CPU (AMX, AVX512-BF16, Arm BF16) that computes bf16 natively;
+    # else float32 (--float32 forces it at inference). The head and its outputs stay float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     overrides: dict[str, Any] = Field(default_factory=dict)  # timm architecture overrides (tests: depth)
     unfreeze_last_blocks: int = Field(0, ge=0)  # finetune last_blocks: how many (a value > 0 alone means last_blocks)

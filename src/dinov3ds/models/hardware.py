@@ -12,12 +12,19 @@ user is told what it costs.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from dinov3ds.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Overrides the CPU's bf16 detection: 0 where a CPU lists bf16 but runs it slowly (an emulating hypervisor),
+# 1 where it computes bf16 natively without saying so; the test suite sets 0 so results match on every CPU.
+CPU_BF16_VARIABLE = "DINOV3DS_CPU_BF16"
 
 # /proc/cpuinfo flags (x86 "flags", Arm "Features") that mean native multiply-accumulate in that dtype.
 CPU_NATIVE_FLAGS = {
@@ -26,19 +33,23 @@ CPU_NATIVE_FLAGS = {
 }
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags, or None where /proc/cpuinfo does not exist (not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
+def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The feature flags in a /proc/cpuinfo text: x86 lists them as "flags", Arm as "Features"."""
     flags: set[str] = set()
-    for line in text.splitlines():
+    for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
     return frozenset(flags)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags, or None where /proc/cpuinfo does not exist (not Linux)."""
+    try:
+        return parse_cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return None
 
 
 def native_support(dtype: torch.dtype, device: str | torch.device) -> bool | None:
@@ -50,6 +61,8 @@ def native_support(dtype: torch.dtype, device: str | torch.device) -> bool | Non
         return torch.cuda.is_bf16_supported() if dtype == torch.bfloat16 else True
     if kind != "cpu":
         return None
+    if dtype == torch.bfloat16 and os.environ.get(CPU_BF16_VARIABLE) in ("0", "1"):
+        return os.environ[CPU_BF16_VARIABLE] == "1"
     flags = cpu_flags()
     if flags is None or dtype not in CPU_NATIVE_FLAGS:
         return None
@@ -68,6 +81,40 @@ def slow_dtype_message(dtype: torch.dtype, device: str | torch.device) -> str | 
         "forward runs several times slower than float32; it still halves memory. Set backbone.dtype: float32 "
         "for speed here"
     )
+
+
+def inference_dtype(device: str | torch.device) -> tuple[torch.dtype, str]:
+    """`dtype: auto` for a backbone at inference on `device`, and why (for the log): bfloat16 where the device
+    multiplies in it natively (about 2.5x float32's speed on AMX CPUs, `benchmarks/backbone.py`), float32
+    elsewhere, where bf16 would run emulated and slower. Detected from the hardware, never from a model name."""
+    kind = torch.device(device).type
+    name = "this CPU" if kind == "cpu" else f"this {kind.upper()} device"
+    native = native_support(torch.bfloat16, device)
+    if kind == "cpu" and os.environ.get(CPU_BF16_VARIABLE) in ("0", "1"):
+        why = f"{CPU_BF16_VARIABLE}={os.environ[CPU_BF16_VARIABLE]} says {name} does{'' if native else ' not'} compute it natively"
+    elif native and kind == "cpu":
+        why = f"{name} computes it natively ({', '.join(sorted(cpu_flags() & CPU_NATIVE_FLAGS[torch.bfloat16]))})"
+    elif native:
+        why = f"{name} computes it natively"
+    elif native is None:
+        why = f"{name} is not known to compute bfloat16 natively"
+    else:
+        why = f"{name} has no native bfloat16, so bfloat16 would run slower"
+    if native:
+        return torch.bfloat16, f"backbone in bfloat16: {why}; --float32 (backbone.dtype: float32) keeps float32"
+    return torch.float32, f"backbone in float32: {why}"
+
+
+def auto_inference_dtype(device: str | torch.device) -> torch.dtype:
+    """`inference_dtype`'s choice, its reason logged once per process (a command may load several models)."""
+    dtype, reason = inference_dtype(device)
+    _log_once(reason)
+    return dtype
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
 
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"

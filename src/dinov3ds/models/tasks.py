@@ -30,7 +30,7 @@ from dinov3ds.models import eomt_transformers
 from dinov3ds.models.backbones import Backbone, load_backbone
 from dinov3ds.models.checkpoints import HeadCheckpoint, read_checkpoint, resolve_backbone_weights
 from dinov3ds.models.finetune import add_adapters, load_trained_weights
-from dinov3ds.models.hardware import native_support, resolve_device
+from dinov3ds.models.hardware import auto_inference_dtype, native_support, resolve_device
 from dinov3ds.models.inference import InferenceOptions, labels_at_size, run_inference
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -45,13 +45,13 @@ TRAINED_SETTINGS = ("task", "backbone.name", "backbone.layers", "backbone.overri
 
 
 def backbone_dtype(config: Config, device: str | torch.device, *, inference: bool = False) -> torch.dtype:
-    """The backbone's dtype: as configured, or for `auto` bfloat16 where it pays off and the device computes it
-    natively (see config): a frozen backbone trained in bf16 precision, and any inference on a GPU."""
+    """The backbone's dtype: as configured, or for `auto` bfloat16 where the device computes it natively (see
+    config): at inference on any such GPU or CPU, and in training for a frozen backbone in bf16 precision."""
     name = config.backbone.dtype
+    if name == "auto" and inference:
+        return auto_inference_dtype(device)
     if name == "auto":
-        bf16_training = config.trainer.precision in ("bf16-mixed", "bf16-true")
-        wanted = bf16_training and config.backbone.finetune == "frozen"
-        wanted = wanted or (inference and torch.device(device).type == "cuda")
+        wanted = config.trainer.precision in ("bf16-mixed", "bf16-true") and config.backbone.finetune == "frozen"
         name = "bfloat16" if wanted and native_support(torch.bfloat16, device) else "float32"
     return TORCH_DTYPES[name]
 
