@@ -7,6 +7,9 @@ links or device files.
 
     from dinov3ds.data.download import download_dataset
     folder = download_dataset("imagenette2-320", Path("~/datasets").expanduser())
+
+NYU Depth v2 (`nyu-depth-v2`) is two raw MATLAB files rather than an archive: they are fetched the same way
+(checked by exact size, since no MD5 is published) and converted once by `data/nyu.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
+from dinov3ds.data import nyu
 from dinov3ds.errors import UserError
 
 # Written inside the extracted folder last, so its presence means download + verify + extract all finished.
@@ -94,21 +98,26 @@ def download_file(
     dest: Path,
     md5: str | None,
     *,
+    size: int | None = None,
     chunk_size: int = 1 << 20,
     timeout: float = 30.0,
     progress: bool = True,
 ) -> Path:
-    """Download `url` to `dest`, resuming `dest.part` if present; `dest` appears only once its MD5 matches.
+    """Download `url` to `dest`, resuming `dest.part` if present; `dest` appears only once its MD5 (and its
+    byte `size`, where given) matches.
 
     An existing `dest` is checked and reused without touching the network, so a file placed by hand works
-    offline. On a network failure the `.part` file is kept so the next call resumes it.
+    offline. On a network failure, or a transfer that ends short of `size`, the `.part` file is kept so the
+    next call resumes it.
     """
     dest = Path(dest)
+    part = dest.with_suffix(dest.suffix + ".part")
     if dest.exists():
-        _check_existing(dest, md5)
+        _check_existing(dest, md5, size, part)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(dest.suffix + ".part")
+    if part.is_symlink():  # appending through a link would write outside the download folder
+        raise UserError(f"{part} is a symbolic link; delete it, then run again")
     try:
         _fetch(url, part, chunk_size=chunk_size, timeout=timeout, progress=progress)
     except HTTPError as err:
@@ -123,8 +132,13 @@ def download_file(
             f"could not download {url} ({reason}); this machine looks offline: download the file by hand "
             f"and save it as {dest}, then run again{kept}"
         ) from err
-    actual = file_md5(part, chunk_size)
-    if md5 is not None and actual != md5.lower():
+    if size is not None and (received := part.stat().st_size) != size:
+        if received > size:  # not a prefix of the right file: nothing to resume
+            part.unlink()
+            raise UserError(f"{url} sent {received:,} bytes, expected {size:,}: the file was deleted; check the URL")
+        raise UserError(f"{url} ended after {received:,} of {size:,} bytes; {part} is kept: run again and the "
+                        "download resumes (if it stops here again, that server holds a truncated copy: use another URL)")  # fmt: skip
+    if md5 is not None and (actual := file_md5(part, chunk_size)) != md5.lower():
         part.unlink()
         raise UserError(
             f"{url} downloaded with MD5 {actual}, expected {md5.lower()}: the file was deleted; run again, "
@@ -134,8 +148,11 @@ def download_file(
     return dest
 
 
-def _check_existing(dest: Path, md5: str | None) -> None:
+def _check_existing(dest: Path, md5: str | None, size: int | None, part: Path) -> None:
     """A file already at `dest` was put there by us (verified) or by hand; never delete a hand-placed one."""
+    if size is not None and (actual_size := dest.stat().st_size) != size:
+        raise UserError(f"{dest} is {actual_size:,} bytes, expected {size:,}: if it is an interrupted download, rename "
+                        f"it to {part.name} and run again to resume it; otherwise delete it and run again")  # fmt: skip
     if md5 is None:
         return
     actual = file_md5(dest)
@@ -291,12 +308,15 @@ def _extract_zip(archive: Path, staging: Path) -> None:
 def download_dataset(name: str, root: Path, *, url: str | None = None, md5: str | None = None) -> Path:
     """Make dataset `name` ready under `root` and return its folder; a second call does nothing.
 
-    `url` and `md5` override the registry (mirrors, tests). An archive already in `root` (placed by hand on
-    an offline machine) is verified and used without the network. The archive is kept after extraction.
+    `url` and `md5` override the registry (mirrors, tests); for nyu-depth-v2, `url` is a folder holding both
+    of its files under their official names. An archive already in `root` (placed by hand on an offline
+    machine) is verified and used without the network. The archive is kept after extraction.
     """
+    if name == nyu.NAME:
+        return _prepare_nyu(Path(root), url)
     spec = DATASETS.get(name)
     if spec is None:
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join([*DATASETS, nyu.NAME])}")
     root = Path(root)
     folder = root / spec.folder
     if (folder / MARKER).is_file():
@@ -312,3 +332,16 @@ def download_dataset(name: str, root: Path, *, url: str | None = None, md5: str 
         raise UserError(f"{archive} does not contain the folder {spec.folder}/: check the archive or the URL")
     (folder / MARKER).write_text(f"{spec.name} {(md5 or spec.md5).lower()}\n")
     return folder
+
+
+def _prepare_nyu(root: Path, base_url: str | None) -> Path:
+    """NYU Depth v2: splits.mat and the labeled .mat (each fetched unless already in `root`; from `base_url/`
+    under its official name when given), then converted once into `root/nyu_depth_v2`."""
+    folder = root / nyu.FOLDER
+    if (folder / MARKER).is_file():
+        return folder
+    nyu.refuse_foreign(folder, MARKER)  # before 2.8 GB are fetched for nothing
+    for name, official in nyu.URLS.items():  # splits.mat first: a wrong URL fails before 2.8 GB
+        size = nyu.RELEASE.labeled_bytes if name == nyu.LABELED else None
+        download_file(f"{base_url.rstrip('/')}/{name}" if base_url else official, root / name, None, size=size)
+    return nyu.convert(root / nyu.LABELED, root / nyu.SPLITS, folder, MARKER)
