@@ -31,14 +31,21 @@ def report(result: OnnxExport) -> None:
     size = _megabytes(result.files)
     if facts.precision == "float16":
         size += f", {sum(path.stat().st_size for path in result.files) / result.float32_bytes:.2f} of float32"
-    print(f"wrote {result.path} ({size}, {facts.precision}, {facts.task}, {len(facts.class_names)} classes, "
-          f"height and width: {sizes})")  # fmt: skip
+    depth = facts.task == "depth"
+    what = (f"depth in metres, {facts.depth['min_depth']:g} to {facts.depth['max_depth']:g} m" if depth
+            else f"{facts.task}, {len(facts.class_names)} classes")  # fmt: skip
+    print(f"wrote {result.path} ({size}, {facts.precision}, {what}, height and width: {sizes})")
     for role, (name, dims) in [("input ", item) for item in result.inputs] + [("output", item) for item in result.outputs]:
-        print(f"  {role} {name}: float32 {_shape(dims)}")
-    print(f"  preprocessing and class names: the file's metadata (dinov3ds.*); RGB / 255, mean {facts.mean}, std {facts.std}")
+        print(f"  {role} {name}: float32 {_shape(dims)}" + (" metres" if depth and role == "output" else ""))
+    print(f"  preprocessing and {'depth range' if depth else 'class names'}: the file's metadata (dinov3ds.*); RGB / 255, "
+          f"mean {facts.mean}, std {facts.std}")  # fmt: skip
     print("  parity with PyTorch float32 (onnxruntime CPU, random batch), max abs difference:")
     for item in result.parity:
-        print(f"    {'x'.join(map(str, item.shape)):<14} logits {item.logits:.2e}  probabilities {item.probabilities:.2e}")
+        shape = f"{'x'.join(map(str, item.shape)):<14}"
+        if item.metres is not None:
+            print(f"    {shape} depth {item.metres:.2e} m  ({item.range_fraction:.2e} of max_depth)")
+        else:
+            print(f"    {shape} logits {item.logits:.2e}  probabilities {item.probabilities:.2e}")
 
 
 def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", height: int | None = None,

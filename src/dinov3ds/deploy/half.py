@@ -7,7 +7,9 @@ chooses what it must leave in float32, from the graph's data flow rather than fr
 - each attention's logits, from the q/k projections (after their weights) through RoPE's rotation and the
   scaling to the softmax: q·k overflows or rounds in fp16 on high-norm tokens, and RoPE rotated in fp16
   breaks DINOv3 in TensorRT;
-- softmax and LayerNorm (its mean and variance) as whole ops.
+- softmax and LayerNorm (its mean and variance) as whole ops;
+- for a depth model, what follows its last softmax (`output_tail`): the bin centres weighted by the softmax
+  into metres, where fp16 would round a depth of 8 m to steps of 8 mm, beyond a 16-bit millimetre PNG's own.
 Matrix products with weights, convolutions, MLPs and the residual stream run in fp16. The graph's input
 and output stay float32, so a caller feeds and reads the same arrays as with the fp32 file.
 """
@@ -57,10 +59,29 @@ def attention_logits(graph: onnx.GraphProto) -> set[str]:
     return kept
 
 
-def to_half(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The fp16 graph of an fp32 `model` (float32 input and output kept)."""
+def output_tail(graph: onnx.GraphProto) -> set[str]:
+    """Names of the nodes between the graph's outputs and the last softmax (or weighted op) before them."""
+    producers = _producers(graph)
+    weights = {tensor.name for tensor in graph.initializer}
+    kept: set[str] = set()
+    pending = [value.name for value in graph.output]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.name in kept or node.op_type == "Softmax":
+            continue
+        if node.op_type in WEIGHTED_OPS and any(name in weights for name in node.input):
+            continue
+        kept.add(node.name)
+        pending.extend(node.input)
+    return kept
+
+
+def to_half(model: onnx.ModelProto, keep_output_tail: bool = False) -> onnx.ModelProto:
+    """The fp16 graph of an fp32 `model` (float32 input and output kept; with `keep_output_tail`, what follows
+    the last softmax too, as a depth model's metres need)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    keep = sorted(shape_derived(model.graph) | attention_logits(model.graph))
+    keep = shape_derived(model.graph) | attention_logits(model.graph)
+    keep = sorted(keep | output_tail(model.graph) if keep_output_tail else keep)
     return convert_float_to_float16(model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *KEEP_FP32_OPS],
                                     node_block_list=keep)  # fmt: skip

@@ -3,7 +3,9 @@ under keys prefixed `dinov3ds.`, written at export and read back from any file w
 
 Text facts are stored as they are (`dinov3ds.task` = `segmentation`); numbers, lists and tables as JSON
 (`dinov3ds.class_names` = `["road", "car"]`, `dinov3ds.mean` = `[0.485, 0.456, 0.406]`). The input is
-float32 NCHW: RGB pixels divided by 255 (`value_range` [0, 1]), minus `mean`, divided by `std`.
+float32 NCHW: RGB pixels divided by 255 (`value_range` [0, 1]), minus `mean`, divided by `std`. The output is
+logits (`logits`), or for `dinov3ds.task` = `depth` depth in metres [B,1,H,W] (`depth`, with `dinov3ds.depth`
+= `{"unit": "m", "min_depth": 0.001, "max_depth": 10.0, ...}`).
 """
 
 from __future__ import annotations
@@ -19,19 +21,22 @@ from dinov3ds.errors import UserError
 
 if TYPE_CHECKING:
     from dinov3ds.config import Config
+    from dinov3ds.models.depth import DepthEstimator
     from dinov3ds.models.tasks import Classifier, Segmenter
 
 PREFIX = "dinov3ds."
 CROP_RATIO = 224 / 256  # classification: the shorter side is resized to crop / CROP_RATIO, then centre-cropped
 INFERENCE_KEYS = ("mode", "crop", "stride", "window_batch", "flip", "scales", "batch_size")
+TASKS = ("classification", "segmentation", "depth")
+OPTIONAL = ("depth",)  # keys only some tasks write (files of other tasks, and older files, lack them)
 
 
 @dataclass(frozen=True)
 class ServingFacts:
     """The metadata of one exported file (one attribute per `dinov3ds.` key)."""
 
-    task: str  # classification | segmentation
-    class_names: list[str]  # output channel k is class_names[k]
+    task: str  # classification | segmentation | depth
+    class_names: list[str]  # output channel k is class_names[k] (depth: ["depth"], its one channel)
     mean: list[float]  # per RGB channel, on the 0-1 scale
     std: list[float]
     input_multiple: int  # height and width must be multiples of this
@@ -46,11 +51,13 @@ class ServingFacts:
     inference: dict  # segmentation strategy as trained: mode, crop, stride, window_batch, flip, scales, batch_size
     color_order: str = "RGB"
     value_range: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1.0])
+    # depth: unit ("m"), min_depth / max_depth (the head's range), eigen_crop, depth_scale (how --labels are scored)
+    depth: dict = dataclasses.field(default_factory=dict)
 
     def to_props(self) -> dict[str, str]:
-        """The `metadata_props` entries: key → text."""
+        """The `metadata_props` entries: key → text (an optional key left out when empty)."""
         return {PREFIX + name: value if isinstance(value, str) else json.dumps(value)
-                for name, value in dataclasses.asdict(self).items()}  # fmt: skip
+                for name, value in dataclasses.asdict(self).items() if value or name not in OPTIONAL}  # fmt: skip
 
     @classmethod
     def from_props(cls, props: Mapping[str, str], source: str) -> ServingFacts:
@@ -61,6 +68,8 @@ class ServingFacts:
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             text = props.get(PREFIX + field.name)
+            if text is None and field.name in OPTIONAL:
+                continue
             if text is None:
                 raise UserError(f"{source}: metadata key {PREFIX}{field.name} is missing; export the file again")
             try:
@@ -69,7 +78,7 @@ class ServingFacts:
                 raise UserError(f"{source}: metadata key {PREFIX}{field.name} is not JSON ({text[:60]!r}); "
                                 "export the file again") from None  # fmt: skip
         facts = cls(**values)
-        if facts.task not in ("classification", "segmentation") or not facts.class_names:
+        if facts.task not in TASKS or not facts.class_names or (facts.task == "depth") != bool(facts.depth):
             raise UserError(f"{source}: metadata task {facts.task!r} with {len(facts.class_names)} classes is not "
                             "a dinov3ds model; export the file again")  # fmt: skip
         return facts
@@ -82,21 +91,35 @@ def label_offset(config: Config) -> int:
     return 1 if config.task == "segmentation" and (data.reduce_zero_label or data.dataset == "ade20k") else 0
 
 
-def facts_of(model: Classifier | Segmenter, input_size: tuple[int, int] | None, precision: str) -> ServingFacts:
+def depth_facts(config: Config) -> dict:
+    """A depth model's output range and how its predictions are scored (`--labels`), as `predict` reads them."""
+    depth = config.depth
+    eigen = depth.eigen_crop if depth.eigen_crop is not None else config.data.dataset == "nyu"
+    return {"unit": "m", "min_depth": depth.min_depth, "max_depth": depth.max_depth, "eigen_crop": bool(eigen),
+            "depth_scale": depth.depth_scale}  # fmt: skip
+
+
+def facts_of(model: Classifier | Segmenter | DepthEstimator, input_size: tuple[int, int] | None,
+             precision: str) -> ServingFacts:  # fmt: skip
     """The facts of `model` exported for `input_size` (None: any size) in `precision`."""
     config, backbone = model.config, model.backbone
     if config.task == "classification":
         size = config.data.image_size
         preprocess = {"resize_shorter": round(size / CROP_RATIO), "center_crop": size}
         inference = {"batch_size": config.inference.batch_size}
+    elif config.task == "depth":  # whole image only (DepthEstimator.predict_depth); flip averages the mirror
+        preprocess = {"resize_shorter": config.data.eval_size}
+        inference = {"flip": config.inference.flip, "batch_size": config.inference.batch_size}
     else:
         preprocess = {"resize_shorter": config.data.eval_size}
         inference = {key: getattr(config.inference, key) for key in INFERENCE_KEYS}
         inference["crop"] = inference["crop"] or config.data.image_size
+    depth = config.task == "depth"
     return ServingFacts(
-        task=config.task, class_names=list(model.class_names), mean=list(backbone.mean), std=list(backbone.std),
-        input_multiple=model.input_multiple, input_size=list(input_size) if input_size else None,
+        task=config.task, class_names=["depth"] if depth else list(model.class_names), mean=list(backbone.mean),
+        std=list(backbone.std), input_multiple=model.input_multiple, input_size=list(input_size) if input_size else None,
         label_offset=label_offset(config), backbone=backbone.identity["name"],
         weights_sha256=backbone.identity.get("sha256", ""), head=config.head.name, version=__version__,
         precision=precision, preprocess=preprocess, inference=inference,
+        depth=depth_facts(config) if depth else {},
     )  # fmt: skip

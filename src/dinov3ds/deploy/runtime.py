@@ -4,6 +4,7 @@ answers requests needs onnxruntime and numpy (the README shows the same without 
     model = OnnxModel("seg.onnx", device="cpu")
     logits = model.logits(images)            # float32 [B,3,H,W], normalised as model.facts says
     model.facts.class_names, model.facts.mean, model.facts.input_multiple
+    metres = OnnxModel("depth.onnx").depth(images)  # a depth file: [B,1,H,W] in metres, model.facts.depth its range
 """
 
 from __future__ import annotations
@@ -61,8 +62,15 @@ class OnnxModel:
         self.facts = ServingFacts.from_props(self.session.get_modelmeta().custom_metadata_map, str(self.path))
         self.providers = self.session.get_providers()
 
+    def depth(self, images: np.ndarray) -> np.ndarray:
+        """Depth in metres (float32 [B,1,H,W], at the input's size) for a normalised batch, from a depth file."""
+        if self.facts.task != "depth":
+            raise UserError(f"{self.path} is a {self.facts.task} model, not a depth model; read its logits()")
+        return self.logits(images)
+
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """Logits (float32) for a normalised float32 batch [B,3,H,W] of the sizes the file accepts."""
+        """The graph's output (float32) for a normalised float32 batch [B,3,H,W] of the sizes the file accepts:
+        logits, or a depth file's metres."""
         height, width = images.shape[-2:]
         multiple, fixed = self.facts.input_multiple, self.facts.input_size
         if fixed is not None and [height, width] != list(fixed):

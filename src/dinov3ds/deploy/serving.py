@@ -16,10 +16,12 @@ from torch import Tensor
 from dinov3ds.config import Config, with_overrides
 from dinov3ds.deploy.runtime import OnnxModel
 from dinov3ds.errors import UserError
+from dinov3ds.models.depth import DepthEstimator
 from dinov3ds.models.tasks import Classifier, Segmenter
 
-# Overrides that still mean something for a finished graph (how to run it); the rest is fixed in the file.
-RUN_SETTINGS = ("inference.", "data.eval_size", "data.num_workers")
+# Overrides that still mean something for a finished graph (how to run it, how --labels are read and scored);
+# the rest is fixed in the file.
+RUN_SETTINGS = ("inference.", "data.eval_size", "data.num_workers", "depth.eigen_crop", "depth.depth_scale")
 IGNORED = ("backbone.dtype",)  # --float32: the graph's precision is its own
 
 
@@ -66,12 +68,26 @@ class OnnxSegmenter(_OnnxTask):
     predict_probabilities = Segmenter.predict_probabilities
 
 
+class OnnxDepthEstimator(_OnnxTask):
+    """The graph's output is already metres: the checkpoint model's resizing, flip averaging and transform."""
+
+    eval_transform = DepthEstimator.eval_transform
+    predict_depth = DepthEstimator.predict_depth
+    predict = DepthEstimator.predict
+
+
+TASK_CLASSES = {"classification": OnnxClassifier, "segmentation": OnnxSegmenter, "depth": OnnxDepthEstimator}
+
+
 def _config(runner: OnnxModel, overrides: list[str]) -> Config:
     """The settings `predict` reads, from the metadata, with the run-time overrides on top."""
     facts = runner.facts
-    inference = dict(facts.inference)
+    inference, depth = dict(facts.inference), {}
     if facts.task == "classification":
         data = {"image_size": facts.preprocess["center_crop"]}
+    elif facts.task == "depth":
+        data = {"eval_size": facts.preprocess["resize_shorter"]}
+        depth = {key: facts.depth[key] for key in ("min_depth", "max_depth", "eigen_crop", "depth_scale")}
     else:
         data = {"image_size": inference["crop"], "eval_size": facts.preprocess["resize_shorter"],
                 "reduce_zero_label": facts.label_offset == 1}  # fmt: skip
@@ -79,14 +95,15 @@ def _config(runner: OnnxModel, overrides: list[str]) -> Config:
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not key.startswith(RUN_SETTINGS + IGNORED):
-            raise UserError(f"{runner.path}: '{key}' is fixed in the exported file; only inference.*, data.eval_size "
-                            "and data.num_workers apply to it (or predict with the .ckpt)")  # fmt: skip
+            raise UserError(f"{runner.path}: '{key}' is fixed in the exported file; only inference.*, data.eval_size, "
+                            "data.num_workers and depth.eigen_crop / depth_scale apply to it (or predict with the .ckpt)")  # fmt: skip
         kept += [] if key.startswith(IGNORED) else [item]
-    return with_overrides({"task": facts.task, "data": data, "inference": inference}, kept, str(runner.path))
+    tree = {"task": facts.task, "data": data, "inference": inference, **({"depth": depth} if depth else {})}
+    return with_overrides(tree, kept, str(runner.path))
 
 
-def load_onnx(path: str | Path, device: str = "auto", overrides: list[str] | None = None) -> OnnxClassifier | OnnxSegmenter:
-    """The file at `path` ready for `predict`: classification or segmentation, whichever it was exported as."""
+def load_onnx(path: str | Path, device: str = "auto", overrides: list[str] | None = None) -> _OnnxTask:
+    """The file at `path` ready for `predict`: classification, segmentation or depth, whichever it was exported as."""
     runner = OnnxModel(path, device)
     config = _config(runner, list(overrides or []))
-    return (OnnxClassifier if runner.facts.task == "classification" else OnnxSegmenter)(runner, config)
+    return TASK_CLASSES[runner.facts.task](runner, config)
