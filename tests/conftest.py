@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# `dtype: auto` at inference follows the CPU (bf16 where native): pinned to float32 for the whole session,
+# module-scoped fixtures and subprocesses included, so every CPU gives the same numbers;
+# tests/test_inference_dtype.py and tests/test_precision.py lift the pin to test the detection itself.
+os.environ["DINOV3DS_CPU_BF16"] = "0"
+
 REFERENCE_DIR = Path(
     os.environ.get("DINOV3DS_REFERENCE_DIR", Path(__file__).parents[2] / "shared" / "fixtures" / "dinov3_reference")
 )
@@ -28,12 +33,9 @@ def reference_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path_factory, monkeypatch):
-    """Keep caches and checkpoint lookups inside the test's temporary folders; float32 inference on every CPU."""
+    """Keep caches and checkpoint lookups inside the test's temporary folders."""
     monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("DINOV3DS_CHECKPOINTS", str(tmp_path_factory.mktemp("no_checkpoints")))
-    # `dtype: auto` at inference follows the CPU (bf16 where native): pinned to float32 so every CPU gives the
-    # same numbers; tests/test_inference_dtype.py covers both kinds of CPU.
-    monkeypatch.setenv("DINOV3DS_CPU_BF16", "0")
     # Test tensors are tiny: a second intra-op thread only adds contention (15-30x slower on a busy 2-core box).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -70,6 +70,7 @@ def run_predict(args: argparse.Namespace) -> None:
     if not paths:
         raise UserError("predict needs at least one image, folder or .nii/.nii.gz volume after the overrides")
     overrides = [*args.set, *overrides, *(["inference.flip=true"] if args.flip else []), *float32_override(args)]
+    check_process_count(args)
     predict(args.checkpoint, paths, args.out, topk=args.topk, mode=args.mode, labels=args.labels, overrides=overrides,
             probabilities=args.probabilities, overwrite=args.overwrite, label_offset=args.label_offset,
             device=args.device, devices=args.devices, resume=args.resume)  # fmt: skip
@@ -154,6 +155,14 @@ def backbone_dtype_from_args(args: argparse.Namespace):
     return auto_inference_dtype(resolve_device(args.device))
 
 
+def check_process_count(args: argparse.Namespace) -> None:
+    """--devices against what this machine has (its GPUs, or the cores a CPU run may use), before anything starts:
+    64 CPU processes on 2 cores would each hold a model copy and exhaust memory instead of finishing."""
+    from dinov3ds.models.hardware import check_devices, resolve_device
+
+    check_devices("cpu" if resolve_device(args.device).type == "cpu" else "gpu", args.devices, key="--devices")
+
+
 def run_features(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix == ".npz":
@@ -169,8 +178,7 @@ def run_features(args: argparse.Namespace) -> None:
         return
     from dinov3ds.commands.sharded_features import extract_shards, job_from_arguments
 
-    if args.devices < 1:
-        raise UserError(f"--devices {args.devices}: give 1 or more")
+    check_process_count(args)
     if args.checkpoint is not None:
         raise UserError("--checkpoint works with a .npz --out; sharded features take --backbone/--weights")
     job = job_from_arguments(args.paths, out, backbone=args.backbone, weights=args.weights,

@@ -187,7 +187,8 @@ def check_devices(accelerator: str, devices: int | str | list[int], key: str = "
             raise UserError(f"{key} {devices!r} names GPUs, but this run trains on the CPU ({why}): give a number "
                             f"of CPU processes from 1 to {cores} (the cores this process may use)")  # fmt: skip
         if not 1 <= request <= cores:
-            raise UserError(f"{key} {request} asks for {request} CPU training processes, but this process may use "
+            what = "CPU training processes" if key.startswith("trainer.") else "CPU processes"
+            raise UserError(f"{key} {request} asks for {request} {what}, but this process may use "
                             f"{cores} cores (os.sched_getaffinity): give {key} from 1 to {cores}")  # fmt: skip
         return
     indices = request if isinstance(request, list) else []
