@@ -38,8 +38,8 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser, image_size: int) ->
     parser.add_argument("--image-size", type=int, default=image_size,
                         help="shorter side in pixels (rounded to a multiple of the patch size)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="backbone weight/compute dtype (auto: bfloat16 on a GPU that computes it natively, "
-                             "else float32; bfloat16 halves the memory)")  # fmt: skip
+                        help="backbone weight/compute dtype (auto: bfloat16 on a GPU or CPU that computes it "
+                             "natively: AMX, AVX512-BF16, Arm BF16; else float32; bfloat16 halves the memory)")  # fmt: skip
     _add_device_argument(parser)
 
 
@@ -48,7 +48,8 @@ def _add_device_argument(parser: argparse.ArgumentParser, float32: bool = False)
                         help="auto (the first GPU if there is one, else the CPU), cpu, cuda or cuda:N")
     if float32:
         parser.add_argument("--float32", action="store_true",
-                            help="run the backbone in float32 (auto picks bfloat16 on GPUs that compute it natively)")
+                            help="run the backbone in float32 (auto picks bfloat16 on GPUs and CPUs that compute it "
+                                 "natively)")
 
 
 def build_parser() -> argparse.ArgumentParser:
