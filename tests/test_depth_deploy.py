@@ -20,6 +20,8 @@ from PIL import Image
 
 from dinov3ds.cli import main
 from dinov3ds.config import load_config
+from dinov3ds.data.depth import load_depth
+from dinov3ds.data.synthetic import make_depth_folder
 from dinov3ds.deploy.metadata import ServingFacts
 from dinov3ds.deploy.onnx_export import export_onnx
 from dinov3ds.deploy.runtime import OnnxModel
@@ -216,3 +218,43 @@ def test_serving_a_depth_file_needs_neither_torch_nor_dinov3ds(depth_files, tmp_
     written = np.asarray(Image.open(tmp_path / "depth.png"))
     assert written.dtype == np.uint16 and written.shape == (45, 61)
     assert MIN_DEPTH * 1000 <= written.min() and written.max() <= MAX_DEPTH * 1000
+
+
+# -- check-data on depth folders (depth_folder, and nyu's converted layout)
+def test_check_data_lists_every_depth_problem_and_each_splits_range(tmp_path, capsys):
+    root = make_depth_folder(tmp_path / "scenes", train=4, val=3)
+    argv = ["check-data", "--config", "depth_nyu_linear", f"data.root={root}", "--workers", "2"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    train = np.concatenate([load_depth(path).ravel() for path in sorted((root / "train" / "depth").glob("*.png"))])
+    known = train[train > 0]
+    assert (f"train: depth {known.min():.3g} to {known.max():.3g} m over valid pixels; {known.size / train.size:.1%} "
+            "valid (0 < depth <= max_depth 10 m), 0.0% beyond max_depth") in said.splitlines()  # fmt: skip
+    assert "NYU's Eigen split has 795 train / 654 test images" in said  # a config for nyu, 4 / 3 images here
+    assert f"{root}: image/depth pairs checked (train: 4, val: 3); no problems" in said
+    Image.fromarray(np.ones((8, 8), np.uint16)).save(root / "train" / "depth" / "000.png")
+    (root / "train" / "depth" / "001.png").unlink()
+    Image.fromarray(np.ones((32, 32), np.uint8)).save(root / "train" / "depth" / "002.png")
+    (root / "val" / "depth" / "000.png").unlink()
+    np.save(root / "val" / "depth" / "000.npy", np.ones((32, 32, 3), np.float32))
+    np.save(root / "val" / "depth" / "001.npy", np.ones((32, 32), np.float32))
+    Image.fromarray(np.ones((32, 32), np.uint16)).save(root / "val" / "depth" / "stray.png")
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    expected = [r"image \S+train/images/001\.png has no depth file \S+train/depth/001\.png \(or \.npy\)",
+                r"depth file \S+train/depth/000\.png is 8x8 but image \S+000\.png is 32x32",
+                r"depth file \S+train/depth/002\.png is an L PNG, not 16-bit",
+                r"depth file \S+val/depth/000\.npy holds float32 of shape \(32, 32, 3\)",
+                r"depth file \S+val/depth/001\.npy is unused: \S+val/depth/001\.png is read for image",
+                r"depth file \S+val/depth/stray\.png has no image under"]  # fmt: skip
+    problems = captured.out.splitlines()[: len(expected)]  # then the ranges and the count
+    assert all(any(re.search(pattern, line) for line in problems) for pattern in expected), problems
+    assert captured.err.strip() == f"dinov3ds: error: 6 problems in {root} (listed above); fix or remove those files"
+
+
+def test_check_data_names_depth_in_the_wrong_unit(tmp_path, capsys):
+    root = make_depth_folder(tmp_path / "scenes", train=2, val=1)
+    assert main(["check-data", "--config", "depth_nyu_dpt", f"data.root={root}", "depth.depth_scale=1"]) == 2
+    said = capsys.readouterr().out  # millimetres read as metres: everything lies beyond 10 m
+    assert "train: depth none over valid pixels; 0.0% valid" in said
+    assert "split train: no pixel has depth within (0, 10] m; check depth.depth_scale" in said

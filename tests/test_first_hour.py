@@ -20,7 +20,12 @@ import dinov3ds
 from dinov3ds.cli import main
 from dinov3ds.config import load_config
 from dinov3ds.config.bundled import BUNDLED, bundled_configs
-from dinov3ds.data.synthetic import make_classification_folder, make_nnunet_dataset, make_segmentation_folder
+from dinov3ds.data.synthetic import (
+    make_classification_folder,
+    make_depth_folder,
+    make_nnunet_dataset,
+    make_segmentation_folder,
+)
 from tests.conftest import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +62,12 @@ def _data_for(name: str, base: Path) -> list[str]:
         return [f"data.root={make_segmentation_folder(base, num_classes=2, train=2, val=1, size=(24, 24))}"]
     if "msd" in name:
         return [f"data.root={make_nnunet_dataset(base, training=3, test=0, modality='ct', shape=(20, 16, 6))}"]
+    if name.startswith("depth"):  # nyu's converted layout is a depth_folder's
+        return [f"data.root={make_depth_folder(base, train=2, val=1)}"]
     pytest.skip(f"no generated data for {name}")
 
 
-@pytest.mark.parametrize("name", sorted(name for name in bundled_configs() if not name.startswith("depth")))
+@pytest.mark.parametrize("name", sorted(bundled_configs()))
 def test_check_data_accepts_each_bundled_config_on_its_kind_of_data(name, tmp_path, capsys):
     assert main(["check-data", "--config", name, *_data_for(name, tmp_path / "data"), "--workers", "1"]) == 0, \
         capsys.readouterr()  # fmt: skip

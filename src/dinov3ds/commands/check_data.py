@@ -6,7 +6,9 @@ training would check later: splits and class folders are not empty, every image 
 its image, a mask has its image's size, and its label values (after `label_map` / `reduce_zero_label`) are
 below the number of classes or the ignore index. An nnU-Net / MSD dataset (`data.dataset: nnunet`) is read as
 training reads it: dataset.json, the case files, the fold, then every case's channels and label (one grid,
-integer label ids dataset.json names). Each problem is one line naming the file and the fix. A medical
+integer label ids dataset.json names). A depth dataset (`task: depth`: depth_folder, nyu) pairs every image with
+its depth file and reads both as training does (16-bit PNG or 2-D .npy, the image's own size), and reports each
+split's depth range and valid share. Each problem is one line naming the file and the fix. A medical
 dataset that passes (nnU-Net, or a prepare-volumes folder) is then fingerprinted, and the report shows the
 fingerprint and the settings training would derive from it (data/medical_plan.py).
 
@@ -17,17 +19,23 @@ fingerprint and the settings training would derive from it (data/medical_plan.py
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from dinov3ds.config import Config
 from dinov3ds.data.build import image_loader, resolve_dataset_settings, segmentation_layout
+from dinov3ds.data.depth import DEPTH_SUFFIXES, check_depth_size, load_depth, pair_depth_files
 from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image, load_mask
 from dinov3ds.data.layout import Pairing
 from dinov3ds.data.medical_plan import medical_kind
 from dinov3ds.data.nnunet import load_case, read_nnunet
+from dinov3ds.data.nyu import RELEASE
 from dinov3ds.errors import UserError
 
 
@@ -38,7 +46,7 @@ class DataReport:
     checked: dict[str, int] = field(default_factory=dict)  # split → samples decoded
     problems: list[str] = field(default_factory=list)  # one line each, naming the file and the fix
     unit: str | None = None  # what `checked` counts, when not images or image/mask pairs
-    plan: list[str] = field(default_factory=list)  # medical data: the fingerprint and the derived settings
+    plan: list[str] = field(default_factory=list)  # printed before the count: a medical fingerprint, depth ranges
 
     @property
     def ok(self) -> bool:
@@ -47,7 +55,7 @@ class DataReport:
     def summary(self) -> str:
         """The medical plan (when there is one), then the one-line count of what was checked and found."""
         counts = ", ".join(f"{split}: {count}" for split, count in self.checked.items())
-        unit = self.unit or ("images" if self.task == "classification" else "image/mask pairs")
+        unit = self.unit or {"classification": "images", "depth": "image/depth pairs"}.get(self.task, "image/mask pairs")
         return "\n".join([*self.plan, f"{self.root}: {unit} checked ({counts}); {len(self.problems) or 'no'} problems"])
 
 
@@ -193,6 +201,90 @@ def _check_nnunet(config: Config, report: DataReport, workers: int) -> None:
     report.problems += _parallel(check_case, [*train, *val], min(workers, 2))  # volumes are large: two at a time
 
 
+@dataclass
+class DepthStats:
+    """One split's depth values: pixels in all, known (> 0), within max_depth, and the range of those."""
+
+    pixels: int = 0
+    known: int = 0
+    valid: int = 0
+    low: float = float("inf")
+    high: float = 0.0
+
+    def add(self, depth: np.ndarray, max_depth: float) -> None:
+        valid = depth[(depth > 0) & (depth <= max_depth) & np.isfinite(depth)]
+        self.pixels += depth.size
+        self.known += int((depth > 0).sum())
+        self.valid += valid.size
+        if valid.size:
+            self.low, self.high = min(self.low, float(valid.min())), max(self.high, float(valid.max()))
+
+    def line(self, split: str, max_depth: float) -> str:
+        share, beyond = self.valid / max(self.pixels, 1), (self.known - self.valid) / max(self.pixels, 1)
+        found = f"{self.low:.3g} to {self.high:.3g} m" if self.valid else "none"
+        return (f"{split}: depth {found} over valid pixels; {share:.1%} valid (0 < depth <= max_depth {max_depth:g} m), "
+                f"{beyond:.1%} beyond max_depth")  # fmt: skip
+
+
+def _unpaired_depth(folder: Path, pairs: list[tuple[Path, Path]], images: Path) -> list[str]:
+    """One line per depth file training never reads: no image of its name, or a second file for one image."""
+    read = {depth: image for image, depth in pairs}
+    by_stem = {depth.with_suffix(""): depth for depth in read}
+    problems = []
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.suffix.lower() not in DEPTH_SUFFIXES or path in read or not path.is_file():
+            continue
+        used = by_stem.get(path.with_suffix(""))
+        problems.append(f"depth file {path} is unused: {used} is read for image {read[used]} (.png before .npy); remove one"
+                        if used else f"depth file {path} has no image under {images}; add the image or remove the depth file")  # fmt: skip
+    return problems
+
+
+def _check_depth(config: Config, report: DataReport, workers: int) -> None:
+    """Every image with its depth file, both decoded as training decodes them; each split's range and valid share."""
+    data, depth = config.data, config.depth
+    report.unit, lock = "image/depth pairs", threading.Lock()
+
+    def check_pair(pair: tuple[Path, Path], stats: DepthStats) -> list[str]:
+        image_path, depth_path = pair
+        problems = []
+        try:
+            image = load_image(image_path)
+        except UserError as error:
+            problems.append(str(error))
+            image = None
+        try:
+            values = load_depth(depth_path, depth.depth_scale)
+            if image is not None:
+                check_depth_size(values, image.width, image.height, depth_path, image_path)
+        except UserError as error:
+            return [*problems, str(error)]
+        with lock:  # decoding runs in threads; the sums one at a time
+            stats.add(values, depth.max_depth)
+        return problems
+
+    for split in dict.fromkeys((data.train_split, data.val_split)):
+        try:
+            pairs, missing = pair_depth_files(report.root, split, data.images_dir, depth.depth_dir)
+        except UserError as error:
+            report.problems.append(f"{error} (expected {report.root / split}/{data.images_dir} and "
+                                   f"{report.root / split}/{depth.depth_dir}, or set data.{_split_key(config, split)})")  # fmt: skip
+            continue
+        report.problems += missing
+        report.problems += _unpaired_depth(report.root / split / depth.depth_dir, pairs, report.root / split / data.images_dir)
+        stats = DepthStats()
+        report.checked[split] = len(pairs)
+        report.problems += _parallel(partial(check_pair, stats=stats), pairs, workers)
+        report.plan.append(stats.line(split, depth.max_depth))
+        if pairs and not stats.valid and stats.pixels:
+            report.problems.append(f"split {split}: no pixel has depth within (0, {depth.max_depth:g}] m; check "
+                                   "depth.depth_scale (stored values per metre) and depth.max_depth")  # fmt: skip
+    eigen = {data.train_split: RELEASE.train, data.val_split: RELEASE.test}
+    if data.dataset == "nyu" and any(report.checked.get(split, count) != count for split, count in eigen.items()):
+        report.plan.append(f"NYU's Eigen split has {RELEASE.train} train / {RELEASE.test} test images: scores on other "
+                           "splits do not compare with the papers'")  # fmt: skip
+
+
 def check_dataset(config: Config, workers: int | None = None) -> DataReport:
     """Decode and check every sample of the config's train and val splits; never stops at the first problem."""
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
@@ -204,6 +296,8 @@ def check_dataset(config: Config, workers: int | None = None) -> DataReport:
         return report
     if config.task == "classification":
         _check_classification(config, report, workers)
+    elif config.task == "depth":
+        _check_depth(config, report, workers)
     elif config.data.dataset == "nnunet":
         _check_nnunet(config, report, workers)
     else:

@@ -47,21 +47,39 @@ def load_depth(path: Path, scale: float | None = None) -> np.ndarray:
     return values.astype(np.float32) / (scale or 1000.0)
 
 
-def depth_pairs(root: Path, split: str, images_dir: str = "images", depth_dir: str = "depth") -> list[tuple[Path, Path]]:
-    """(image, depth file) per image of `root/split/images`, or a one-line error naming a missing depth file."""
+def pair_depth_files(root: Path, split: str, images_dir: str = "images",
+                     depth_dir: str = "depth") -> tuple[list[tuple[Path, Path]], list[str]]:  # fmt: skip
+    """(image, depth file) per image of `root/split/images`, and one line per image without its depth file
+    (`check-data` lists them all; training stops at the first)."""
     images = find_images(root / split / images_dir)
     if not images:
         raise UserError(f"no images under {root / split / images_dir}; check data.root and the split names")
-    pairs = []
+    pairs, missing = [], []
     for image in images:
         relative = image.relative_to(root / split / images_dir).with_suffix("")
         found = [root / split / depth_dir / f"{relative}{suffix}" for suffix in DEPTH_SUFFIXES]
         found = [path for path in found if path.is_file()]
-        if not found:
-            raise UserError(f"image {image} has no depth file {root / split / depth_dir / relative}.png (or .npy); "
-                            "add it or remove the image")  # fmt: skip
-        pairs.append((image, found[0]))
+        if found:
+            pairs.append((image, found[0]))
+        else:
+            missing.append(f"image {image} has no depth file {root / split / depth_dir / relative}.png (or .npy); "
+                           "add it or remove the image")  # fmt: skip
+    return pairs, missing
+
+
+def depth_pairs(root: Path, split: str, images_dir: str = "images", depth_dir: str = "depth") -> list[tuple[Path, Path]]:
+    """(image, depth file) per image of `root/split/images`, or a one-line error naming a missing depth file."""
+    pairs, missing = pair_depth_files(root, split, images_dir, depth_dir)
+    if missing:
+        raise UserError(missing[0])
     return pairs
+
+
+def check_depth_size(depth: np.ndarray, width: int, height: int, depth_path: Path, image_path: Path) -> None:
+    """A depth map scores the pixels of its own image: another size is refused, never resized."""
+    if depth.shape != (height, width):
+        raise UserError(f"depth file {depth_path} is {depth.shape[1]}x{depth.shape[0]} but image {image_path} is "
+                        f"{width}x{height}; depth maps must match their image's size")  # fmt: skip
 
 
 class DepthTrainTransform:
@@ -116,9 +134,7 @@ class DepthFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, depth_path = self.samples[index]
         image, depth = load_image(image_path), load_depth(depth_path, self.scale)
-        if depth.shape != (image.height, image.width):
-            raise UserError(f"depth file {depth_path} is {depth.shape[1]}x{depth.shape[0]} but image {image_path} is "
-                            f"{image.width}x{image.height}; depth maps must match their image's size")  # fmt: skip
+        check_depth_size(depth, image.width, image.height, depth_path, image_path)
         return self.transform(image, depth)
 
 
