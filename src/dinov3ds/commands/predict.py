@@ -8,7 +8,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,13 +17,14 @@ from dinov3ds.commands.volume_info import announce_volumes
 from dinov3ds.commands.volumes import predict_volumes, volume_inputs
 from dinov3ds.data.dicom import is_dicom_series
 from dinov3ds.data.image_batches import image_batches, regular_file
-from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images, load_image
+from dinov3ds.data.io import IMAGE_EXTENSIONS, find_images
 from dinov3ds.data.transforms import SegmentationEvalTransform
 from dinov3ds.data.volumes import is_nifti
 from dinov3ds.deploy.metadata import label_offset as dataset_label_offset
 from dinov3ds.deploy.serving import is_onnx, load_onnx
 from dinov3ds.errors import UserError
 from dinov3ds.models.checkpoints import read_checkpoint
+from dinov3ds.models.hardware import usable_cores
 from dinov3ds.models.inference import labels_at_size
 from dinov3ds.models.tasks import Classifier, Segmenter, load_model
 from dinov3ds.viz import default_palette, save_color_png, save_label_png
@@ -64,7 +64,12 @@ def collect_inputs(paths: list[str]) -> tuple[list[Path], list[Path], list[Path]
 
 
 def _workers(model: Classifier | Segmenter) -> int:
-    return min(8, model.config.data.num_workers)
+    """Decoding processes, from the cores this process may use: on a GPU all but the one feeding it; on a CPU
+    the forward itself runs on every core and decoding a photo costs a few per cent of it, so one per four
+    cores. Never more than `data.num_workers` (0: decode in this process)."""
+    cores = usable_cores()
+    wanted = cores - 1 if model.device.type == "cuda" else cores // 4
+    return min(model.config.data.num_workers, max(1, wanted))
 
 
 def classify_files(model: Classifier, images: list[Path], topk: int) -> list[dict]:
@@ -112,32 +117,38 @@ PROBABILITY_BUDGET = 1 << 30  # bytes of class probabilities per forward: a batc
 
 
 @torch.inference_mode()
-def segment_files(model: Segmenter, images: list[Path], mode: str | None = None) -> Iterator[tuple[int, Tensor]]:
-    """(index, class probabilities [K,h,w] at the eval transform's size) per image file, in batches of
-    `inference.batch_size` images of equal transformed size (fewer when their probabilities would pass
-    PROBABILITY_BUDGET), decoded in worker processes."""
+def _segmented(model: Segmenter, images: list[Path], mode: str | None, pictures: bool) -> Iterator[tuple]:
+    """(index, class probabilities [K,h,w] at the eval transform's size, the full picture or None) per image,
+    in batches of `inference.batch_size` images of equal transformed size (fewer when their probabilities
+    would pass PROBABILITY_BUDGET), decoded in worker processes."""
     transform = SegmentationEvalTransform(model.config.data.eval_size, model.backbone.mean, model.backbone.std,
                                           multiple_of=model.input_multiple)  # fmt: skip
-    loader = image_batches(images, transform.image_only, model.config.inference.batch_size,
-                           output_size=transform.output_size, workers=_workers(model),
-                           pin_memory=model.device.type == "cuda")  # fmt: skip
-    for batch, _, indices in loader:
+    loader = image_batches(images, transform, model.config.inference.batch_size, by_size=True, pictures=pictures,
+                           workers=_workers(model), pin_memory=model.device.type == "cuda")  # fmt: skip
+    for batch, _, indices, *drawn in loader:
         per_image = model.num_classes * batch.shape[-2] * batch.shape[-1] * 4
         step = max(1, PROBABILITY_BUDGET // per_image)
         for start in range(0, len(batch), step):
             chunk = batch[start : start + step].to(model.device, non_blocking=True)
             probabilities = model.predict_probabilities(chunk, mode=mode)
-            yield from zip(indices[start : start + step].tolist(), probabilities)
+            shown = drawn[0][start : start + step] if drawn else [None] * len(chunk)
+            yield from zip(indices[start : start + step].tolist(), probabilities, shown)
+
+
+def segment_files(model: Segmenter, images: list[Path], mode: str | None = None) -> Iterator[tuple[int, Tensor]]:
+    """(index, class probabilities [K,h,w] at the eval transform's size) per image file (see `_segmented`)."""
+    for index, probabilities, _ in _segmented(model, images, mode, pictures=False):
+        yield index, probabilities
 
 
 def predict_segmentation(model: Segmenter, images: list[Path], out: OutputFolder, mode: str | None,
                          label_offset: int | None = None) -> None:  # fmt: skip
+    """A label PNG and an overlay per image; each file decoded once, its full picture carried by the loader."""
     offset = default_label_offset(model) if label_offset is None else label_offset
     root = input_root(images)
     targets = [(out.claim(mirrored(p, root, ".labels.png")), out.claim(mirrored(p, root, ".overlay.png"))) for p in images]
     palette = default_palette(model.num_classes)
-    for index, probabilities in segment_files(model, images, mode):
-        picture = np.asarray(load_image(images[index]))
+    for index, probabilities, picture in _segmented(model, images, mode, pictures=True):
         labels = labels_at_size(probabilities[None], picture.shape[:2])[0].cpu().numpy()
         label_path, overlay_path = targets[index]
         with staged(label_path) as temporary:

@@ -1,6 +1,10 @@
-"""Image files for inference in batches: decoded in worker processes, batched by the size they have after the
-eval transform (only equal sizes stack), each carrying its index and original size so results go back to
-the right file at the right size.
+"""Image files for inference in batches: decoded and assembled in worker processes, batched by the size they
+have after the eval transform (only equal sizes stack), each carrying its index and original size so results
+go back to the right file at the right size.
+
+Each file is decoded once: a JPEG at least twice the size the transform resizes it to is decoded at a reduced
+scale (`io.decode_image`), resized on uint8 pixels, converted to float at the model's size; where the caller
+draws on the full image (segmentation overlays) that full picture travels with the batch instead.
 
 Sizes are read from file headers (EXIF orientation included), not by decoding, so grouping a folder of a
 million photos costs a header read each.
@@ -9,19 +13,31 @@ million photos costs a header read each.
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from dinov3ds.data.io import load_image
+from dinov3ds.data.io import ORIENTATION, ROTATED, decode_image
+from dinov3ds.data.transforms import image_tensor
 from dinov3ds.errors import UserError
 
-ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
            (stat.S_ISDIR, "a folder"))  # fmt: skip
+PICTURE_BUDGET = 256 << 20  # bytes of full-size pictures per batch: 24-megapixel photos go 3 at a time
+
+
+class EvalTransform(Protocol):
+    """What `data.transforms`' eval transforms offer inference: sizes from the original's, and the step from
+    uint8 pixels (at any scale of the original) to the model's input."""
+
+    def resize_size(self, height: int, width: int) -> tuple[int, int]: ...
+    def output_size(self, height: int, width: int) -> tuple[int, int]: ...
+    def prepare(self, picture: torch.Tensor, resize_to: tuple[int, int]) -> torch.Tensor: ...
 
 
 def regular_file(path: Path) -> Path:
@@ -45,7 +61,7 @@ def header_size(path: Path) -> tuple[int, int] | None:
         with Image.open(path) as image:
             width, height = image.size
             try:
-                orientation = image.getexif().get(0x0112)
+                orientation = image.getexif().get(ORIENTATION)
             except (OSError, ValueError, SyntaxError):
                 orientation = None  # bad EXIF: load_image refuses the file with its own message
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
@@ -54,30 +70,53 @@ def header_size(path: Path) -> tuple[int, int] | None:
 
 
 class ImageFiles(Dataset):
-    """(tensor, original (height, width), index) per path; `transform` maps a PIL image to a tensor."""
+    """(tensor, original (height, width), index) per path, plus with `pictures` the full upright HxWx3 uint8
+    picture (then decoded at full scale, since the picture is drawn on)."""
 
-    def __init__(self, paths: list[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(self, paths: list[Path], transform: EvalTransform, pictures: bool = False) -> None:
         self.paths = paths
         self.transform = transform
+        self.pictures = pictures
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        image = load_image(self.paths[index])
-        return self.transform(image), torch.tensor([image.height, image.width]), index
+    def __getitem__(self, index: int) -> tuple:
+        target = None if self.pictures else self.transform.resize_size
+        image, size = decode_image(self.paths[index], target)
+        pixels = np.asarray(image)  # the one HxWx3 copy, read-only
+        item = (self.transform.prepare(image_tensor(pixels), self.transform.resize_size(*size)), torch.tensor(size), index)
+        return (*item, pixels) if self.pictures else item
+
+
+def collate(samples: list[tuple]) -> tuple:
+    """`default_collate` for tensors, sizes and indices; pictures (of any size) as a list of arrays, which
+    pinned memory leaves alone (they are drawn on in CPU memory)."""
+    batch = default_collate([sample[:3] for sample in samples])
+    return (*batch, [sample[3] for sample in samples]) if len(samples[0]) > 3 else tuple(batch)
 
 
 class SameSizeBatches(Sampler[list[int]]):
     """Batches of indices whose images share an output size, in input order within each size; an image of
-    unknown size (unreadable header) goes alone."""
+    unknown size (unreadable header) goes alone. With `costs`, a batch also ends before their sum would pass
+    `budget` (one item alone may)."""
 
-    def __init__(self, sizes: list[tuple[int, int] | None], batch_size: int) -> None:
+    def __init__(self, sizes: list[tuple[int, int] | None], batch_size: int, costs: list[int] | None = None,
+                 budget: int | None = None) -> None:  # fmt: skip
         groups: dict[object, list[int]] = {}
         for index, size in enumerate(sizes):
             groups.setdefault(size if size is not None else ("alone", index), []).append(index)
-        self.batches = [members[start : start + batch_size] for members in groups.values()
-                        for start in range(0, len(members), batch_size)]  # fmt: skip
+        self.batches: list[list[int]] = []
+        for members in groups.values():
+            batch, total = [], 0
+            for index in members:
+                cost = costs[index] if costs is not None else 0
+                if batch and (len(batch) == batch_size or (budget is not None and total + cost > budget)):
+                    self.batches.append(batch)
+                    batch, total = [], 0
+                batch.append(index)
+                total += cost
+            self.batches.append(batch)
         self.batches.sort(key=lambda batch: batch[0])  # roughly the input order
 
     def __len__(self) -> int:
@@ -89,22 +128,26 @@ class SameSizeBatches(Sampler[list[int]]):
 
 def image_batches(
     paths: list[Path],
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: EvalTransform,
     batch_size: int,
     *,
-    output_size: Callable[[int, int], tuple[int, int]] | None = None,
+    by_size: bool = False,
+    pictures: bool = False,
     workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A loader of (images [B,3,H,W], original sizes [B,2], indices [B]). With `output_size` (the transform's
-    size for an original (height, width)) batches hold only equal sizes; without it every image is assumed to
-    come out the same size (a centre crop). Every path is checked to be a regular file first."""
+    """A loader of (images [B,3,H,W], original sizes [B,2], indices [B]), plus with `pictures` a list of the
+    full HxWx3 uint8 pictures (at most PICTURE_BUDGET bytes of them per batch, by their headers). With `by_size`
+    batches hold only equal transformed sizes (read from headers); without it every image is assumed to come
+    out the same size (a centre crop). Batches are assembled in the `workers` processes. Every path is checked to be a
+    regular file first."""
     for path in paths:
         regular_file(path)
-    if output_size is None:
-        return DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
-                          pin_memory=pin_memory)  # fmt: skip
-    sizes = [header_size(path) for path in paths]
-    sizes = [output_size(*size) if size is not None else None for size in sizes]
-    return DataLoader(ImageFiles(paths, transform), batch_sampler=SameSizeBatches(sizes, batch_size),
-                      num_workers=workers, pin_memory=pin_memory)  # fmt: skip
+    dataset = ImageFiles(paths, transform, pictures)
+    if not by_size and not pictures:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, collate_fn=collate)
+    headers = [header_size(path) for path in paths]
+    keys = [(transform.output_size(*size) if by_size else ()) if size is not None else None for size in headers]
+    costs = [3 * size[0] * size[1] if size is not None else 0 for size in headers] if pictures else None
+    sampler = SameSizeBatches(keys, batch_size, costs, PICTURE_BUDGET if pictures else None)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory, collate_fn=collate)

@@ -6,6 +6,7 @@ may have (grayscale, alpha, palette, CMYK, 16-bit, EXIF-rotated phone photos) is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +19,46 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", 
 # Modes whose pixels are integers wider than 8 bits (or floats): scaled, not clipped, to 0-255.
 _WIDE_MODES = ("I", "F")
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+ORIENTATION = 0x0112  # the EXIF tag
+ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+# The upright (height, width) an image of upright (height, width) is resized to next: what decoding may stop at.
+Target = Callable[[int, int], tuple[int, int]]
 
 
-def _open(path: Path) -> Image.Image:
-    """Open and fully decode a file; `load()` inside the try is what catches a truncated file."""
+def _open(path: Path, target: Target | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """A file fully decoded (at a reduced scale where `_draft` allows) and its full (width, height) as stored;
+    `load()` inside the try is what catches a truncated file."""
     try:
         image = Image.open(path)
+        size = image.size
+        if target is not None and image.format == "JPEG":
+            _draft(image, target)
         image.load()
-        return image
+        return image, size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         reason = str(error) or type(error).__name__
         raise UserError(f"cannot read image {path}: {reason}; remove or replace it") from error
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag; a bad EXIF block raises (the caller reports the file)."""
+    return image.getexif().get(ORIENTATION)
+
+
+def _draft(image: Image.Image, target: Target) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale (its DCT scaling: far fewer pixels to decode and resize) when
+    the image is at least twice the `target` size on both sides; PIL's `draft` keeps the result at or above
+    the target, so the caller's resize still does the antialiased work."""
+    try:
+        rotated = _orientation(image) in ROTATED
+    except (OSError, SyntaxError, ValueError):
+        return  # bad EXIF: load_image refuses the file with its own message
+    width, height = image.size
+    out_height, out_width = target(*((width, height) if rotated else (height, width)))
+    wanted = (out_height, out_width) if rotated else (out_width, out_height)  # (width, height) as stored
+    if width >= 2 * wanted[0] and height >= 2 * wanted[1]:
+        image.draft(image.mode, wanted)
 
 
 def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -64,24 +94,35 @@ MAX_ASPECT = 32  # longer side / shorter side; scaling the shorter side to the m
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Load any supported image as an upright 8-bit RGB PIL image.
+    """Load any supported image as an upright 8-bit RGB PIL image (see `decode_image`)."""
+    return decode_image(path)[0]
+
+
+def decode_image(path: str | Path, target: Target | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Any supported image as an upright 8-bit RGB PIL image, and its full upright (height, width).
+
+    With `target` (the size the caller resizes the image to, from its full size) a JPEG at least twice that
+    size on both sides is decoded at a reduced scale (`_draft`), so the image may be smaller than the size
+    returned beside it, never smaller than the target.
 
     An image more than MAX_ASPECT times wider than high (or the reverse) is refused: its shorter side, scaled
     to the model's input, would make the longer one run to hundreds of thousands of pixels (a 10000x1 image
     scaled to 32 rows is 320,000 columns: minutes at 100 % CPU and growing memory, never a result).
     """
     path = Path(path)
-    image = _open(path)
+    image, (width, height) = _open(path, target)
     try:
+        rotated = _orientation(image) in ROTATED
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"cannot read image {path}: bad EXIF data ({error}); remove or replace it") from error
-    if max(image.size) > MAX_ASPECT * min(image.size):
+    height, width = (width, height) if rotated else (height, width)  # upright from here
+    if max(width, height) > MAX_ASPECT * min(width, height):
         raise UserError(
-            f"image {path} is {image.width}x{image.height}, more than {MAX_ASPECT} times longer than wide; crop it "
+            f"image {path} is {width}x{height}, more than {MAX_ASPECT} times longer than wide; crop it "
             "into tiles or pad it before use"
         )
-    return _to_rgb(image)
+    return _to_rgb(image), (height, width)
 
 
 def load_mask(path: str | Path) -> np.ndarray:
@@ -91,7 +132,7 @@ def load_mask(path: str | Path) -> np.ndarray:
     channels are equal everywhere is accepted as grayscale ids; a coloured RGB mask is an error.
     """
     path = Path(path)
-    image = _open(path)
+    image, _ = _open(path)
     if image.mode == "LA":
         image = image.getchannel("L")
     if image.mode in ("P", "L", "1") or image.mode.startswith("I"):

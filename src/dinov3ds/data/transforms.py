@@ -6,6 +6,7 @@ interpolation and never invents a label that was not in the file.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,18 +35,50 @@ def classification_train_transform(size: int, mean: Stats, std: Stats) -> v2.Com
     )
 
 
+def image_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """[C,H,W] pixels as torchvision's `to_image` gives them (same values, same resize results) without its
+    copies: a view of the array, or of `np.asarray`'s one copy of a PIL image (read-only: only ever read)."""
+    if isinstance(image, torch.Tensor):
+        return _plain(image)
+    with warnings.catch_warnings():  # "not writable": nothing writes into it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.atleast_3d(np.asarray(image))).permute(2, 0, 1)
+
+
+class ClassificationEvalTransform:
+    """Resize the shorter side to size / crop_ratio, then centre-crop: the usual ImageNet eval protocol, on
+    uint8 pixels, float only at the crop's size. `prepare` takes a picture at any scale of the original whose
+    `resize_size` it is given (a JPEG decoded at reduced scale): the size follows the original."""
+
+    def __init__(self, size: int, mean: Stats, std: Stats, crop_ratio: float = 224 / 256) -> None:
+        self.size = size
+        self.shorter = round(size / crop_ratio)
+        self.normalize = v2.Compose(_to_float(mean, std))
+
+    def resize_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) before the crop, as torchvision's Resize(int) has it (longer side truncated)."""
+        if width <= height:
+            return int(self.shorter * height / width), self.shorter
+        return self.shorter, int(self.shorter * width / height)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.size, self.size
+
+    def prepare(self, picture: torch.Tensor, resize_to: tuple[int, int]) -> torch.Tensor:
+        """[3,h,w] uint8 → normalised [3,size,size] float."""
+        resized = F.resize(picture, list(resize_to), antialias=True)
+        return _plain(self.normalize(F.center_crop(resized, [self.size, self.size])))
+
+    def __call__(self, image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+        picture = image_tensor(image)
+        return self.prepare(picture, self.resize_size(*picture.shape[-2:]))
+
+
 def classification_eval_transform(
     size: int, mean: Stats, std: Stats, crop_ratio: float = 224 / 256
-) -> v2.Compose:
-    """Resize the shorter side to size / crop_ratio, then centre-crop: the usual ImageNet eval protocol."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(round(size / crop_ratio), antialias=True),
-            v2.CenterCrop(size),
-            *_to_float(mean, std),
-        ]
-    )
+) -> ClassificationEvalTransform:
+    """Resize the shorter side to size / crop_ratio, then centre-crop (see ClassificationEvalTransform)."""
+    return ClassificationEvalTransform(size, mean, std, crop_ratio)
 
 
 def round_to_multiple(size: float, multiple_of: int) -> int:
@@ -262,7 +295,8 @@ class SegmentationEvalTransform:
 
     The image's shorter side is resized to `size` (None keeps it), then each side is resized to the
     nearest multiple of `multiple_of` (a slight aspect change of at most half a patch per side, instead of
-    padding that the caller would have to crop away). The mask is returned at its ORIGINAL resolution so
+    padding that the caller would have to crop away), antialiased on uint8 pixels (torchvision's kernel, about
+    5x PIL's bilinear) before the float conversion. The mask is returned at its ORIGINAL resolution so
     metrics are computed at the label's native size; the caller resizes logits to the mask's size.
     `mask` may be None (inference), in which case None is returned in its place.
     """
@@ -279,16 +313,17 @@ class SegmentationEvalTransform:
             height, width = height * scale, width * scale
         return round_to_multiple(height, self.multiple_of), round_to_multiple(width, self.multiple_of)
 
+    resize_size = output_size  # no crop: the resize is the output
+
+    def prepare(self, picture: torch.Tensor, resize_to: tuple[int, int]) -> torch.Tensor:
+        """[3,h,w] uint8 (any scale of the original `resize_to` was computed from) → normalised float."""
+        return _plain(self.normalize(F.resize(picture, list(resize_to), antialias=True)))
+
     def __call__(
         self, image: Image.Image | np.ndarray, mask: np.ndarray | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if isinstance(image, Image.Image):  # resized by PIL first: no full-size tensor copy of a huge photo
-            height, width = self.output_size(image.height, image.width)
-            picture = v2.functional.to_image(image.resize((width, height), Image.Resampling.BILINEAR))
-        else:
-            picture = v2.functional.to_image(image)
-            picture = F.resize(picture, list(self.output_size(*picture.shape[-2:])), antialias=True)
-        picture = _plain(self.normalize(picture))
+        picture = image_tensor(image)
+        picture = self.prepare(picture, self.output_size(*picture.shape[-2:]))
         labels = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.int64)
         return picture, labels
 
