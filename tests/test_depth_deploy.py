@@ -29,6 +29,8 @@ from dinov3ds.errors import UserError
 from dinov3ds.models.checkpoints import FORMAT_VERSION
 from dinov3ds.models.depth import DepthEstimator
 from dinov3ds.models.tasks import backbone_from_config
+from dinov3ds.report.figures import main_metric, read_metrics
+from dinov3ds.report.reading import read_run
 from tests import test_deploy
 from tests.conftest import tiny
 
@@ -258,3 +260,51 @@ def test_check_data_names_depth_in_the_wrong_unit(tmp_path, capsys):
     said = capsys.readouterr().out  # millimetres read as metres: everything lies beyond 10 m
     assert "train: depth none over valid pixels; 0.0% valid" in said
     assert "split train: no pixel has depth within (0, 10] m; check depth.depth_scale" in said
+
+
+# -- a dpt depth head that learns, and the run report of its folder
+DPT_SMALL = "{features: 16, reassemble_channels: [8, 16, 32, 32]}"  # 100k parameters (256 and Meta's widths: 13M)
+
+
+@pytest.fixture(scope="module")
+def dpt_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A dpt depth head trained on 32 generated scenes (8 epochs of 4 steps), then evaluated: (run, eval folder)."""
+    base = tmp_path_factory.mktemp("dpt")
+    root = make_depth_folder(base / "scenes", train=32, val=4)
+    (base / "depth.yaml").write_text("task: depth\n")
+    run = base / "run"
+    assert main(["train", "--config", str(base / "depth.yaml"), *tiny(
+        "data.dataset=depth_folder", f"data.root={root}", f"output_dir={run}", "head.name=dpt",
+        f"head.options={DPT_SMALL}", "data.batch_size=8", "optim.lr=1e-2", "trainer.max_epochs=8",
+        "trainer.check_val_every_n_epoch=8", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.logger=[csv]")]) == 0  # fmt: skip
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--out", str(base / "eval")]) == 0
+    return run, base / "eval"
+
+
+def test_a_dpt_depth_head_learns_depth_from_generated_scenes(dpt_run):
+    run, _ = dpt_run
+    config = load_config(run / "config.yaml")
+    root = Path(config.data.root)
+    train = np.concatenate([load_depth(path).ravel() for path in sorted((root / "train" / "depth").glob("*.png"))])
+    val = np.concatenate([load_depth(path).ravel() for path in sorted((root / "val" / "depth").glob("*.png"))])
+    baseline = float(np.sqrt(np.mean((val[val > 0] - train[train > 0].mean()) ** 2)))
+    rmse = json.loads((run / "val_metrics.json").read_text())["RMSE"]
+    print(f"dpt: val RMSE {rmse:.3f} m vs {baseline:.3f} m predicting the training mean")  # seeds 0-3: 0.37-0.50 of it
+    assert config.head.name == "dpt" and rmse < 0.6 * baseline, (rmse, baseline)
+
+
+def test_the_report_of_a_depth_run_shows_its_metrics_curve_and_images(dpt_run, tmp_path, capsys):
+    run, evaluated = dpt_run
+    assert main(["report", str(run), "--out", str(tmp_path / "run.html")]) == 0
+    page = (tmp_path / "run.html").read_text()
+    metrics = json.loads((run / "val_metrics.json").read_text())
+    for title in ("Best validation", "Last validation", "Progress", "Per image (worst RMSE first; metres)"):
+        assert f"<h2>{title}</h2>" in page, title
+    for name in ("RMSE", "RMSE_log", "AbsRel", "SqRel", "log10", "d1", "d2", "d3"):
+        assert f"<td>{name}</td><td>{metrics[name]:.4f}</td>" in page, name
+    assert main_metric(read_metrics(run / "metrics.csv")) == "val/RMSE"  # the progress figure's right axis
+    rows = read_run(run).per_image[1]
+    assert len(rows) == 4 and [float(row[1]) for row in rows] == sorted((float(row[1]) for row in rows), reverse=True)
+    assert main(["report", str(evaluated), "--out", str(tmp_path / "eval.html")]) == 0
+    page = (tmp_path / "eval.html").read_text()
+    assert "<h2>Evaluation</h2>" in page and "task depth" in page and "Per image (worst RMSE first" in page

@@ -150,6 +150,9 @@ def render(view: RunView) -> str:
     if view.per_case:
         header, rows = view.per_case
         sections.append("<h2>Per case (worst Dice first)</h2><div class=scroll>" + table(header, rows) + "</div>")
+    if view.per_image:
+        header, rows = view.per_image
+        sections.append("<h2>Per image (worst RMSE first; metres)</h2><div class=scroll>" + table(header, rows) + "</div>")
     for title, path in pictures.items():
         sections.append(f"<h2>{e(title[0].upper() + title[1:])}</h2>" + image_tag(path, title))
     if view.config:

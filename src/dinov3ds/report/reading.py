@@ -36,6 +36,7 @@ class RunView:
     metrics: dict = field(default_factory=dict)  # <prefix>_metrics.json
     per_class: tuple[list[str], list[list[str]]] | None = None  # header, rows (worst first)
     per_case: tuple[list[str], list[list[str]]] | None = None  # volumes: header, rows (worst Dice first)
+    per_image: tuple[list[str], list[list[str]]] | None = None  # depth: header, rows (worst RMSE first)
     pictures: list[tuple[str, Path | bytes]] = field(default_factory=list)  # (title, file or PNG bytes)
 
     @property
@@ -66,10 +67,13 @@ def number(text: str) -> float:
         return math.nan
 
 
-def worst_first(table: tuple[list[str], list[list[str]]], column: int) -> tuple[list[str], list[list[str]]]:
-    """Rows by the value in `column`, lowest first; undefined values (absent classes) last."""
+def worst_first(table: tuple[list[str], list[list[str]]], column: int,
+                higher_is_worse: bool = False) -> tuple[list[str], list[list[str]]]:  # fmt: skip
+    """Rows by the value in `column`, lowest first (highest first for an error such as RMSE); undefined values
+    (absent classes) last."""
     header, rows = table
-    return header, sorted(rows, key=lambda row: (math.isnan(number(row[column])), number(row[column])))
+    sign = -1 if higher_is_worse else 1
+    return header, sorted(rows, key=lambda row: (math.isnan(number(row[column])), sign * number(row[column])))
 
 
 def read_run(folder: str | Path) -> RunView:
@@ -103,6 +107,9 @@ def read_run(folder: str | Path) -> RunView:
     cases = _csv(folder / f"{prefix}_per_case.csv")
     if cases:
         view.per_case = worst_first(cases, 2)
+    images = _csv(folder / f"{prefix}_per_image_depth.csv")  # image, RMSE, ...
+    if images:
+        view.per_image = worst_first(images, 1, higher_is_worse=True)
     for name, title in PICTURES:
         path = folder / name.format(prefix=prefix)
         if path.is_file():
