@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, staged
 from dinov3ds.data.depth import DEPTH_SUFFIXES, load_depth
-from dinov3ds.data.io import load_image
+from dinov3ds.data.io import decode_image, load_image
 from dinov3ds.errors import UserError
 from dinov3ds.metrics.depth import DepthMetric, format_summary, write_per_image_csv
 
@@ -45,15 +45,27 @@ def _truth(image: Path, labels: Path, root: Path) -> Path:
                     "give the folder holding one per image")  # fmt: skip
 
 
+def _checked_truths(images: list[Path], labels: Path, root: Path, scale: float | None) -> list[Path]:
+    """Each image's depth file, read and held against its image's size before any prediction is written."""
+    truths = [_truth(image, labels, root) for image in images]
+    for image, truth in zip(images, truths):
+        height, width = decode_image(image, target=lambda *_: (1, 1))[1]  # JPEGs decoded at 1/8 scale: size only
+        depth = load_depth(truth, scale)
+        if depth.shape != (height, width):
+            raise UserError(f"--labels: depth file {truth} is {depth.shape[1]}x{depth.shape[0]} but image {image} is "
+                            f"{width}x{height}; depth maps must match their image")  # fmt: skip
+    return truths
+
+
 @torch.inference_mode()
 def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: str | None) -> dict | None:
     """Depth PNG + picture per image, mirrored under `out`; the metrics when `labels` names the true depths."""
     root = input_root(images)
-    truths = [_truth(image, Path(labels), root) for image in images] if labels else None
+    depth_section = model.config.depth
+    truths = _checked_truths(images, Path(labels), root, depth_section.depth_scale) if labels else None
     targets = [(out.claim(mirrored(p, root, ".depth.png")), out.claim(mirrored(p, root, ".depth_color.png"))) for p in images]
     if truths is not None:
         scored = [out.claim(name) for name in ("depth_metrics.json", "depth_per_image.csv")]
-    depth_section = model.config.depth
     eigen = bool(depth_section.eigen_crop) if depth_section.eigen_crop is not None else model.config.data.dataset == "nyu"
     metric = DepthMetric(depth_section.min_depth, depth_section.max_depth, eigen)
     for index, image in enumerate(images):
@@ -65,10 +77,7 @@ def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: s
         with staged(picture_path) as temporary:
             save_depth_picture(depth, temporary, depth_section.max_depth)
         if truths is not None:
-            truth = load_depth(truths[index], depth_section.depth_scale)
-            if truth.shape != depth.shape:
-                raise UserError(f"--labels: depth file {truths[index]} is {truth.shape[1]}x{truth.shape[0]} but image "
-                                f"{image} is {depth.shape[1]}x{depth.shape[0]}; depth maps must match their image")  # fmt: skip
+            truth = load_depth(truths[index], depth_section.depth_scale)  # its size checked up front
             metric.update(torch.from_numpy(depth)[None], torch.from_numpy(truth)[None])
     print(f"wrote depth PNGs (millimetres, 16-bit) and coloured pictures for {len(images)} images to {out.root}")
     if truths is None:
