@@ -5,11 +5,13 @@ report of a depth run; a dpt depth head that learns."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,18 @@ pytest.importorskip("onnxruntime")
 weights = test_deploy.weights  # its official-format backbone files (a fixture, registered here)
 
 MIN_DEPTH, MAX_DEPTH = 0.5, 10.0
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """What conftest does for each test, for module fixtures (set up before it): one intra-op thread, since a
+    second only adds contention on a busy 2-core machine (the dpt run: 6 s against 25-35 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 HEADS = {"linear": "{}", "dpt": "{features: 32, reassemble_channels: [16, 32, 64, 64]}"}
 
 
@@ -136,7 +150,8 @@ def depth_files(weights, tmp_path_factory) -> dict[str, Path]:
              "truth": folder / "truth"}  # fmt: skip
     for name, extra in (("onnx", []), ("half", ["--half"])):
         files[name] = folder / f"{name}.onnx"
-        assert main(["export", "--checkpoint", str(files["ckpt"]), "--out", str(files[name]), "--device", "cpu", *extra]) == 0
+        with one_thread():
+            assert main(["export", "--checkpoint", str(files["ckpt"]), "--out", str(files[name]), "--device", "cpu", *extra]) == 0
     return files
 
 
@@ -279,11 +294,12 @@ def dpt_run(tmp_path_factory) -> tuple[Path, Path]:
     root = make_depth_folder(base / "scenes", train=32, val=4)
     (base / "depth.yaml").write_text("task: depth\n")
     run = base / "run"
-    assert main(["train", "--config", str(base / "depth.yaml"), *tiny(
-        "data.dataset=depth_folder", f"data.root={root}", f"output_dir={run}", "head.name=dpt",
-        f"head.options={DPT_SMALL}", "data.batch_size=8", "optim.lr=1e-2", "trainer.max_epochs=8",
-        "trainer.check_val_every_n_epoch=8", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.logger=[csv]")]) == 0  # fmt: skip
-    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--out", str(base / "eval")]) == 0
+    with one_thread():
+        assert main(["train", "--config", str(base / "depth.yaml"), *tiny(
+            "data.dataset=depth_folder", f"data.root={root}", f"output_dir={run}", "head.name=dpt",
+            f"head.options={DPT_SMALL}", "data.batch_size=8", "optim.lr=1e-2", "trainer.max_epochs=8",
+            "trainer.check_val_every_n_epoch=8", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.logger=[csv]")]) == 0  # fmt: skip
+        assert main(["eval", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--out", str(base / "eval")]) == 0
     return run, base / "eval"
 
 
