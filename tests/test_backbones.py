@@ -10,8 +10,11 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -482,6 +485,26 @@ def test_random_weights_warn_and_are_deterministic():
     second = load_backbone("vits16", "random", depth=1)
     assert first.identity["weights"] == "random"
     _same_outputs(first, second, torch.randn(1, 3, 32, 48))
+
+
+def test_random_weights_are_said_once_per_load_in_a_script_with_logging(monkeypatch, capsys):
+    """A script with `logging.basicConfig` (a root handler on stderr) and Python's default warning display: the
+    warning was shown and the same line logged, and on a second load from the same line only the log line."""
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, filename, lineno, file=None, line=None:
+                        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line)))  # fmt: skip
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stderr
+    logging.getLogger().addHandler(handler)
+    try:
+        for shown in ("default", "ignore"):  # a script; the CLI, which hides library warnings, gets the log line
+            with warnings.catch_warnings():
+                warnings.simplefilter(shown)
+                capsys.readouterr()
+                for _ in range(2):
+                    load_backbone("vits16", "random", depth=1)
+                said = [line for line in capsys.readouterr().err.splitlines() if "RANDOM WEIGHTS for vits16" in line]
+                assert len(said) == 2, (shown, said)
+    finally:
+        logging.getLogger().removeHandler(handler)
 
 
 def test_training_checkpoint_teacher_layout_loads_like_the_plain_file(tmp_path, vits16_file):

@@ -220,9 +220,16 @@ class Backbone(nn.Module):
 
 
 def _announce(message: str) -> None:
-    """Both channels: Python users see the warning, CLI users (warnings filtered) see the log line."""
-    warnings.warn(message, stacklevel=3)
-    logger.warning(message)
+    """One line per load, on the channel the user sees: the Python warning where warnings are shown (scripts,
+    notebooks, `pytest.warns`, `-W error` raises it), else the log line (the CLI hides library warnings). Both
+    at once printed every line twice in a script with `logging.basicConfig`. The filters decide: a warning
+    they ignore is not caught here, and one they pass is shown once, each load (not once per call site)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn(message, stacklevel=3)
+    for warning in caught:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if not caught:
+        logger.warning(message)
 
 
 def load_backbone(
