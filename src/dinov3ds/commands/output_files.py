@@ -31,27 +31,38 @@ class OutputFolder:
         self.inputs = {Path(p).resolve() for p in inputs}
         self.overwrite = overwrite
         self.claimed: set[Path] = set()
+        self.created: list[Path] = []  # folders this made (root, its missing parents, result subfolders)
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"--out {self.root} is a file; name a folder (it is created if missing)")
 
     @contextlib.contextmanager
     def held(self, what: str) -> Iterator[OutputFolder]:
         """The folder, created if missing, locked for this process while the block runs (`what` names the
-        setting in the refusal); a folder this created is removed again if nothing was written in it."""
-        created = not self.root.exists()
+        setting in the refusal); the folders this created (missing parents of root included) are removed
+        again, deepest first, when nothing was written in them: a failed command leaves the tree as it was."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"cannot create {self.root} ({error.strerror}); choose a writable {what}") from None
-        if not os.access(self.root, os.W_OK):
-            raise UserError(f"{self.root} is not writable; choose a writable {what}")
-        try:
+            self._make(self.root, what)
+            if not os.access(self.root, os.W_OK):
+                raise UserError(f"{self.root} is not writable; choose a writable {what}")
             with folder_lock(self.root, what):
                 yield self
         finally:
-            if created:
+            for folder in sorted(self.created, key=lambda path: len(path.parts), reverse=True):
                 with contextlib.suppress(OSError):
-                    self.root.rmdir()  # only when empty
+                    folder.rmdir()  # only when empty
+
+    def _make(self, folder: Path, what: str) -> None:
+        """`folder` and its missing parents, each new one noted in `created`."""
+        missing = []
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            try:
+                folder.mkdir(exist_ok=True)
+            except OSError as error:
+                raise UserError(f"cannot create {folder} ({error.strerror}); choose a writable {what}") from None
+            self.created.append(folder)
 
     def claim(self, relative: str | Path) -> Path:
         """The path `root/relative`, made writable, once it is sure that writing there loses nothing."""
@@ -65,10 +76,7 @@ class OutputFolder:
             raise UserError(f"{path} is a folder where a result file goes; move it away or choose another --out")
         if path.exists() and not self.overwrite:
             raise UserError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"cannot create {path.parent} ({error.strerror}); choose a writable --out") from None
+        self._make(path.parent, "--out")
         if not os.access(path.parent, os.W_OK):
             raise UserError(f"{path.parent} is not writable; choose a writable --out")
         self.claimed.add(resolved)
