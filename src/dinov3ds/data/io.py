@@ -113,7 +113,7 @@ def decode_image(path: str | Path, target: Target | None = None) -> tuple[Image.
     image, (width, height) = _open(path, target)
     try:
         rotated = _orientation(image) in ROTATED
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no full-size copy of an upright photo
     except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"cannot read image {path}: bad EXIF data ({error}); remove or replace it") from error
     height, width = (width, height) if rotated else (height, width)  # upright from here
