@@ -4,7 +4,10 @@
    one epoch) evaluated through `dinov3ds eval` on both devices in float32: |mIoU_cuda - mIoU_cpu| <= 1e-3.
 2. bf16 features: the CLS and patch features of ViT-S/B/L in bf16 against float32 on the same GPU and images:
    mean cosine >= 0.999.
-3. Predict throughput: `classify_files` over the same 64 photos on the GPU and on the CPU (images/s).
+3. Predict throughput: `classify_files` over the same 64 photos on the GPU and on the CPU (images/s); and
+   whether the loader keeps the GPU busy: predict's pipeline (files to scores, `benchmarks/predict.py`'s
+   `measure`) in bf16 at 224, batch 32, with the workers predict picks for this machine, against the forward
+   alone on the same batches: >= 0.8 of its images/s, classification and segmentation.
 4. Backbone throughput: vits16 / vitb16 / vitl16 at 224 and 512, bf16 and float32 (images/s, batch 32).
 5. bf16 `vitl16` at 512 as a fraction of the measured bf16 matmul FLOP/s (`benchmarks/flops.py`, target 40 %).
 6. The `pmt` head on `vitl16` at 512 in bf16 (150 classes, masked attention annealed away, as after training):
@@ -32,9 +35,10 @@ sys.path[:0] = [str(ROOT / "src"), str(Path(__file__).parent)]
 import torch  # noqa: E402
 from _common import markdown_table, write_result  # noqa: E402
 from flops import GPU_TARGET_FRACTION, matmul_peak, measure_row  # noqa: E402
-from predict import make_photos, train_checkpoint  # noqa: E402
+from predict import load, make_photos, measure, train_checkpoint  # noqa: E402
 
 EVAL_TOLERANCE = 1e-3
+LOADER_TARGET = 0.8  # predict images/s / forward-only images/s on the GPU, bf16 at 224
 COSINE_TARGET = 0.999
 VARIANTS = ("vits16", "vitb16", "vitl16")
 
@@ -90,6 +94,20 @@ def predict_rate(checkpoint: Path, photos: list[Path], device: str) -> float:
     return len(photos) / (time.perf_counter() - start)
 
 
+def loader_keeps_up(work: Path, classifier: Path, photos: list[Path], device: str = "cuda") -> list[dict]:
+    """`measure` (benchmarks/predict.py) in bf16 at 224, batch 32, data.num_workers = the usable cores, so the
+    count is what predict's own rule gives this machine."""
+    from dinov3ds.models.hardware import usable_cores
+
+    rows = []
+    for task, checkpoint in (("classification", classifier), ("segmentation", train_checkpoint(work, "segmentation"))):
+        model = load(checkpoint, "bfloat16", 32, device, usable_cores())
+        rows.append(measure(model, task, photos, work / f"loader_{task}", repeats=2, files=False))
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
 PMT_REFERENCE_FPS = 128  # arXiv 2603.25398: PMT-L, frozen DINOv3 ViT-L, ADE20K 512 px, one H100
 
 
@@ -141,6 +159,12 @@ def main() -> int:
         gpu_rate, cpu_rate = predict_rate(classifier, photos, "cuda"), predict_rate(classifier, photos, "cpu")
         checks.append(["predict, classification 224 (img/s)", f"GPU {gpu_rate:.0f} vs CPU {cpu_rate:.1f}",
                        "GPU faster", "PASS" if gpu_rate > cpu_rate else "FAIL"])  # fmt: skip
+        print("loader vs forward ...", file=sys.stderr, flush=True)
+        loader = loader_keeps_up(work, classifier, make_photos(work / "photos_512", 512, seed=1))
+        for row in loader:
+            checks.append([f"predict / forward only, {row['task']} bf16 224 batch 32, {row['workers']} workers",
+                           f"{row['ratio']:.3f} ({row['predict_images_per_s']:.0f} vs {row['forward_only_images_per_s']:.0f} img/s)",
+                           f">= {LOADER_TARGET}", "PASS" if row["ratio"] >= LOADER_TARGET else "FAIL"])  # fmt: skip
     print("backbone throughput ...", file=sys.stderr, flush=True)
     device = torch.device("cuda")
     peaks = {name: matmul_peak(dtype, device) for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
@@ -170,6 +194,7 @@ def main() -> int:
                                       "pmt_images_per_s": {"batch_1": pmt[1], "batch_16": pmt[16],
                                                            "reference_fps_h100": PMT_REFERENCE_FPS},
                                       "bf16_cosine": cosines, "predict_images_per_s": {"gpu": gpu_rate, "cpu": cpu_rate},
+                                      "loader_vs_forward": loader,
                                       "backbone": speed, "matmul_peak": peaks})  # fmt: skip
     print(f"\nwrote {path}")
     return 0 if all(row[-1] == "PASS" for row in checks) else 1

@@ -10,9 +10,11 @@ bfloat16, whatever `auto` would pick) and the CPU (model, and whether it lists a
 
     predict images/s / forward-only images/s   targets: >= 0.90 in float32, >= 0.80 in bfloat16 (224, batch 8)
 
+(images/s from the median round; the ratio is the median of the rounds' ratios).
+
 Below the table, one batch taken apart in this process (decode, resize to the model's input, collate,
 forward, outputs): where a missed target's time goes. Run from the repository root: `python
-benchmarks/predict.py` (about 4 minutes on 2 cores); `--images`, `--batch`, `--photo WxH`, `--device`.
+benchmarks/predict.py` (about 6 minutes on 2 cores); `--images`, `--batch`, `--photo WxH`, `--device`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import statistics
 import sys
 import tempfile
 import time
@@ -108,10 +111,11 @@ def forward_of(model, task: str):
     return model if task == "classification" else model.predict_probabilities
 
 
-def measure(model, task: str, photos: list[Path], out: Path, repeats: int = 3) -> dict:
-    """Images/s of one loaded model three ways, measured in turn (so drift of a shared machine hits all alike),
-    best of `repeats`: the forward alone on ready batches; the command's pipeline (`classify_files` /
-    `segment_files`: files to class scores); the whole command's work with its files written."""
+def measure(model, task: str, photos: list[Path], out: Path, repeats: int = 5, files: bool = True) -> dict:
+    """Images/s of one loaded model three ways, in rounds of one each back to back, so that drift of a shared
+    machine hits a round's measurements alike; ratios are the median over rounds of each round's ratio. The
+    three: the forward alone on ready batches; the command's pipeline (`classify_files` / `segment_files`:
+    files to class scores); with `files` the whole command's work with its files written."""
     from dinov3ds.commands import predict as command
     from dinov3ds.commands.output_files import OutputFolder
     from dinov3ds.data.image_batches import ImageFiles
@@ -151,18 +155,22 @@ def measure(model, task: str, photos: list[Path], out: Path, repeats: int = 3) -
 
     forward_only()  # warm-up (allocator, oneDNN primitives, first worker start)
     pipeline()
-    seconds: dict[str, list[float]] = {"forward": [], "pipeline": [], "files": []}
-    for _ in range(repeats):
-        for name, function in (("forward", forward_only), ("pipeline", pipeline), ("files", with_files)):
-            seconds[name].append(timed(function))
-    best = {name: min(values) for name, values in seconds.items()}
-    return {
+    seconds: dict[str, list[float]] = {"forward": [], "pipeline": [], **({"files": []} if files else {})}
+    functions = {"forward": forward_only, "pipeline": pipeline, "files": with_files}
+    for round_ in range(repeats):
+        for name in list(seconds)[:: 1 if round_ % 2 == 0 else -1]:  # order flipped each round: a trend cancels
+            seconds[name].append(timed(functions[name]))
+    middle = {name: statistics.median(values) for name, values in seconds.items()}
+    ratio = {name: statistics.median(f / t for f, t in zip(seconds["forward"], values)) for name, values in seconds.items()}
+    row = {
         "task": task, "dtype": str(next(model.backbone.parameters()).dtype).removeprefix("torch."),
         "images": len(photos), "input": list(tensors.shape[-2:]), "batch": batch, "workers": command._workers(model),
-        "forward_only_images_per_s": len(photos) / best["forward"], "predict_images_per_s": len(photos) / best["pipeline"],
-        "ratio": best["forward"] / best["pipeline"], "with_files_images_per_s": len(photos) / best["files"],
-        "with_files_ratio": best["forward"] / best["files"], "seconds": seconds,
+        "forward_only_images_per_s": len(photos) / middle["forward"], "predict_images_per_s": len(photos) / middle["pipeline"],
+        "ratio": ratio["pipeline"], "seconds": seconds,
     }  # fmt: skip
+    if files:
+        row |= {"with_files_images_per_s": len(photos) / middle["files"], "with_files_ratio": ratio["files"]}
+    return row
 
 
 @torch.inference_mode()
@@ -214,7 +222,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4,
                         help="data.num_workers, the cap on the loader workers predict chooses (4: the default)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--repeats", type=int, default=3, help="each measurement's best of")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (medians are reported)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--name", default="predict", help="results/<name>.json")
     args = parser.parse_args()
