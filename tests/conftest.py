@@ -47,4 +47,4 @@ def tiny(*extra: str, depth: int = 1) -> list[str]:
     """Config overrides for a fast CPU run: seeded random weights, `depth` blocks, 32 px images, no loader
     workers, no progress bar; `extra` overrides follow (and win)."""
     return ["backbone.weights=random", f"backbone.overrides={{depth: {depth}}}", "data.num_workers=0",
-            "trainer.progress_bar=false", "data.image_size=32", *extra]  # fmt: skip
+            "trainer.progress_bar=false", "data.image_size=32", "depth.train_crop=null", *extra]  # fmt: skip

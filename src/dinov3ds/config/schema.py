@@ -126,6 +126,9 @@ class HeadConfig(Section):
     pooling: Literal["cls", "avg", "cls+avg"] = "cls+avg"  # classification: which tokens feed the linear layer
     last_blocks: int = Field(1, ge=1, le=64)  # classification: concatenate the pooled features of the last N blocks
     batchnorm: bool = False  # classification: BatchNorm (no affine) before the linear layer
+    # depth, head linear: the CLS token beside each tap's patch map (DINOv2's linear / linear4 protocol: true;
+    # DINOv3's NYU protocol, config-nyu.yaml decoder_head.use_cls_token: false); checkpoints without it: true
+    cls_token: bool = True
     # classification probe grid, as DINOv3's linear evaluation ([1, 4] and [cls, cls+avg]): one head per
     # combination (and per optim.lr_grid rate) trained at once on one pass of features; the best is kept
     grid_last_blocks: Annotated[list[Annotated[int, Field(ge=1, le=64)]], Field(min_length=1)] | None = None
@@ -244,6 +247,12 @@ class DepthConfig(Section):
     bins_norm: Literal["softmax", "linear"] = "softmax"  # bin weights: softmax, or Meta's ReLU + 0.1, normalised
     depth_scale: float | None = Field(None, gt=0)  # stored value per metre (None: 1000 for 16-bit PNG, 1 for .npy)
     eigen_crop: bool | None = None  # score inside Eigen's NYU crop only (None: on for data.dataset nyu)
+    # training random crop [height, width] (None: data.image_size square; DINOv3 NYU: [416, 544]), each side
+    # rounded down to the backbone's input multiple; frames smaller than it are padded with unknown depth
+    train_crop: tuple[Side, Side] | None = None
+    # training frames first cut to a fixed box: full (none), or nyu (Meta's NYUCrop: columns 43-608, rows 45-472
+    # of NYU's 640x480 frame, scaled to the frame's size: its white border never trains)
+    train_fixed_crop: Literal["full", "nyu"] = "full"
     depth_dir: str = "depth"  # depth_folder: the depth maps' sub-folder beside images_dir
     silog_lambda: float = Field(0.85, ge=0, le=1)  # SILog variance focus (BTS / AdaBins: 0.85)
     silog_scale: float = Field(10.0, gt=0)  # SILog multiplier (BTS / AdaBins: 10)

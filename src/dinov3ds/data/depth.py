@@ -1,10 +1,11 @@
 """Depth datasets: `ROOT/<split>/images/*` with `ROOT/<split>/depth/<stem>.png` (16-bit, millimetres, 0 = invalid)
 or `<stem>.npy` (float metres), and the transforms that keep metric depth right.
 
-Training augmentation changes no depth value: a random crop (padded with invalid depth where the image is
-smaller), a horizontal flip, and colour jitter on the image alone; no resize, which would change the apparent
-distance of everything in view. Evaluation resizes the image to a patch multiple but scores at the ground
-truth's own size (the prediction is resized, never the depth).
+Training augmentation changes no depth value: an optional fixed box first (NYU's white border off, as Meta's
+NYUCrop), a random crop of height x width (padded with invalid depth where the image is smaller), a horizontal
+flip, and colour jitter on the image alone; no resize, which would change the apparent distance of everything in
+view. Evaluation resizes the image to a patch multiple but scores at the ground truth's own size (the prediction
+is resized, never the depth).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from dinov3ds.data.transforms import PhotoMetricDistortion, SegmentationEvalTran
 from dinov3ds.errors import UserError
 
 DEPTH_SUFFIXES = (".png", ".npy")
+# Meta's NYUCrop (dinov3/eval/depth/transforms.py, 6876159): the box (x1, y1, x2, y2) of NYU's 640x480 frame
+# that holds picture, not white border; other frame sizes get it scaled, as there.
+NYU_BOX, NYU_FRAME = (43, 45, 608, 472), (640, 480)
 
 
 def load_depth(path: Path, scale: float | None = None) -> np.ndarray:
@@ -82,27 +86,40 @@ def check_depth_size(depth: np.ndarray, width: int, height: int, depth_path: Pat
                         f"{width}x{height}; depth maps must match their image's size")  # fmt: skip
 
 
-class DepthTrainTransform:
-    """Random crop to `size` (padding with invalid depth), horizontal flip, photometric jitter, normalise."""
+def nyu_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of NYU_BOX in a height x width frame, scaled and rounded down as Meta's NYUCrop."""
+    x1, y1, x2, y2 = NYU_BOX
+    frame_w, frame_h = NYU_FRAME
+    return int(y1 / frame_h * height), int(y2 / frame_h * height), int(x1 / frame_w * width), int(x2 / frame_w * width)
 
-    def __init__(self, size: int, mean: Stats, std: Stats, augment: bool = True) -> None:
-        self.size, self.augment = size, augment
+
+class DepthTrainTransform:
+    """Optional NYU box, random crop to `size` (a side, or height x width; padding with invalid depth), horizontal
+    flip, photometric jitter, normalise."""
+
+    def __init__(self, size: int | tuple[int, int], mean: Stats, std: Stats, augment: bool = True,
+                 fixed_crop: str = "full") -> None:  # fmt: skip
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.augment, self.fixed_crop = augment, fixed_crop
         self.normalize = v2.Compose(_to_float(mean, std))
         self.photometric = PhotoMetricDistortion()
 
     def __call__(self, image: Image.Image, depth: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         picture = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         target = torch.from_numpy(depth)
-        height, width = target.shape
-        pad_h, pad_w = max(0, self.size - height), max(0, self.size - width)
+        if self.fixed_crop == "nyu":
+            top, bottom, left, right = nyu_box(*target.shape)
+            picture, target = picture[:, top:bottom, left:right], target[top:bottom, left:right]
+        (crop_h, crop_w), (height, width) = self.size, target.shape
+        pad_h, pad_w = max(0, crop_h - height), max(0, crop_w - width)
         if pad_h or pad_w:
             picture = torch.nn.functional.pad(picture, (0, pad_w, 0, pad_h))
             target = torch.nn.functional.pad(target, (0, pad_w, 0, pad_h))  # 0 = invalid: never scored
         height, width = target.shape
-        top = int(torch.randint(0, height - self.size + 1, ())) if self.augment else (height - self.size) // 2
-        left = int(torch.randint(0, width - self.size + 1, ())) if self.augment else (width - self.size) // 2
-        picture = picture[:, top : top + self.size, left : left + self.size]
-        target = target[top : top + self.size, left : left + self.size]
+        top = int(torch.randint(0, height - crop_h + 1, ())) if self.augment else (height - crop_h) // 2
+        left = int(torch.randint(0, width - crop_w + 1, ())) if self.augment else (width - crop_w) // 2
+        picture = picture[:, top : top + crop_h, left : left + crop_w]
+        target = target[top : top + crop_h, left : left + crop_w]
         if self.augment and torch.rand(()) < 0.5:
             picture, target = picture.flip(-1), target.flip(-1)
         if self.augment:
@@ -145,5 +162,6 @@ def depth_splits(config, mean: Stats, std: Stats, input_multiple: int, *, train:
     val = DepthFolderDataset(data.root, data.val_split, DepthEvalTransform(data.eval_size, mean, std, input_multiple), **folder)
     if not train:
         return None, val
-    crop = data.image_size - data.image_size % input_multiple or input_multiple
-    return DepthFolderDataset(data.root, data.train_split, DepthTrainTransform(crop, mean, std, data.augment), **folder), val
+    crop = tuple(side - side % input_multiple or input_multiple for side in depth.train_crop or (data.image_size,) * 2)
+    transform = DepthTrainTransform(crop, mean, std, data.augment, depth.train_fixed_crop)
+    return DepthFolderDataset(data.root, data.train_split, transform, **folder), val

@@ -1,8 +1,9 @@
 """Depth outputs: DINOv2/DINOv3's linear depth probe, and the bins → metres step every depth head ends with.
 
-References: Meta's dinov3 `dinov3/eval/depth/models/__init__.py` (FeaturesToDepth, make_head; commit 3039bd3)
-and DINOv2's `dinov2/eval/depth/models/decode_heads/linear_head.py` (BNHead: CLS token concatenated to each
-patch, BatchNorm, 1x1 conv to 256 bins, ×4 up-sampling). The bins are linear between min and max depth.
+References: Meta's dinov3 `dinov3/eval/depth/models/__init__.py` (FeaturesToDepth, make_head; commit 3039bd3),
+`dinov3/eval/depth/models/linear_head.py` (LinearHead, use_cls_token; commit 6876159) and DINOv2's
+`dinov2/eval/depth/models/decode_heads/linear_head.py` (BNHead: CLS token concatenated to each patch, BatchNorm,
+1x1 conv to 256 bins, ×4 up-sampling). The bins are linear between min and max depth.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def bins_to_depth(logits: Tensor, min_depth: float, max_depth: float, norm: str 
 
 
 class LinearDepthHead(nn.Module):
-    """Per tap, the patch map with its CLS token broadcast beside it ([B, 2C, h, w]); the taps concatenated
-    (`last_blocks` 1 or 4), BatchNorm, a 1x1 conv to the bins, ×4 bilinear up, then to the input size."""
+    """Per tap, the patch map ([B, C, h, w]), or with `head.cls_token` (DINOv2) its CLS token broadcast beside it
+    ([B, 2C, h, w]); the taps concatenated (`last_blocks` 1 or 4), BatchNorm, a 1x1 conv to the bins, ×4 bilinear
+    up, then to the input size. `in_channels` is that concatenation's width (DepthEstimator assembles the maps)."""
 
     def __init__(self, in_channels: int, bins: int, upsample: int = 4) -> None:
         super().__init__()

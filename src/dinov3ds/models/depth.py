@@ -3,7 +3,8 @@
     depther = DepthEstimator.from_checkpoint("output/depth/checkpoints/best.ckpt")
     metres = depther.predict("room.jpg")  # [H, W] float32 at the image's own size
 
-`head.name: linear` is DINOv2/3's linear depth probe (CLS token beside each patch, last 1 or 4 blocks);
+`head.name: linear` is DINOv2/3's linear depth probe (last 1 or 4 blocks; the CLS token beside each patch with
+`head.cls_token: true` as DINOv2, without it as DINOv3's NYU protocol);
 any segmentation head that reads patch maps (dpt, unet, segdino, ...) becomes a depth head by predicting the
 bins as its classes, turned into metres at full resolution (`heads/depth.py`).
 """
@@ -31,7 +32,7 @@ def check_depth_head(config: Config, source: str) -> None:
     if config.head.name == "linear":
         if config.head.options:
             raise UserError(f"{source}: head.options {config.head.options} are unknown to the linear depth head; "
-                            "it is set by head.last_blocks (1 or 4): remove head.options")  # fmt: skip
+                            "it is set by head.last_blocks (1 or 4) and head.cls_token: remove head.options")  # fmt: skip
         return
     cls = head_class(config.head.name)
     if cls.mask_classification or cls.reads_tokens:
@@ -49,11 +50,12 @@ class DepthEstimator(_TaskModel):
         depth = config.depth
         self.min_depth, self.max_depth, self.bins_norm = depth.min_depth, depth.max_depth, depth.bins_norm
         self.linear = config.head.name == "linear"
+        self.cls_token = self.linear and config.head.cls_token
         if self.linear:
             if config.head.last_blocks > backbone.depth:
                 raise UserError(f"head.last_blocks={config.head.last_blocks} but {backbone.spec.name} has {backbone.depth} blocks")
             self.layers = list(range(backbone.depth - config.head.last_blocks, backbone.depth))
-            width = 2 * sum(backbone.feature_channels(self.layers))
+            width = (2 if self.cls_token else 1) * sum(backbone.feature_channels(self.layers))
             self.head = LinearDepthHead(width, depth.bins)
         else:
             self.layers = backbone.resolve_layers(config.backbone.layers)
@@ -61,10 +63,10 @@ class DepthEstimator(_TaskModel):
                                    backbone.feature_strides(self.layers), depth.bins, **config.head.options)  # fmt: skip
 
     def features(self, images: Tensor) -> list[Tensor]:
-        """One map per tap; for the linear probe each patch map has its CLS token broadcast beside it."""
+        """One map per tap; with `head.cls_token` (linear probe) each patch map has its CLS token broadcast beside it."""
         with _frozen_context(self.backbone):
             taps = self.backbone.get_intermediate_layers(images, self.layers, norm=True)
-            if not self.linear:
+            if not self.cls_token:
                 return [patches.float() for patches, _ in taps]
             return [torch.cat([patches, cls[:, :, None, None].expand_as(patches)], dim=1).float() for patches, cls in taps]
 
