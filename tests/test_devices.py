@@ -241,3 +241,26 @@ def test_header_size_follows_exif_rotation(tmp_path) -> None:
     assert header_size(tmp_path / "rotated.jpg") == (40, 24)
     assert header_size(tmp_path / "broken.jpg") is None
 
+
+
+@pytest.mark.parametrize(("accelerator", "devices", "gpus", "expected"), [
+    ("cpu", 2, 0, 2), ("gpu", "0,1", 2, 2), ("gpu", [3], 4, 1), ("auto", -1, 4, 4), ("auto", "auto", 2, 2),
+    ("auto", "auto", 0, 1), ("cpu", -1, 4, 1),
+])  # fmt: skip
+def test_process_count_as_lightning_starts_them(monkeypatch, accelerator, devices, gpus, expected):
+    from dinov3ds.models import hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert hardware.process_count(accelerator, devices) == expected
+
+
+def test_batchnorm_syncs_whenever_several_processes_train(tmp_path):
+    """`strategy: auto` with 2 devices is DDP as well: BatchNorm statistics must be synchronised there too."""
+    from dinov3ds.training.trainer import build_trainer
+
+    for devices, synced in ((1, False), (2, True)):
+        config = load_config(None, ["trainer.accelerator=cpu", f"trainer.devices={devices}", "trainer.logger=[csv]"])
+        trainer = build_trainer(config, tmp_path / str(devices), "val/top1")
+        assert any(type(p).__name__ == "TorchSyncBatchNorm" for p in [trainer._accelerator_connector._layer_sync]
+                   if p is not None) == synced  # fmt: skip

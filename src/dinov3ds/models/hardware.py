@@ -166,6 +166,19 @@ def _device_request(devices: int | str | list[int]) -> int | list[int] | str:
     return list(devices) if isinstance(devices, (list, tuple)) else devices
 
 
+def process_count(accelerator: str, devices: int | str | list[int]) -> int:
+    """How many processes Lightning will start for `devices` on one node: a list's length, a count, or for
+    -1 / auto every GPU there is (one process where the run is on the CPU or there is no GPU)."""
+    request = _device_request(devices)
+    if isinstance(request, list):
+        return len(request)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpu = accelerator.strip().lower() in ("gpu", "cuda", "auto") and gpus > 0
+    if request in ("auto", -1):
+        return gpus if on_gpu else 1
+    return request
+
+
 def check_devices(accelerator: str, devices: int | str | list[int], key: str = "trainer.devices") -> None:
     """Refuse, before any process starts, what this machine cannot give: GPUs it does not have, GPU indices on a
     CPU-only run (Lightning's MisconfigurationException otherwise) or more CPU processes than its cores (each

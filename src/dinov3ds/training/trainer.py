@@ -30,7 +30,7 @@ from dinov3ds.errors import UserError
 from dinov3ds.heads import check_head_options
 from dinov3ds.models.checkpoints import AtomicCheckpointIO, load_checkpoint_file, read_checkpoint
 from dinov3ds.models.finetune import make_trainable, trainable_counts
-from dinov3ds.models.hardware import check_devices
+from dinov3ds.models.hardware import check_devices, process_count
 from dinov3ds.models.tasks import (
     TRAINED_SETTINGS,
     Classifier,
@@ -113,7 +113,8 @@ def build_trainer(config: Config, output_dir: Path, monitor: str, mode: str = "m
         auto_insert_metric_name=False, enable_version_counter=False,
     )  # fmt: skip
     loggers = [build_logger(name, config, output_dir) for name in section.logger]
-    distributed = section.strategy.startswith("ddp") or section.num_nodes > 1
+    distributed = (section.strategy.startswith("ddp") or section.num_nodes > 1
+                   or process_count(section.accelerator, section.devices) > 1)  # `auto` on 2+ GPUs is DDP too
     try:
         return L.Trainer(
             accelerator=section.accelerator,
