@@ -15,7 +15,8 @@ from torchvision.transforms import v2
 
 from dinov3ds.cli import main
 from dinov3ds.commands import predict as command
-from dinov3ds.data.image_batches import SameSizeBatches
+from dinov3ds.data import image_batches as image_batches_module
+from dinov3ds.data.image_batches import SameSizeBatches, image_batches
 from dinov3ds.data.io import decode_image, load_image
 from dinov3ds.data.synthetic import make_classification_folder, make_segmentation_folder
 from dinov3ds.data.transforms import ClassificationEvalTransform, SegmentationEvalTransform
@@ -177,10 +178,16 @@ def test_segmentation_labels_match_the_path_they_replaced_and_each_image_is_deco
 # --- batches and workers ----------------------------------------------------------------------------------------
 
 
-def test_picture_batches_stay_under_their_byte_budget() -> None:
-    sizes = [(2, 2)] * 5
-    batches = list(SameSizeBatches(sizes, batch_size=4, costs=[40, 40, 40, 200, 40], budget=100))
-    assert batches == [[0, 1], [2], [3], [4]]  # an item over the budget alone goes alone
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # built, never iterated: no process starts
+def test_picture_batches_stay_under_their_byte_budget(tmp_path, monkeypatch) -> None:
+    batches = list(SameSizeBatches([(2, 2)] * 5, batch_size=4, costs=[40, 40, 40, 200, 40], budget=100))
+    assert batches == [[0, 1], [2], [3], [4]]  # an item over the budget goes alone
+    paths = [photo(tmp_path / f"{i}.jpg", 64, 48) for i in range(8)]  # 9,216 bytes of picture each
+    monkeypatch.setattr(image_batches_module, "PICTURE_BUDGET", 4 * 9216 * 4)  # 16 pictures in flight
+    transform = SegmentationEvalTransform(32, MEAN, STD)
+    for workers, per_batch in [(0, 8), (1, 8), (2, 4), (4, 2), (16, 1)]:  # each worker holds 2 batches
+        loader = image_batches(paths, transform, 8, by_size=True, pictures=True, workers=workers)
+        assert {len(batch) for batch in loader.batch_sampler} == {per_batch}, workers
 
 
 def test_cpu_workers_take_only_the_cores_the_forward_leaves(classification, monkeypatch) -> None:

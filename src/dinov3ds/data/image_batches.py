@@ -28,7 +28,7 @@ from dinov3ds.errors import UserError
 
 SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"),
            (stat.S_ISDIR, "a folder"))  # fmt: skip
-PICTURE_BUDGET = 256 << 20  # bytes of full-size pictures per batch: 24-megapixel photos go 3 at a time
+PICTURE_BUDGET = 256 << 20  # bytes of full-size pictures in flight (2 batches per worker): 24-megapixel photos 3 at once
 
 
 class EvalTransform(Protocol):
@@ -137,7 +137,8 @@ def image_batches(
     pin_memory: bool = False,
 ) -> DataLoader:
     """A loader of (images [B,3,H,W], original sizes [B,2], indices [B]), plus with `pictures` a list of the
-    full HxWx3 uint8 pictures (at most PICTURE_BUDGET bytes of them per batch, by their headers). With `by_size`
+    full HxWx3 uint8 pictures (by their headers at most PICTURE_BUDGET bytes of them in the batches the workers
+    hold, one image over its share alone excepted). With `by_size`
     batches hold only equal transformed sizes (read from headers); without it every image is assumed to come
     out the same size (a centre crop). Batches are assembled in the `workers` processes. Every path is checked to be a
     regular file first."""
@@ -149,5 +150,6 @@ def image_batches(
     headers = [header_size(path) for path in paths]
     keys = [(transform.output_size(*size) if by_size else ()) if size is not None else None for size in headers]
     costs = [3 * size[0] * size[1] if size is not None else 0 for size in headers] if pictures else None
-    sampler = SameSizeBatches(keys, batch_size, costs, PICTURE_BUDGET if pictures else None)
+    share = PICTURE_BUDGET // max(1, 2 * workers)  # DataLoader's prefetch: 2 batches per worker
+    sampler = SameSizeBatches(keys, batch_size, costs, share if pictures else None)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory, collate_fn=collate)
