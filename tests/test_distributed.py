@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -66,6 +67,17 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert single.stdout.count("best checkpoint:") == 1
 
 
+def _communicate_or_kill_the_group(launch: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """torchrun's workers outlive a killed launcher and hold its pipes (a CI run then waits on them for
+    hours): past the timeout the whole process group goes."""
+    try:
+        return launch.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        out, err = launch.communicate()
+        raise AssertionError(f"torchrun node ran over {timeout}s: {err[-2000:]}") from None
+
+
 def test_the_readmes_two_node_torchrun_command_trains_once_and_splits_the_feature_store(tmp_path):
     """The README's multi-node command, as two `torchrun` launches (node 0 and node 1) on 127.0.0.1 with gloo:
     both ranks extract their part of the feature store into the one shared folder, one set of checkpoints and
@@ -81,11 +93,11 @@ def test_the_readmes_two_node_torchrun_command_trains_once_and_splits_the_featur
              "-m", "dinov3ds", "train", *COMMON, f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'nodes'}",
              "data.batch_size=16", "cache.shard_size=8", "trainer.num_nodes=2", "trainer.devices=1",
              "trainer.strategy=ddp"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
         for node in (0, 1)
     ]
-    outputs = [launch.communicate(timeout=300) for launch in launches]
+    outputs = [_communicate_or_kill_the_group(launch, timeout=300) for launch in launches]
     assert all(launch.returncode == 0 for launch in launches), [err[-2000:] for _, err in outputs]
     one = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt").head_state_dict
     two = read_checkpoint(tmp_path / "nodes" / "checkpoints" / "last.ckpt").head_state_dict

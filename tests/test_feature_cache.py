@@ -19,7 +19,7 @@ from dinov3ds.data.build import build_datasets
 from dinov3ds.data.synthetic import make_classification_folder
 from dinov3ds.models.backbones import load_backbone
 from dinov3ds.models.tasks import Classifier
-from dinov3ds.training.feature_cache import cached_features, extract_features
+from dinov3ds.training.feature_cache import cached_features, extract_features, store_key, store_settings
 from tests.conftest import tiny
 
 TINY = tiny("data.augment=false", depth=2)
@@ -80,6 +80,15 @@ def test_edited_image_with_restored_mtime_is_recomputed_by_its_size(backbone, ro
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the old timestamp, new content
     after = assert_fresh(model, dataset, config)
     assert not torch.equal(before[0], after[0])
+
+
+def test_the_same_settings_give_the_same_key_across_runs(backbone, root):
+    """The key is made of text: an object's address (a transform without __repr__) made every process,
+    every torchrun rank included, look for its own store."""
+    keys = {store_key(store_settings(*classifier_and_train_split(backbone, root))) for _ in range(2)}
+    assert len(keys) == 1
+    settings = store_settings(*classifier_and_train_split(backbone, root))
+    assert " at 0x" not in settings["transform"] and "size=32" in settings["transform"]
 
 
 def test_changed_crop_is_recomputed(backbone, root):

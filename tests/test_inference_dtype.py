@@ -133,7 +133,7 @@ def test_predict_says_the_choice_once(cpu, demo_checkpoints, tmp_path, caplog):
     base, classes, _ = demo_checkpoints
     cpu(SAPPHIRE_RAPIDS)
     with caplog.at_level(logging.INFO, logger="dinov3ds"):
-        assert main(["predict", str(base / "c" / "checkpoints" / "best.ckpt"), str(classes / "val"),
+        assert main(["predict", "--checkpoint", str(base / "c" / "checkpoints" / "best.ckpt"), str(classes / "val"),
                      "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0  # fmt: skip
     said = [record.getMessage() for record in caplog.records if "backbone in" in record.getMessage()]
     assert said == ["backbone in bfloat16: this CPU computes it natively (amx_bf16, avx512_bf16); "

@@ -73,6 +73,9 @@ class ClassificationEvalTransform:
         picture = image_tensor(image)
         return self.prepare(picture, self.resize_size(*picture.shape[-2:]))
 
+    def __repr__(self) -> str:  # the feature store's key holds it: the same settings give the same text
+        return f"ClassificationEvalTransform(size={self.size}, shorter={self.shorter}, normalize={self.normalize!r})"
+
 
 def classification_eval_transform(
     size: int, mean: Stats, std: Stats, crop_ratio: float = 224 / 256
