@@ -157,6 +157,19 @@ def test_a_rank_the_folder_never_sees_is_a_one_line_error(root, tmp_path, monkey
     assert "\n" not in str(error.value)
 
 
+def test_a_rank_that_never_sees_rank_0_is_a_one_line_error(root, tmp_path, monkeypatch):
+    """The other side: rank 1 on a node whose folder rank 0 never writes to stops too, instead of waiting
+    forever (and holding its launcher's pipes)."""
+    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(feature_cache, "RANK_WAIT_S", 1.0)
+    model, dataset, config = model_and_split(root)
+    with pytest.raises(UserError, match=r"rank\(s\) \[0\] never appeared there.*DINOV3DS_CACHE") as error:
+        cached_features(model, dataset, config)
+    assert "\n" not in str(error.value)
+
+
 def test_a_key_folder_with_another_stores_leftovers_is_started_afresh(root, tmp_path, monkeypatch):
     """A cache entry is replaced, never refused (`dinov3ds features --out` refuses such a folder instead)."""
     monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))

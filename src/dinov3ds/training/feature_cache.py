@@ -145,18 +145,16 @@ def _claim(folder: Path, settings: dict) -> None:
         marker.unlink()
 
 
-def _ranks_missing(folder: Path, world: int) -> list[int]:
-    return [rank for rank in range(world) if not _rank_started(folder, rank)]
-
-
 def _rank_started(folder: Path, rank: int) -> bool:
     marker = folder / f"rank-{rank}.started"
     return marker.is_file() and marker.read_text() == _launch_id()
 
 
-def _wait_for_ranks(folder: Path, world: int) -> None:
+def _wait_for_ranks(folder: Path, ranks: list[int]) -> None:
+    """Until every rank in `ranks` has its marker in `folder`; a one-line error after RANK_WAIT_S (a node that
+    sees another folder would otherwise wait forever)."""
     deadline = time.monotonic() + RANK_WAIT_S
-    while missing := _ranks_missing(folder, world):
+    while missing := [rank for rank in ranks if not _rank_started(folder, rank)]:
         if time.monotonic() > deadline:
             raise UserError(f"feature store {folder}: rank(s) {missing} never appeared there; every node must see "
                             "one folder: point DINOV3DS_CACHE at a shared file system")  # fmt: skip
@@ -173,8 +171,7 @@ def build_store(model, dataset: Dataset, config: Config, folder: Path, settings:
     if rank == 0:
         _claim(folder, settings)
     else:
-        while not _rank_started(folder, 0):
-            time.sleep(0.5)
+        _wait_for_ranks(folder, [0])
     (folder / f"rank-{rank}.started").write_text(_launch_id())
     for index in range(rank, len(images), world):
         path = shard_path(folder, index)
@@ -185,7 +182,7 @@ def build_store(model, dataset: Dataset, config: Config, folder: Path, settings:
                                settings["blocks"], f"features {index + 1}/{len(images)}")  # fmt: skip
         write_shard(path, arrays, images[index])
     if rank == 0:
-        _wait_for_ranks(folder, world)
+        _wait_for_ranks(folder, list(range(world)))
         while not all(shard_is_complete(shard_path(folder, i), shard) for i, shard in enumerate(images)):
             time.sleep(0.5)
         write_index(folder, paths, size)
