@@ -11,6 +11,7 @@ from dinov3ds.errors import UserError
 from dinov3ds.models import inference
 from dinov3ds.models.inference import (
     InferenceOptions,
+    argmax_classes,
     labels_at_size,
     predict_slide,
     predict_tta,
@@ -329,3 +330,10 @@ def test_a_huge_label_map_never_holds_every_class_at_full_size(monkeypatch):
     monkeypatch.setattr(inference.F, "interpolate", watched)
     labels = labels_at_size(torch.rand(1, 150, 40, 60), (600, 900), max_band_elements=1 << 20)
     assert labels.shape == (1, 600, 900) and max(largest) <= 1 << 20 < 150 * 600 * 900
+
+
+def test_argmax_classes_is_argmax_ties_and_nan_included():
+    scores = torch.randint(0, 3, (2, 5, 16, 20)).float()  # many ties: the first largest wins in both
+    scores[0, 2, 3, 4] = float("nan")
+    assert torch.equal(argmax_classes(scores), scores.argmax(dim=1))
+    assert torch.equal(argmax_classes(scores.bfloat16()), scores.bfloat16().argmax(dim=1))

@@ -69,6 +69,16 @@ def test_overlay_alpha_extremes():
     assert (with_background[labels == 0] == 0).all()
 
 
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.77])
+def test_overlay_blend_is_the_float_blend_within_one_grey_level(alpha):
+    image, labels = random_image((32, 40)), random_labels((32, 40), 4)
+    painted = (labels != 0) & (labels != 255)
+    exact = image.astype(np.float64)
+    exact[painted] = (1 - alpha) * exact[painted] + alpha * PALETTE[labels[painted]]
+    blended = overlay(image, labels, PALETTE, alpha=alpha).astype(int)
+    assert np.abs(blended - exact).max() <= 1.0 and (blended[~painted] == image[~painted]).all()
+
+
 def test_overlay_rejects_mismatched_sizes():
     with pytest.raises(UserError):
         overlay(random_image((16, 20)), random_labels((8, 10), 4))

@@ -36,6 +36,13 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def argmax_classes(scores: Tensor) -> Tensor:
+    """[B,K,H,W] → [B,H,W] index of the largest score, the first on ties, as argmax. `max(...).indices`
+    because argmax over a CPU tensor's channel dimension is ~6× slower (torch 2.14: 25 vs 4 ms for 3 classes
+    at 375×500)."""
+    return scores.max(dim=1).indices
+
+
 def labels_at_size(probabilities: Tensor, size: tuple[int, int], max_band_elements: int = 1 << 24) -> Tensor:
     """Class probabilities [B,K,h,w] → labels [B,H,W] at `size`: resized as probabilities (bilinear,
     align_corners=False), then argmax, so a label boundary falls where the interpolated scores cross.
@@ -46,7 +53,7 @@ def labels_at_size(probabilities: Tensor, size: tuple[int, int], max_band_elemen
     batch, classes, height, width = probabilities.shape
     out_h, out_w = size
     if (height, width) == (out_h, out_w):
-        return probabilities.argmax(dim=1)
+        return argmax_classes(probabilities)
     probabilities = probabilities.float()
     # PyTorch's bilinear source rows, computed as it does (float32): src = scale * (dst + 0.5) - 0.5, >= 0.
     scale = torch.tensor(height / out_h, dtype=torch.float32)
@@ -61,7 +68,7 @@ def labels_at_size(probabilities: Tensor, size: tuple[int, int], max_band_elemen
         w = weight[:, :, band]
         mixed = probabilities[:, :, top[band]] * (1 - w) + probabilities[:, :, bottom[band]] * w
         mixed = F.interpolate(mixed, size=(mixed.shape[2], out_w), mode="bilinear", align_corners=False)
-        labels[:, band] = mixed.argmax(dim=1)
+        labels[:, band] = argmax_classes(mixed)
     return labels
 
 

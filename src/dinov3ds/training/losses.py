@@ -18,7 +18,7 @@ def logits_to_labels(logits: torch.Tensor) -> torch.Tensor:
     """[B,K,H,W] logits → [B,H,W] int64 labels: argmax, or `logit > 0` (p > 0.5) for one channel."""
     if logits.shape[1] == 1:
         return (logits[:, 0] > 0).long()
-    return logits.argmax(dim=1)
+    return logits.max(dim=1).indices  # argmax, ~6x faster on CPU (see models.inference.argmax_classes)
 
 
 def logits_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
