@@ -1,4 +1,4 @@
-"""A failed `dinov3ds eval` leaves the user's folders as it found them: the folders it created for `--out`
+"""A failed `dinov3ds eval` (or a `train` refused before its first checkpoint) leaves the user's folders as it found
 (parents included) are removed again when nothing was written, and folders that were there are untouched."""
 
 from __future__ import annotations
@@ -48,3 +48,23 @@ def test_a_successful_eval_keeps_the_folders_it_made(checkpoint, tmp_path):
     out = tmp_path / "new" / "deeper" / "eval"
     assert main(["eval", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
     assert (out / "eval_metrics.json").is_file() and (out / "report.html").is_file()
+
+
+def test_a_train_refused_before_its_first_checkpoint_takes_back_what_it_wrote(tmp_path, capsys):
+    """Measured as a new user: `train` without weights failed in one line but left config.yaml, so the corrected
+    command was refused ("already holds a run") until --overwrite. Now the folders it made go, and in a folder
+    that was there only the user's own files stay."""
+    data = make_classification_folder(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1, size=32)
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    home = tmp_path / "home"
+    (home / "mine").mkdir(parents=True)
+    (home / "mine" / "notes.txt").write_text("mine")
+    before = tree(home)
+    for out in (home / "new" / "run", home / "mine"):
+        assert main(["train", *tiny(f"data.root={empty}"), f"output_dir={out}"]) == 2
+        assert tree(home) == before
+    assert "has no class subfolders" in capsys.readouterr().err
+    assert main(["train", *tiny("trainer.max_epochs=1", f"data.root={data}"), f"output_dir={home / 'mine'}"]) == 0
+    assert (home / "mine" / "notes.txt").read_text() == "mine" and (home / "mine" / "checkpoints" / "best.ckpt").is_file()

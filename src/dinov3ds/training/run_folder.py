@@ -90,7 +90,10 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
 @contextlib.contextmanager
 def claim_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
     """Hold output_dir for one run: refuse one that holds another run (unless resuming or told to overwrite),
-    lock it while training writes, release the lock however the run ends."""
+    lock it while training writes, release the lock however the run ends. A fresh run refused before its first
+    checkpoint (no weights, bad data: a UserError) takes back what it wrote, the folder too when it made it:
+    the corrected command then runs without --overwrite."""
+    made = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
@@ -98,17 +101,37 @@ def claim_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> Iterator
         probe.unlink()
     except OSError as error:
         raise UserError(f"output_dir {folder} is not writable ({error.strerror}); choose another output_dir") from None
-    with folder_lock(folder, "output_dir"):
-        existing = holds_a_run(folder)
-        if existing and not resume:
-            if not overwrite:
-                raise UserError(
-                    f"output_dir {folder} already holds a run ({', '.join(existing)}); continue it with --resume, "
-                    "replace it with --overwrite, or choose another output_dir"
-                )
-            logger.warning("--overwrite: removing the earlier run in %s (%s)", folder, ", ".join(existing))
-            _remove_run(folder)
-        yield
+    try:
+        with folder_lock(folder, "output_dir"):
+            existing = holds_a_run(folder)
+            if existing and not resume:
+                if not overwrite:
+                    raise UserError(
+                        f"output_dir {folder} already holds a run ({', '.join(existing)}); continue it with "
+                        "--resume, replace it with --overwrite, or choose another output_dir"
+                    )
+                logger.warning("--overwrite: removing the earlier run in %s (%s)", folder, ", ".join(existing))
+                _remove_run(folder)
+            before = set(folder.iterdir())
+            try:
+                yield
+            except UserError:
+                if not resume and not any((folder / "checkpoints").glob("*.ckpt")):
+                    _remove_entries(set(folder.iterdir()) - before)
+                raise
+    except UserError:
+        for parent in made:  # deepest first; only folders this run made and left empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+def _remove_entries(paths: set[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 class MetricsHistory:
