@@ -1,5 +1,6 @@
-"""A failed `dinov3ds eval` (or a `train` refused before its first checkpoint) leaves the user's folders as it found
-(parents included) are removed again when nothing was written, and folders that were there are untouched."""
+"""A failed `dinov3ds eval` leaves the user's folders as it found them: the folders it created for `--out`
+(parents included) are removed again when nothing was written, and folders that were there are untouched. A
+`train` refused before its first checkpoint does the same with its output_dir."""
 
 from __future__ import annotations
 
