@@ -225,5 +225,5 @@ def test_the_readme_python_example_defines_every_name_it_uses():
 def test_the_readme_demo_time_is_the_measured_one():
     measured = json.loads((ROOT / "benchmarks" / "results" / "demo_time.json").read_text())
     assert measured["cores"] == 2
-    stated = re.search(r"What the demo writes \(about (\d+) minutes on a 2-core", README)
+    stated = re.search(r"What the demo writes \(about (\d+) minutes? on a 2-core", README)
     assert stated and int(stated.group(1)) == round(measured["wall_seconds"] / 60)
