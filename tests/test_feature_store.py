@@ -145,27 +145,16 @@ def test_a_store_that_cannot_be_written_trains_uncached_with_one_warning(root, t
     torch.testing.assert_close(features, extract_features(model, dataset, config)[0], rtol=0, atol=0)
 
 
-def test_a_rank_the_folder_never_sees_is_a_one_line_error(root, tmp_path, monkeypatch):
-    """Two nodes without a shared folder: rank 0 waits for rank 1's marker, then names the folder."""
+@pytest.mark.parametrize(("rank", "missing"), [(0, 1), (1, 0)])
+def test_a_rank_the_folder_never_sees_is_a_one_line_error(root, tmp_path, monkeypatch, rank, missing):
+    """Two nodes without a shared folder: rank 0 waits for rank 1's marker, and rank 1 for rank 0's (it
+    waited forever, holding its launcher's pipes); each then names the folder in one line."""
     monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setattr(feature_cache, "RANK_WAIT_S", 1.0)
     model, dataset, config = model_and_split(root)
-    with pytest.raises(UserError, match=r"rank\(s\) \[1\] never appeared there.*DINOV3DS_CACHE") as error:
-        cached_features(model, dataset, config)
-    assert "\n" not in str(error.value)
-
-
-def test_a_rank_that_never_sees_rank_0_is_a_one_line_error(root, tmp_path, monkeypatch):
-    """The other side: rank 1 on a node whose folder rank 0 never writes to stops too, instead of waiting
-    forever (and holding its launcher's pipes)."""
-    monkeypatch.setenv("DINOV3DS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(feature_cache, "RANK_WAIT_S", 1.0)
-    model, dataset, config = model_and_split(root)
-    with pytest.raises(UserError, match=r"rank\(s\) \[0\] never appeared there.*DINOV3DS_CACHE") as error:
+    with pytest.raises(UserError, match=rf"rank\(s\) \[{missing}\] never appeared there.*DINOV3DS_CACHE") as error:
         cached_features(model, dataset, config)
     assert "\n" not in str(error.value)
 
