@@ -5,6 +5,8 @@ outputs as the path it replaced gave them (full decode, torchvision Compose / PI
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,14 @@ from torchvision.transforms import v2
 
 from dinov3ds.cli import main
 from dinov3ds.commands import predict as command
+from dinov3ds.commands.output_files import ParallelWriter
 from dinov3ds.data import image_batches as image_batches_module
 from dinov3ds.data.image_batches import SameSizeBatches, image_batches
 from dinov3ds.data.io import decode_image, load_image
 from dinov3ds.data.synthetic import make_classification_folder, make_segmentation_folder
 from dinov3ds.data.transforms import ClassificationEvalTransform, SegmentationEvalTransform
 from dinov3ds.deploy.metadata import label_offset
+from dinov3ds.errors import UserError
 from dinov3ds.models.inference import labels_at_size
 from dinov3ds.models.tasks import load_model
 from tests.conftest import tiny
@@ -198,3 +202,50 @@ def test_cpu_workers_take_only_the_cores_the_forward_leaves(classification, monk
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
         model.config.data.num_workers = cap
         assert command._workers(model) == workers, (cores, threads, cap)
+
+
+# --- output files written in parallel --------------------------------------------------------------------------
+
+
+def test_output_writes_run_on_several_threads_at_once_and_all_finish() -> None:
+    together = threading.Barrier(2, timeout=30)  # passes only when two writes run at the same time
+    done: list[int] = []
+
+    def write(index: int) -> None:
+        if index < 2:
+            together.wait()
+        done.append(index)
+
+    with ParallelWriter(threads=2) as writer:
+        for index in range(8):
+            writer.submit(1, write, index)
+    assert sorted(done) == list(range(8))
+
+
+def test_pending_output_writes_stay_under_their_byte_budget() -> None:
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def write() -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+
+    with ParallelWriter(threads=4, budget=100) as writer:
+        for _ in range(12):
+            writer.submit(40, write)
+    assert most[0] == 2  # 4 threads, but only two 40-byte writes fit in 100 bytes
+    with ParallelWriter(threads=1, budget=10) as writer:
+        writer.submit(40, write)  # a write over the budget still runs, alone
+
+
+def test_a_failed_output_write_is_raised_in_the_caller() -> None:
+    def write(index: int) -> None:
+        if index == 1:
+            raise UserError("cannot write out/1.png (No space left on device); free disk space")
+
+    with pytest.raises(UserError, match="No space left"), ParallelWriter(threads=2) as writer:
+        for index in range(4):
+            writer.submit(1, write, index)

@@ -8,10 +8,19 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, printable, staged, written
+from dinov3ds.commands.output_files import (
+    OutputFolder,
+    ParallelWriter,
+    input_root,
+    mirrored,
+    printable,
+    staged,
+    written,
+)
 from dinov3ds.commands.predict_depth import predict_depth_images
 from dinov3ds.commands.volume_info import announce_volumes
 from dinov3ds.commands.volumes import predict_volumes, volume_inputs
@@ -149,14 +158,18 @@ def predict_segmentation(model: Segmenter, images: list[Path], out: OutputFolder
     offset = default_label_offset(model) if label_offset is None else label_offset
     root = input_root(images)
     targets = [(out.claim(mirrored(p, root, ".labels.png")), out.claim(mirrored(p, root, ".overlay.png"))) for p in images]
-    palette = default_palette(model.num_classes)
-    for index, probabilities, picture in _segmented(model, images, mode, pictures=True):
-        labels = labels_at_size(probabilities[None], picture.shape[:2])[0].cpu().numpy()
-        label_path, overlay_path = targets[index]
+    palette, names = default_palette(model.num_classes), getattr(model, "class_names", None)
+
+    def write(labels: np.ndarray, picture: np.ndarray, label_path: Path, overlay_path: Path) -> None:
         with staged(label_path) as temporary:
             save_label_png(labels + offset, temporary, num_classes=model.num_classes + offset)
         with staged(overlay_path) as temporary:
-            save_color_png(labels, temporary, palette, image=picture, class_names=getattr(model, "class_names", None))
+            save_color_png(labels, temporary, palette, image=picture, class_names=names)
+
+    with ParallelWriter(usable_cores()) as writer:  # PNGs encode on every core while the next batch runs
+        for index, probabilities, picture in _segmented(model, images, mode, pictures=True):
+            labels = labels_at_size(probabilities[None], picture.shape[:2])[0].cpu().numpy()
+            writer.submit(picture.nbytes + labels.nbytes, write, labels, picture, *targets[index])
     convention = f"class id + {offset} (0 = the dataset's ignored 'other')" if offset == 1 else f"class id + {offset}" if offset else "class ids from 0"
     print(f"wrote label maps ({convention}) and overlays for {len(images)} images to {out.root}")
 
