@@ -15,6 +15,10 @@ from PIL import Image
 from dinov3ds.errors import UserError
 from dinov3ds.viz.tiles import legend_strip
 
+# zlib level of label maps and overlays (OpenCV's default too): on a 500x375 photo overlay 41 vs 50 ms at
+# Pillow's default 6 for a 3 % larger file, a noisy label map 10 vs 43 ms for 13 %; predict writes one per image.
+PNG_LEVEL = 1
+
 BACKGROUND_NAMES = {"background", "bg", "_background_", "other", "others", "unlabeled", "unlabelled", "void", "none"}
 
 
@@ -118,7 +122,7 @@ def save_label_png(labels: np.ndarray, path: Path, num_classes: int | None = Non
         Image.fromarray(labels.astype(np.uint8)) if eight_bit else Image.fromarray(labels.astype(np.uint16))
     )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    picture.save(path, compress_level=PNG_LEVEL)
 
 
 def save_color_png(
@@ -145,4 +149,4 @@ def save_color_png(
         legend = legend_strip(legend_entries(class_names, palette, [labels], ignore_index), picture.shape[1])
         picture = np.concatenate([picture, legend])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(path)
+    Image.fromarray(picture).save(path, compress_level=PNG_LEVEL)
