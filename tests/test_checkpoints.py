@@ -15,12 +15,12 @@ import torch
 from dinov3ds.errors import UserError
 from dinov3ds.models.checkpoints import (
     FORMAT_VERSION,
-    AtomicCheckpointIO,
     atomic_torch_save,
     load_checkpoint_file,
     read_checkpoint,
     resolve_backbone_weights,
 )
+from dinov3ds.training.checkpoint_io import AtomicCheckpointIO
 from tests.checkpoints import sha256_file
 
 

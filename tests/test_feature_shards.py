@@ -7,9 +7,8 @@ is byte for byte the folder an uninterrupted run writes.
 
 from __future__ import annotations
 
-import re
-
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

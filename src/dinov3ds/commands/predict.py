@@ -21,7 +21,6 @@ from dinov3ds.commands.output_files import (
     staged,
     written,
 )
-from dinov3ds.commands.predict_depth import predict_depth_images
 from dinov3ds.commands.volume_info import announce_volumes
 from dinov3ds.commands.volumes import predict_volumes, volume_inputs
 from dinov3ds.data.dicom import is_dicom_series
@@ -207,7 +206,9 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: 
         if model is not None and model.config.task == "classification":
             predict_classification(model, images, folder, topk)
             return
-        if model is not None and model.config.task == "depth":
+        if model is not None and model.config.task == "depth":  # its metrics import torchmetrics: 1.4 s, here only
+            from dinov3ds.commands.predict_depth import predict_depth_images
+
             predict_depth_images(model, images, folder, labels)
             return
         if images:

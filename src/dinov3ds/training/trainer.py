@@ -28,7 +28,7 @@ from dinov3ds.data.build import DataSplits, build_datasets, resolve_dataset_sett
 from dinov3ds.data.sampling import ResumableSampler, SeededSamples
 from dinov3ds.errors import UserError
 from dinov3ds.heads import check_head_options
-from dinov3ds.models.checkpoints import AtomicCheckpointIO, load_checkpoint_file, read_checkpoint
+from dinov3ds.models.checkpoints import load_checkpoint_file, read_checkpoint
 from dinov3ds.models.finetune import make_trainable, trainable_counts
 from dinov3ds.models.hardware import check_devices, process_count
 from dinov3ds.models.tasks import (
@@ -41,6 +41,7 @@ from dinov3ds.models.tasks import (
     model_class,
     place_model,
 )
+from dinov3ds.training.checkpoint_io import AtomicCheckpointIO
 from dinov3ds.training.feature_cache import cached_features
 from dinov3ds.training.interrupt import GracefulInterrupt
 from dinov3ds.training.loggers import build_logger, check_loggers
