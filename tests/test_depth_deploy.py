@@ -6,8 +6,10 @@ report of a depth run; a dpt depth head that learns."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -28,6 +30,7 @@ from dinov3ds.deploy.metadata import ServingFacts
 from dinov3ds.deploy.onnx_export import export_onnx
 from dinov3ds.deploy.runtime import OnnxModel
 from dinov3ds.errors import UserError
+from dinov3ds.metrics.depth import image_metrics
 from dinov3ds.models.checkpoints import FORMAT_VERSION
 from dinov3ds.models.depth import DepthEstimator
 from dinov3ds.models.tasks import backbone_from_config
@@ -191,6 +194,31 @@ def test_predict_on_the_depth_onnx_writes_the_checkpoints_millimetres(depth_file
         else:  # fp16 features: measured 35 % within 1 mm, max 13 mm; the export bound is 5e-3 x max_depth
             assert gaps.max() <= 5e-3 * MAX_DEPTH * 1000, gaps.max()
         assert scores[name]["RMSE"] == pytest.approx(scores["ckpt"]["RMSE"], abs=2e-3)
+
+
+def test_batched_depth_predict_matches_one_image_at_a_time_and_names_each_row(depth_files, tmp_path):
+    """Batches group images by transformed size, so a fourth image of the first one's size is predicted second,
+    out of input order: each PNG is still the model's own `predict` of its image, and each per-image CSV row
+    scores the image it names."""
+    images = shutil.copytree(depth_files["images"], tmp_path / "images")
+    truths = shutil.copytree(depth_files["truth"], tmp_path / "truth")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype=np.uint8)).save(images / "3.png")
+    Image.fromarray((rng.uniform(1.0, 9.0, (45, 61)) * 1000).astype(np.uint16)).save(truths / "3.png")
+    out = tmp_path / "batched"
+    assert main(["predict", "--checkpoint", str(depth_files["ckpt"]), str(images), "--out", str(out), "--labels",
+                 str(truths), "--device", "cpu", "inference.batch_size=4", "depth.eigen_crop=false"]) == 0  # fmt: skip
+    model = DepthEstimator.from_checkpoint(depth_files["ckpt"], device="cpu")
+    rows = {row["image"]: row for row in csv.DictReader((out / "depth_per_image.csv").open())}
+    assert len(rows) == 4
+    for image in sorted(images.glob("*.png")):
+        written = np.asarray(Image.open(out / f"{image.name}.depth.png")).astype(np.float64) / 1000
+        alone = model.predict(Image.open(image).convert("RGB"))
+        assert written.shape == alone.shape and np.abs(written - alone).max() <= 1.5e-3, image.name  # mm rounding
+        truth = torch.from_numpy(load_depth(truths / image.name))
+        expected = image_metrics(torch.from_numpy(written).float(), truth, min_depth=model.min_depth,
+                                 max_depth=model.max_depth)["RMSE"]  # fmt: skip
+        assert float(rows[str(image)]["RMSE"]) == pytest.approx(expected, abs=2e-3), image.name
 
 
 def test_an_onnx_depth_file_refuses_trained_settings_and_serves_without_torch(depth_files, tmp_path, capsys):

@@ -209,7 +209,7 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path, *, topk: 
         if model is not None and model.config.task == "depth":  # its metrics import torchmetrics: 1.4 s, here only
             from dinov3ds.commands.predict_depth import predict_depth_images
 
-            predict_depth_images(model, images, folder, labels)
+            predict_depth_images(model, images, folder, labels, workers=_workers(model))
             return
         if images:
             predict_segmentation(model, images, folder, mode, label_offset)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from dinov3ds.commands.output_files import OutputFolder, input_root, mirrored, staged
 from dinov3ds.data.depth import DEPTH_SUFFIXES, load_depth
-from dinov3ds.data.io import decode_image, load_image
+from dinov3ds.data.image_batches import image_batches
+from dinov3ds.data.io import decode_image
 from dinov3ds.errors import UserError
 from dinov3ds.metrics.depth import DepthMetric, format_summary, write_per_image_csv
 
@@ -58,8 +60,11 @@ def _checked_truths(images: list[Path], labels: Path, root: Path, scale: float |
 
 
 @torch.inference_mode()
-def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: str | None) -> dict | None:
-    """Depth PNG + picture per image, mirrored under `out`; the metrics when `labels` names the true depths."""
+def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: str | None,
+                         workers: int = 0) -> dict | None:  # fmt: skip
+    """Depth PNG + picture per image, mirrored under `out`; the metrics when `labels` names the true depths.
+    Images are decoded in `workers` processes (JPEGs at reduced scale when the model's input is at least 2x
+    smaller) and predicted `inference.batch_size` at a time, each batch of one transformed size."""
     root = input_root(images)
     depth_section = model.config.depth
     truths = _checked_truths(images, Path(labels), root, depth_section.depth_scale) if labels else None
@@ -68,17 +73,22 @@ def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: s
         scored = [out.claim(name) for name in ("depth_metrics.json", "depth_per_image.csv")]
     eigen = bool(depth_section.eigen_crop) if depth_section.eigen_crop is not None else model.config.data.dataset == "nyu"
     metric = DepthMetric(depth_section.min_depth, depth_section.max_depth, eigen)
-    for index, image in enumerate(images):
-        pil = load_image(image)
-        depth = model.predict(pil)
-        depth_path, picture_path = targets[index]
-        with staged(depth_path) as temporary:
-            save_depth_png(depth, temporary)
-        with staged(picture_path) as temporary:
-            save_depth_picture(depth, temporary, depth_section.max_depth)
-        if truths is not None:
-            truth = load_depth(truths[index], depth_section.depth_scale)  # its size checked up front
-            metric.update(torch.from_numpy(depth)[None], torch.from_numpy(truth)[None])
+    loader = image_batches(images, model.eval_transform(), model.config.inference.batch_size, by_size=True,
+                           workers=workers, pin_memory=model.device.type == "cuda")  # fmt: skip
+    scored_order: list[int] = []  # the metric's rows follow the batches, which group images by size
+    for batch, sizes, indices in loader:
+        for depth_map, size, index in zip(model.predict_depth(batch), sizes.tolist(), indices.tolist()):
+            resized = F.interpolate(depth_map[None, None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+            depth = resized[0, 0].cpu().numpy()
+            depth_path, picture_path = targets[index]
+            with staged(depth_path) as temporary:
+                save_depth_png(depth, temporary)
+            with staged(picture_path) as temporary:
+                save_depth_picture(depth, temporary, depth_section.max_depth)
+            if truths is not None:
+                truth = load_depth(truths[index], depth_section.depth_scale)  # its size checked up front
+                metric.update(torch.from_numpy(depth)[None], torch.from_numpy(truth)[None])
+                scored_order.append(index)
     print(f"wrote depth PNGs (millimetres, 16-bit) and coloured pictures for {len(images)} images to {out.root}")
     if truths is None:
         return None
@@ -88,6 +98,6 @@ def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: s
     with staged(json_path) as temporary:
         temporary.write_text(json.dumps({**scalars, "images": result["images"]}, indent=2))
     with staged(csv_path) as temporary:
-        write_per_image_csv(result, temporary, [str(p) for p in images])
+        write_per_image_csv(result, temporary, [str(images[i]) for i in scored_order])
     print(f"depth ({result['images']} images): {format_summary(result)}")
     return result
