@@ -180,6 +180,14 @@ def test_pca_keeps_the_aspect_ratio_and_rounds_the_size(tmp_path):
     assert (height, width) == (48, 2 * 80)  # shorter side 40 → 48 (nearest multiple of 16), 80 → 80; image | PCA
 
 
+def test_pca_out_named_as_a_picture_is_refused_before_a_folder_of_that_name_is_made(tmp_path, capsys):
+    Image.new("RGB", (32, 32), (120, 30, 200)).save(tmp_path / "photo.png")
+    assert main(["pca", "--weights", "random", str(tmp_path / "photo.png"), "--out", str(tmp_path / "pca.png")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "give a folder, e.g. --out" in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "pca.png").exists()
+
+
 def test_every_option_of_every_command_has_help():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
