@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds (medians are reported)")
     parser.add_argument("--name", default="predict_command", help="results/<name>.json")
     args = parser.parse_args()
+    if args.images < 2:
+        parser.error("--images: at least 2 (the one-photo run is the baseline a folder is compared with)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from dinov3ds.cli import main
+from dinov3ds.commands import predict_depth as predict_depth_module
 from dinov3ds.config import load_config
 from dinov3ds.data.depth import load_depth
 from dinov3ds.data.synthetic import make_depth_folder
@@ -198,8 +199,8 @@ def test_predict_on_the_depth_onnx_writes_the_checkpoints_millimetres(depth_file
 
 def test_batched_depth_predict_matches_one_image_at_a_time_and_names_each_row(depth_files, tmp_path):
     """Batches group images by transformed size, so a fourth image of the first one's size is predicted second,
-    out of input order: each PNG is still the model's own `predict` of its image, and each per-image CSV row
-    scores the image it names."""
+    out of input order: each PNG is still the model's own `predict` of its image, and the per-image CSV lists
+    the images in input order, each row scoring the image it names."""
     images = shutil.copytree(depth_files["images"], tmp_path / "images")
     truths = shutil.copytree(depth_files["truth"], tmp_path / "truth")
     rng = np.random.default_rng(1)
@@ -209,8 +210,9 @@ def test_batched_depth_predict_matches_one_image_at_a_time_and_names_each_row(de
     assert main(["predict", "--checkpoint", str(depth_files["ckpt"]), str(images), "--out", str(out), "--labels",
                  str(truths), "--device", "cpu", "inference.batch_size=4", "depth.eigen_crop=false"]) == 0  # fmt: skip
     model = DepthEstimator.from_checkpoint(depth_files["ckpt"], device="cpu")
-    rows = {row["image"]: row for row in csv.DictReader((out / "depth_per_image.csv").open())}
-    assert len(rows) == 4
+    listed = list(csv.DictReader((out / "depth_per_image.csv").open()))
+    assert [row["image"] for row in listed] == [str(p) for p in sorted(images.glob("*.png"))]
+    rows = {row["image"]: row for row in listed}
     for image in sorted(images.glob("*.png")):
         written = np.asarray(Image.open(out / f"{image.name}.depth.png")).astype(np.float64) / 1000
         alone = model.predict(Image.open(image).convert("RGB"))
@@ -219,6 +221,31 @@ def test_batched_depth_predict_matches_one_image_at_a_time_and_names_each_row(de
         expected = image_metrics(torch.from_numpy(written).float(), truth, min_depth=model.min_depth,
                                  max_depth=model.max_depth)["RMSE"]  # fmt: skip
         assert float(rows[str(image)]["RMSE"]) == pytest.approx(expected, abs=2e-3), image.name
+
+
+def test_depth_predict_splits_a_batch_whose_bins_would_pass_the_budget(depth_files, tmp_path, monkeypatch):
+    """The bins' scores are bins x H x W floats per image (315 MB for 256 bins at 480x640): a batch is split
+    below PROBABILITY_BUDGET, as segmentation's class scores are."""
+    images = shutil.copytree(depth_files["images"], tmp_path / "images")
+    shutil.copy(images / "2.png", images / "3.png")  # two 32x32 images: one batch of 2
+    seen: list[int] = []
+    original = DepthEstimator.predict_depth
+
+    def counted(self, batch, *rest):
+        seen.append(len(batch))
+        return original(self, batch, *rest)
+
+    monkeypatch.setattr(DepthEstimator, "predict_depth", counted)
+    argv = ["predict", "--checkpoint", str(depth_files["ckpt"]), str(images), "--device", "cpu", "inference.batch_size=4"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert sorted(seen) == [1, 1, 2]
+    seen.clear()
+    monkeypatch.setattr(predict_depth_module, "PROBABILITY_BUDGET", 1)
+    assert main([*argv, "--out", str(tmp_path / "split")]) == 0
+    assert seen == [1, 1, 1, 1]
+    assert millimetres(tmp_path / "split").keys() == millimetres(tmp_path / "whole").keys()
+    for name, array in millimetres(tmp_path / "split").items():
+        assert np.abs(array - millimetres(tmp_path / "whole")[name]).max() <= 1, name
 
 
 def test_an_onnx_depth_file_refuses_trained_settings_and_serves_without_torch(depth_files, tmp_path, capsys):

@@ -193,9 +193,10 @@ def run_features(args: argparse.Namespace) -> None:
 
 def run_pca(args: argparse.Namespace) -> None:
     from dinov3ds.commands.features import pca_pictures
+    from dinov3ds.data.io import IMAGE_EXTENSIONS
 
     out = Path(args.out)
-    if out.suffix.lower() in (".png", ".jpg", ".jpeg") and not out.is_dir():  # a file name would become a folder
+    if out.suffix.lower() in IMAGE_EXTENSIONS and not out.is_dir():  # a picture's name would become a folder
         raise UserError(f"--out {out}: pca writes one <name>_pca.png per image into a folder; give a folder, "
                         f"e.g. --out {out.with_suffix('')}")  # fmt: skip
     for path in pca_pictures(backbone_from_args(args), args.paths, out, image_size=args.image_size):

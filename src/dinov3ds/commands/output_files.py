@@ -150,8 +150,8 @@ class ParallelWriter:
     """Output files written on one thread per core while the caller goes on to the next batch. Pillow's PNG
     encoder (zlib) and numpy release the GIL, so a batch's overlays encode on every core instead of one after
     another between forwards (on 2 cores 1.9x the pictures per second). Pending writes are bounded by the bytes
-    they hold (`PENDING_BUDGET`; one always runs) and by 4 per thread; a write's error is raised in the caller at
-    its next `submit` or when the block ends, and the writes not started are dropped."""
+    they hold (`PENDING_BUDGET`; one always runs) and by 4 per thread; a write's error is raised in the caller
+    when a `submit` waits for that write or when the block ends, and the writes not started are dropped."""
 
     def __init__(self, threads: int, budget: int = PENDING_BUDGET) -> None:
         self._threads, self._budget, self._held = max(1, threads), budget, 0

@@ -33,7 +33,7 @@ from dinov3ds.deploy.serving import is_onnx, load_onnx
 from dinov3ds.errors import UserError
 from dinov3ds.models.checkpoints import read_checkpoint
 from dinov3ds.models.hardware import usable_cores
-from dinov3ds.models.inference import labels_at_size
+from dinov3ds.models.inference import PROBABILITY_BUDGET, labels_at_size
 from dinov3ds.models.tasks import Classifier, Segmenter, load_model
 from dinov3ds.viz import default_palette, save_color_png, save_label_png
 
@@ -121,9 +121,6 @@ def predict_classification(model: Classifier, images: list[Path], out: OutputFol
 def default_label_offset(model: Segmenter) -> int:
     """Label PNGs in the dataset's own convention (`deploy.metadata.label_offset`; an exported file keeps it)."""
     return dataset_label_offset(model.config)
-
-
-PROBABILITY_BUDGET = 1 << 30  # bytes of class probabilities per forward: a batch is split to stay below it
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ from dinov3ds.data.image_batches import image_batches
 from dinov3ds.data.io import decode_image
 from dinov3ds.errors import UserError
 from dinov3ds.metrics.depth import DepthMetric, format_summary, write_per_image_csv
+from dinov3ds.models.inference import PROBABILITY_BUDGET
 
 
 def save_depth_png(depth: np.ndarray, path: Path) -> None:
@@ -64,7 +65,8 @@ def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: s
                          workers: int = 0) -> dict | None:  # fmt: skip
     """Depth PNG + picture per image, mirrored under `out`; the metrics when `labels` names the true depths.
     Images are decoded in `workers` processes (JPEGs at reduced scale when the model's input is at least 2x
-    smaller) and predicted `inference.batch_size` at a time, each batch of one transformed size."""
+    smaller) and predicted `inference.batch_size` at a time, each batch of one transformed size, split where its
+    bins' scores would pass PROBABILITY_BUDGET (256 bins of a 480x640 image are 315 MB)."""
     root = input_root(images)
     depth_section = model.config.depth
     truths = _checked_truths(images, Path(labels), root, depth_section.depth_scale) if labels else None
@@ -75,9 +77,12 @@ def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: s
     metric = DepthMetric(depth_section.min_depth, depth_section.max_depth, eigen)
     loader = image_batches(images, model.eval_transform(), model.config.inference.batch_size, by_size=True,
                            workers=workers, pin_memory=model.device.type == "cuda")  # fmt: skip
-    scored_order: list[int] = []  # the metric's rows follow the batches, which group images by size
+    scored_order: list[int] = []  # the metric's rows follow the batches (grouped by size), put back in input order
     for batch, sizes, indices in loader:
-        for depth_map, size, index in zip(model.predict_depth(batch), sizes.tolist(), indices.tolist()):
+        per_image = depth_section.bins * batch.shape[-2] * batch.shape[-1] * 4  # the bins' scores, float32
+        step = max(1, PROBABILITY_BUDGET // per_image)
+        depths = torch.cat([model.predict_depth(batch[start : start + step]) for start in range(0, len(batch), step)])
+        for depth_map, size, index in zip(depths, sizes.tolist(), indices.tolist()):
             resized = F.interpolate(depth_map[None, None].float(), size=tuple(size), mode="bilinear", align_corners=False)
             depth = resized[0, 0].cpu().numpy()
             depth_path, picture_path = targets[index]
@@ -93,11 +98,12 @@ def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: s
     if truths is None:
         return None
     result = metric.compute()
+    result["per_image"] = result["per_image"][torch.tensor(scored_order).argsort()]
     json_path, csv_path = scored
     scalars = {k: v for k, v in result.items() if isinstance(v, float)}
     with staged(json_path) as temporary:
         temporary.write_text(json.dumps({**scalars, "images": result["images"]}, indent=2))
     with staged(csv_path) as temporary:
-        write_per_image_csv(result, temporary, [str(images[i]) for i in scored_order])
+        write_per_image_csv(result, temporary, [str(p) for p in images])
     print(f"depth ({result['images']} images): {format_summary(result)}")
     return result

@@ -20,6 +20,7 @@ from dinov3ds.errors import UserError
 from dinov3ds.models.hardware import available_memory
 
 LogitsFn = Callable[[Tensor], Tensor]
+PROBABILITY_BUDGET = 1 << 30  # bytes of per-pixel class (or depth-bin) scores per forward: batches are split below it
 MAX_PADDING = 64  # a slide window may cover at most this many times the image's area (the rest is padding)
 
 
