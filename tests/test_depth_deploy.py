@@ -23,7 +23,6 @@ import torch
 from PIL import Image
 
 from dinov3ds.cli import main
-from dinov3ds.commands import predict_depth as predict_depth_module
 from dinov3ds.config import load_config
 from dinov3ds.data.depth import load_depth
 from dinov3ds.data.synthetic import make_depth_folder
@@ -32,6 +31,7 @@ from dinov3ds.deploy.onnx_export import export_onnx
 from dinov3ds.deploy.runtime import OnnxModel
 from dinov3ds.errors import UserError
 from dinov3ds.metrics.depth import image_metrics
+from dinov3ds.models import inference as inference_module
 from dinov3ds.models.checkpoints import FORMAT_VERSION
 from dinov3ds.models.depth import DepthEstimator
 from dinov3ds.models.tasks import backbone_from_config
@@ -240,7 +240,7 @@ def test_depth_predict_splits_a_batch_whose_bins_would_pass_the_budget(depth_fil
     assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
     assert sorted(seen) == [1, 1, 2]
     seen.clear()
-    monkeypatch.setattr(predict_depth_module, "PROBABILITY_BUDGET", 1)
+    monkeypatch.setattr(inference_module, "PROBABILITY_BUDGET", 1)
     assert main([*argv, "--out", str(tmp_path / "split")]) == 0
     assert seen == [1, 1, 1, 1]
     assert millimetres(tmp_path / "split").keys() == millimetres(tmp_path / "whole").keys()

@@ -33,7 +33,7 @@ from dinov3ds.deploy.serving import is_onnx, load_onnx
 from dinov3ds.errors import UserError
 from dinov3ds.models.checkpoints import read_checkpoint
 from dinov3ds.models.hardware import usable_cores
-from dinov3ds.models.inference import PROBABILITY_BUDGET, labels_at_size
+from dinov3ds.models.inference import budget_slices, labels_at_size
 from dinov3ds.models.tasks import Classifier, Segmenter, load_model
 from dinov3ds.viz import default_palette, save_color_png, save_label_png
 
@@ -133,13 +133,11 @@ def _segmented(model: Segmenter, images: list[Path], mode: str | None, pictures:
     loader = image_batches(images, transform, model.config.inference.batch_size, by_size=True, pictures=pictures,
                            workers=_workers(model), pin_memory=model.device.type == "cuda")  # fmt: skip
     for batch, _, indices, *drawn in loader:
-        per_image = model.num_classes * batch.shape[-2] * batch.shape[-1] * 4
-        step = max(1, PROBABILITY_BUDGET // per_image)
-        for start in range(0, len(batch), step):
-            chunk = batch[start : start + step].to(model.device, non_blocking=True)
+        for part in budget_slices(batch, model.num_classes):
+            chunk = batch[part].to(model.device, non_blocking=True)
             probabilities = model.predict_probabilities(chunk, mode=mode)
-            shown = drawn[0][start : start + step] if drawn else [None] * len(chunk)
-            yield from zip(indices[start : start + step].tolist(), probabilities, shown)
+            shown = drawn[0][part] if drawn else [None] * len(chunk)
+            yield from zip(indices[part].tolist(), probabilities, shown)
 
 
 def segment_files(model: Segmenter, images: list[Path], mode: str | None = None) -> Iterator[tuple[int, Tensor]]:

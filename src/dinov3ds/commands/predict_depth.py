@@ -18,7 +18,7 @@ from dinov3ds.data.image_batches import image_batches
 from dinov3ds.data.io import decode_image
 from dinov3ds.errors import UserError
 from dinov3ds.metrics.depth import DepthMetric, format_summary, write_per_image_csv
-from dinov3ds.models.inference import PROBABILITY_BUDGET
+from dinov3ds.models.inference import budget_slices
 
 
 def save_depth_png(depth: np.ndarray, path: Path) -> None:
@@ -79,9 +79,7 @@ def predict_depth_images(model, images: list[Path], out: OutputFolder, labels: s
                            workers=workers, pin_memory=model.device.type == "cuda")  # fmt: skip
     scored_order: list[int] = []  # the metric's rows follow the batches (grouped by size), put back in input order
     for batch, sizes, indices in loader:
-        per_image = depth_section.bins * batch.shape[-2] * batch.shape[-1] * 4  # the bins' scores, float32
-        step = max(1, PROBABILITY_BUDGET // per_image)
-        depths = torch.cat([model.predict_depth(batch[start : start + step]) for start in range(0, len(batch), step)])
+        depths = torch.cat([model.predict_depth(batch[part]) for part in budget_slices(batch, depth_section.bins)])
         for depth_map, size, index in zip(depths, sizes.tolist(), indices.tolist()):
             resized = F.interpolate(depth_map[None, None].float(), size=tuple(size), mode="bilinear", align_corners=False)
             depth = resized[0, 0].cpu().numpy()

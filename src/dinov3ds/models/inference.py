@@ -24,6 +24,14 @@ PROBABILITY_BUDGET = 1 << 30  # bytes of per-pixel class (or depth-bin) scores p
 MAX_PADDING = 64  # a slide window may cover at most this many times the image's area (the rest is padding)
 
 
+def budget_slices(batch: Tensor, channels: int) -> list[slice]:
+    """Slices of `batch` [B,3,H,W] whose per-pixel scores (`channels` float32 maps per image: class
+    probabilities, depth bins) stay under PROBABILITY_BUDGET; an image over it goes alone."""
+    per_image = channels * batch.shape[-2] * batch.shape[-1] * 4
+    step = max(1, PROBABILITY_BUDGET // per_image)
+    return [slice(start, start + step) for start in range(0, len(batch), step)]
+
+
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     if len(pair) != 2 or any(not isinstance(v, int) or v <= 0 for v in pair):
